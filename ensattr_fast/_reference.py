@@ -103,7 +103,8 @@ def merge_topk(
 ) -> Tuple[Tensor, Tensor]:
     """Running top-k per row: the k largest of the previous top-k and this chunk's scores.
 
-    NaN scores are never selected; slots with no candidate hold -inf and index -1.
+    Ties go to the lower unit index. NaN scores are never selected; slots with no candidate
+    hold -inf and index -1.
     """
     rows, n = scores.shape
     idx = torch.arange(unit_offset, unit_offset + n, device=scores.device).expand(rows, n)
@@ -115,8 +116,11 @@ def merge_topk(
     if pad > 0:
         vals = torch.cat([vals, vals.new_full((rows, pad), float("-inf"))], 1)
         idx = torch.cat([idx, idx.new_full((rows, pad), -1)], 1)
-    top_values, where = vals.topk(k, dim=1)
-    top_indices = idx.gather(1, where)
+    # order by (value descending, unit ascending): equal scores keep the lower unit first
+    by_unit = torch.where(idx < 0, torch.iinfo(idx.dtype).max, idx).argsort(dim=1)
+    vals, idx = vals.gather(1, by_unit), idx.gather(1, by_unit)
+    order = vals.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    top_values, top_indices = vals.gather(1, order), idx.gather(1, order)
     top_indices = torch.where(top_values == float("-inf"), -1, top_indices)
     return top_values, top_indices
 
