@@ -1,0 +1,1 @@
+"""ensattr_fast's benchmark suite: ``python -m benchmarks [--quick] [--json PATH]``."""
