@@ -108,6 +108,7 @@ def merge_topk(
     """
     rows, n = scores.shape
     idx = torch.arange(unit_offset, unit_offset + n, device=scores.device).expand(rows, n)
+    idx = torch.where(scores.isnan(), -1, idx)  # NaN entries become empty slots
     vals = torch.where(scores.isnan(), float("-inf"), scores)
     if prev_values is not None:
         vals = torch.cat([prev_values, vals], 1)
@@ -116,13 +117,11 @@ def merge_topk(
     if pad > 0:
         vals = torch.cat([vals, vals.new_full((rows, pad), float("-inf"))], 1)
         idx = torch.cat([idx, idx.new_full((rows, pad), -1)], 1)
-    # order by (value descending, unit ascending): equal scores keep the lower unit first
+    # order by (value descending, unit ascending, empty slots last)
     by_unit = torch.where(idx < 0, torch.iinfo(idx.dtype).max, idx).argsort(dim=1)
     vals, idx = vals.gather(1, by_unit), idx.gather(1, by_unit)
     order = vals.sort(dim=1, descending=True, stable=True).indices[:, :k]
-    top_values, top_indices = vals.gather(1, order), idx.gather(1, order)
-    top_indices = torch.where(top_values == float("-inf"), -1, top_indices)
-    return top_values, top_indices
+    return vals.gather(1, order), idx.gather(1, order)
 
 
 def code_first_order(

@@ -127,7 +127,7 @@ __global__ void first_order_kernel(const uint8_t* __restrict__ code,
         }
         for (int r = 0; r < kPerWarp; ++r) {
           const bool ex = unit[r] < N && j < M && code[unit[r] * M + j] == 0;
-          quad[r] += partial[r] * static_cast<acc_t>(ex);  // a product, like the CPU: 0 * inf is NaN
+          quad[r] += partial[r] * static_cast<acc_t>(ex);  // as the CPU: 0 * inf is NaN
         }
       }
     }
@@ -251,8 +251,11 @@ __global__ void merge_topk_kernel(const acc_t* __restrict__ scores, int64_t R, i
         warp_owner[warp] = o;
       }
       __syncthreads();
-      v = warp_value[0], i = warp_index[0], o = warp_owner[0];
-      for (int w = 1; w < kWarps; ++w) take_better(v, i, o, warp_value[w], warp_index[w], warp_owner[w]);
+      v = warp_value[0];
+      i = warp_index[0];
+      o = warp_owner[0];
+      for (int w = 1; w < kWarps; ++w)
+        take_better(v, i, o, warp_value[w], warp_index[w], warp_owner[w]);
       if (tid == o) ++head;
       if (tid == 0) {
         top_values[row * k + r] = i >= 0 ? v : -std::numeric_limits<acc_t>::infinity();
