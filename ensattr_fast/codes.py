@@ -89,6 +89,7 @@ class CodeStats:
     min_distance: int  # Hamming distance between the closest two rows (0: duplicates)
     mean_distance: float
     min_effective_distance: int  # min over pairs of min(d, M - d): what first-order sees
+    close_pairs: int  # pairs at that minimum effective distance
     duplicate_rows: int  # rows equal to an earlier row
 
     def __str__(self) -> str:
@@ -97,7 +98,8 @@ class CodeStats:
             f"{self.row_weight_min}..{self.row_weight_max}; column loads "
             f"{self.column_load_min}..{self.column_load_max}; pairwise distance min "
             f"{self.min_distance}, mean {self.mean_distance:.2f}, effective min "
-            f"{self.min_effective_distance}; {self.duplicate_rows} duplicate rows"
+            f"{self.min_effective_distance} ({self.close_pairs} pairs); {self.duplicate_rows} "
+            f"duplicate rows"
         )
 
 
@@ -152,75 +154,84 @@ def balanced_constant_weight(
     n_members: int,
     seed: int = 0,
     candidates: int = 48,
-    search_limit: int = 20_000,
+    search_limit: int = 4_096,
     allow_duplicates: bool = False,
 ) -> torch.Tensor:
     """A constant-weight design with distinct, far-apart rows and balanced columns.
 
-    Rows are added one at a time: of ``candidates`` random rows, the one farthest (in
-    effective distance min(d, M - d)) from the rows chosen so far is kept, ties going to the
-    one that loads the lightest columns. Past ``search_limit`` units the distance search stops
-    (its cost grows with N^2) and rows are only kept distinct, complement-free and balancing.
-    A final pass swaps ones from heavy to light columns, keeping rows distinct, until column
-    loads differ by at most 1. Returns uint8 [N, M].
+    The first ``search_limit`` rows are chosen one at a time: of ``candidates`` random rows,
+    the one farthest (in effective distance min(d, M - d)) from the rows chosen so far is
+    kept, ties going to the one with fewest rows at that distance, then to the one on the
+    lightest columns. The search costs O(N^2), so the remaining rows are random, only kept
+    distinct and, while the space allows (N <= C(M, M/2) / 2), free of complements. A final
+    pass moves ones from heavy to light columns, keeping rows distinct, until column loads
+    differ by at most 1. Returns uint8 [N, M].
     """
     _require_constant_weight(n_units, n_members, allow_duplicates)
     rng = np.random.default_rng(seed)
     M = n_members
+    avoid_complements = n_units <= math.comb(M, M // 2) // 2
     rows = np.zeros((n_units, M), dtype=bool)
     packed = np.zeros((n_units, (M + 7) // 8), dtype=np.uint8)
-    seen: set = set()
+    used: set = set()
+
+    def fresh(row: np.ndarray) -> bool:
+        return allow_duplicates or (
+            row.tobytes() not in used and not (avoid_complements and (~row).tobytes() in used)
+        )
+
     load = np.zeros(M, dtype=np.int64)
-    for n in range(n_units):
+    n = 0
+    while n < min(n_units, search_limit):
         cand = _random_rows(rng, candidates, M)
-        cand_packed = np.packbits(cand, axis=1)
-        fresh = np.array([
-            allow_duplicates or (r.tobytes() not in seen and (~r).tobytes() not in seen) for r in cand
-        ])
-        if not fresh.any():  # the space is nearly full: fall back to any unused row
-            cand, cand_packed, fresh = _unused_row(rng, M, seen)
-        balance = -(cand * load).sum(1)  # prefer rows on lightly loaded columns
-        if 0 < n <= search_limit:
+        ok = np.array([fresh(r) for r in cand])
+        if not ok.any():
+            continue
+        cand, cand_packed = cand[ok], np.packbits(cand[ok], axis=1)
+        balance = -(cand * load).sum(1)
+        closest = close_count = np.zeros(len(cand), dtype=np.int64)
+        if n:
             d = _distances(cand_packed, packed[:n])
-            effective = np.minimum(d, M - d).min(1)
-            key = np.where(fresh, effective * (M * n_units + 1) + balance, np.iinfo(np.int64).min)
-        else:
-            key = np.where(fresh, balance, np.iinfo(np.int64).min)
-        best = int(np.argmax(key))
+            effective = np.minimum(d, M - d)
+            closest = effective.min(1)
+            close_count = (effective == closest[:, None]).sum(1)
+        best = np.lexsort((balance, -close_count, closest))[-1]  # last key sorts first
         rows[n], packed[n] = cand[best], cand_packed[best]
-        seen.add(cand[best].tobytes())
+        used.add(cand[best].tobytes())
         load += cand[best]
-    _balance_columns(rows, rng, allow_duplicates)
+        n += 1
+    while n < n_units:
+        for row in _random_rows(rng, n_units - n, M):
+            if n < n_units and fresh(row):
+                rows[n] = row
+                used.add(row.tobytes())
+                n += 1
+    _balance_columns(rows, rng, allow_duplicates, avoid_complements)
     return torch.from_numpy(rows.astype(np.uint8))
 
 
-def _unused_row(rng: np.random.Generator, M: int, seen: set):
-    while True:
-        row = _random_rows(rng, 1, M)
-        if row[0].tobytes() not in seen and (~row[0]).tobytes() not in seen:
-            return row, np.packbits(row, axis=1), np.array([True])
-
-
-def _balance_columns(rows: np.ndarray, rng: np.random.Generator, allow_duplicates: bool) -> None:
-    """Swap a one from the heaviest to the lightest column in some row, until balanced."""
-    seen = {r.tobytes() for r in rows}
-    for _ in range(rows.size):
-        load = rows.sum(0)
+def _balance_columns(rows: np.ndarray, rng: np.random.Generator, allow_duplicates: bool,
+                     avoid_complements: bool) -> None:
+    """Move a one from the heaviest to the lightest column in some row, until balanced."""
+    used = {r.tobytes() for r in rows}
+    load = rows.sum(0)
+    while load.max() - load.min() > 1:
         heavy, light = int(load.argmax()), int(load.argmin())
-        if load[heavy] - load[light] <= 1:
-            return
-        movable = np.flatnonzero(rows[:, heavy] & ~rows[:, light])
-        for u in rng.permutation(movable):
+        for u in rng.permutation(np.flatnonzero(rows[:, heavy] & ~rows[:, light])):
             new = rows[u].copy()
             new[heavy], new[light] = False, True
             key = new.tobytes()
-            if allow_duplicates or (key not in seen and (~new).tobytes() not in seen):
-                seen.discard(rows[u].tobytes())
-                seen.add(key)
+            if allow_duplicates or (
+                key not in used and not (avoid_complements and (~new).tobytes() in used)
+            ):
+                used.discard(rows[u].tobytes())
+                used.add(key)
                 rows[u] = new
+                load[heavy] -= 1
+                load[light] += 1
                 break
         else:
-            return  # no swap keeps rows distinct: leave the imbalance (statistics report it)
+            return  # no move keeps rows distinct: leave the imbalance (statistics report it)
 
 
 def sparse_exclusion(n_groups: int, n_members: int, excluders_per_group: int = 1) -> torch.Tensor:
@@ -307,7 +318,7 @@ def statistics(code: torch.Tensor, max_pairs_units: int = 20_000) -> CodeStats:
     duplicates = n_units - len({r.tobytes() for r in c})
     packed = np.packbits(c[:max_pairs_units], axis=1)
     if len(packed) > 1:
-        d_min, eff_min, total, pairs = n_members, n_members, 0, 0
+        d_min, eff_min, close, total, pairs = n_members, n_members, 0, 0, 0
         for start in range(0, len(packed), 512):
             d = _distances(packed[start : start + 512], packed)
             i = np.arange(start, min(start + 512, len(packed)))
@@ -315,12 +326,15 @@ def statistics(code: torch.Tensor, max_pairs_units: int = 20_000) -> CodeStats:
             d_pairs = d[upper]
             if d_pairs.size:
                 d_min = min(d_min, int(d_pairs.min()))
-                eff_min = min(eff_min, int(np.minimum(d_pairs, n_members - d_pairs).min()))
+                effective = np.minimum(d_pairs, n_members - d_pairs)
+                if effective.min() < eff_min:
+                    eff_min, close = int(effective.min()), 0
+                close += int((effective == eff_min).sum())
                 total, pairs = total + int(d_pairs.sum()), pairs + d_pairs.size
         mean = total / pairs
     else:
         d_min = eff_min = n_members
-        mean = float(n_members)
+        close, mean = 0, float(n_members)
     return CodeStats(
         n_units=n_units,
         n_members=n_members,
@@ -331,5 +345,6 @@ def statistics(code: torch.Tensor, max_pairs_units: int = 20_000) -> CodeStats:
         min_distance=d_min,
         mean_distance=mean,
         min_effective_distance=eff_min,
+        close_pairs=close,
         duplicate_rows=duplicates,
     )

@@ -1,0 +1,169 @@
+"""The ``ensattr`` command line: ``demo``, and ``plan``, ``train``, ``sample``, ``ablate``,
+``report`` as separate steps over files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from . import pipeline
+from .checkpoint import CheckpointError
+from .codes import CodeError
+from .data import DataError
+from .schedules import Sampler
+from .store import StoreError
+from .training import MODES, TrainConfig
+
+ERRORS = (CodeError, DataError, CheckpointError, StoreError)
+
+
+def _seeds(text: str) -> List[int]:
+    """``256`` (seeds 0..255), ``100:164`` (a range) or ``1,5,9`` (a list)."""
+    if ":" in text:
+        start, stop = (int(v) for v in text.split(":"))
+        return list(range(start, stop))
+    if "," in text:
+        return [int(v) for v in text.split(",")]
+    return list(range(int(text)))
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimisation steps")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--mode", choices=MODES, default=TrainConfig.mode,
+                   help="independent members, shared (t, eps) draws, or one masked batch")
+    p.add_argument("--ema", type=float, default=TrainConfig.ema_decay, help="EMA decay (0: none)")
+    p.add_argument("--hidden", type=int, default=256, help="width of the MLP members")
+    p.add_argument("--blocks", type=int, default=3, help="residual blocks of the MLP members")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (1: DDPM-like)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1]")
+
+
+def _train_config(args) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode=args.mode,
+                       ema_decay=args.ema or None, seed=args.seed)
+
+
+def _sampler(args) -> Sampler:
+    return Sampler(args.sampler, args.sampling_steps if args.sampler == "ddim" else None,
+                   args.eta, None if args.no_clip else (-1.0, 1.0))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ensattr", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train, sample, ablate and report on the embedded digits")
+    p.add_argument("--out", type=Path, default=Path("demo"))
+    p.add_argument("--units", choices=["example", "class"], default="example")
+    p.add_argument("--members", type=int, default=None, help="16 (example units), 20 (class)")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--counterfactuals", type=int, default=32,
+                   help="samples whose counterfactuals are computed (example units)")
+    p.add_argument("--per-sample", type=int, default=8, help="units ablated per sample")
+    p.add_argument("--device", default="cpu")
+    _add_train_args(p)
+    _add_sampler_args(p)
+    p.set_defaults(steps=2500)
+
+    p = sub.add_parser("plan", help="write the code (which member trains on which unit)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--units", choices=["example", "class"], default="example")
+    p.add_argument("--members", type=int, default=16)
+    p.add_argument("--design", choices=["auto", "balanced", "random", "sparse"], default="auto")
+    p.add_argument("--excluders", type=int, default=2, help="excluders per group (sparse)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train every member of a planned ensemble at once")
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint file")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--device", default="cpu")
+    _add_train_args(p)
+
+    p = sub.add_parser("sample", help="full-ensemble samples into a new results file")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="results file (HDF5)")
+    p.add_argument("--seeds", type=_seeds, default=_seeds("64"), help="N, A:B or a,b,c")
+    p.add_argument("--device", default="cpu")
+    _add_sampler_args(p)
+
+    p = sub.add_parser("ablate", help="exact counterfactuals of the samples in a results file")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--units", help="units to ablate for every sample, e.g. '3,17,250'")
+    p.add_argument("--nearest", type=int, default=4, help="else: the k pixel-nearest units")
+    p.add_argument("--samples", type=int, default=None, help="first S samples (default all)")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("report", help="a PNG of samples beside their counterfactuals")
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rows", type=int, default=8)
+    return top
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args)
+        elif args.command == "plan":
+            stats = pipeline.make_plan(args.out, args.data, args.units, args.members, args.design,
+                                       args.excluders, args.seed)
+            print(f"plan written to {args.out}: {stats}")
+        elif args.command == "train":
+            pipeline.train(args.plan, args.out, _train_config(args), args.hidden, args.blocks,
+                           args.device, args.checkpoint_every, args.resume)
+            print(f"checkpoint written to {args.out}")
+        elif args.command == "sample":
+            pipeline.sample_step(args.checkpoint, args.out, args.seeds, _sampler(args), args.device)
+            print(f"{len(args.seeds)} samples written to {args.out}")
+        elif args.command == "ablate":
+            _ablate(args)
+        elif args.command == "report":
+            pipeline.report_step(args.results, args.out, args.rows)
+            print(f"report written to {args.out}")
+    except ERRORS as error:
+        print(f"ensattr {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ablate(args) -> None:
+    import h5py
+
+    with h5py.File(args.results, "r") as f:
+        n = len(f["samples/seed"]) if args.samples is None else min(args.samples, len(f["samples/seed"]))
+        samples = torch.from_numpy(f["samples/images"][:n])
+        dataset = json.loads(f.attrs["plan"])["dataset"]
+        unit_of = torch.from_numpy(f["units/of_example"][()])
+    if args.units:
+        units = torch.tensor([int(u) for u in args.units.split(",")]).expand(n, -1).clone()
+    else:
+        units = pipeline.nearest_units(samples, pipeline.load_data(dataset), unit_of, args.nearest)
+    start = time.perf_counter()
+    _, distances, evaluations = pipeline.ablate_step(args.checkpoint, args.results, units, args.device)
+    print(f"{units.numel()} counterfactuals written to {args.results} in {time.perf_counter() - start:.1f} s "
+          f"({evaluations:,} member evaluations); mean distance {distances.mean():.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

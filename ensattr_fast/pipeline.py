@@ -1,0 +1,198 @@
+"""The steps of an audit over files: plan, train, sample, ablate, report.
+
+Each step reads what the previous one wrote (a plan file, a checkpoint, a results file) so
+that the command line can run them separately and ``ensattr demo`` can chain them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import codes
+from .checkpoint import Checkpoint
+from .data import DataError, Dataset, load_digits
+from .members import StackedMLP
+from .sampling import ablate, sample
+from .schedules import NoiseSchedule, Sampler
+from .store import ResultsWriter, StoreError, code_hash, file_hash, versions
+from .training import TrainConfig, Trainer
+
+__all__ = ["load_data", "make_plan", "read_plan", "train", "sample_step", "ablate_step", "report_step"]
+
+DATASETS = {"digits": load_digits}
+
+
+def load_data(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; built in: {', '.join(DATASETS)}")
+    return DATASETS[name]()
+
+
+def units_for(data: Dataset, kind: str) -> codes.Units:
+    """``example``: one unit per image; ``class``: one unit per label."""
+    if kind == "example":
+        return codes.Units.per_example(len(data))
+    if kind == "class":
+        if data.labels is None:
+            raise DataError(f"{data.name} has no labels to group into class units")
+        return codes.Units.from_labels(data.labels)
+    raise DataError(f"unit kind must be 'example' or 'class', got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------- plan
+
+
+def make_plan(path: os.PathLike, dataset: str, unit_kind: str, members: int, design: str = "auto",
+              excluders: int = 2, seed: int = 0) -> codes.CodeStats:
+    """Write the code and the units to an HDF5 plan file (same layout as a results file)."""
+    data = load_data(dataset)
+    units = units_for(data, unit_kind)
+    code, used = codes.plan(units, members, seed=seed, design=design, excluders_per_group=excluders)
+    stats = codes.statistics(code)
+    with ResultsWriter(path, "w") as writer:
+        writer.write_code(code, units.unit_of, units.names)
+        writer.set_attrs(plan=dict(dataset=dataset, units=unit_kind, members=members, design=used,
+                                   excluders=excluders, seed=seed),
+                         code_statistics=dataclasses.asdict(stats), versions=versions())
+    return stats
+
+
+def read_plan(path: os.PathLike):
+    """(dataset name, code, units) from a plan or results file."""
+    try:
+        with h5py.File(path, "r") as f:
+            plan = json.loads(f.attrs["plan"])
+            code = torch.from_numpy(f["code"][()])
+            unit_of = torch.from_numpy(f["units/of_example"][()])
+            names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in f["units/name"][()])
+    except (OSError, KeyError) as error:
+        raise StoreError(f"{path} is not a readable plan file ({error})") from None
+    codes.validate(code)
+    return plan["dataset"], code, codes.Units(unit_of, names)
+
+
+# --------------------------------------------------------------------------------- train
+
+
+def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig, hidden: int = 256,
+          blocks: int = 3, device: str = "cpu", checkpoint_every: int = 0, resume: bool = False,
+          progress: bool = True) -> Checkpoint:
+    """Train the planned ensemble; resume from ``out`` when asked and it exists."""
+    dataset, code, units = read_plan(plan_path)
+    data = load_data(dataset)
+    if len(units.unit_of) != len(data):
+        raise codes.CodeError(f"the plan maps {len(units.unit_of)} examples but {dataset} has {len(data)}")
+    ensemble = StackedMLP(code.shape[1], data.data_shape, hidden=hidden, blocks=blocks,
+                          shared_init=config.mode != "independent", seed=config.seed)
+    trainer = Trainer(ensemble, data, code, units.unit_of, units.names, NoiseSchedule.linear(),
+                      config, device)
+    if resume and Path(out).exists():
+        trainer.restore(Checkpoint.load(out))
+    trainer.train(checkpoint=Path(out), checkpoint_every=checkpoint_every, progress=progress)
+    return trainer.checkpoint()
+
+
+def _schedule(checkpoint: Checkpoint) -> NoiseSchedule:
+    return NoiseSchedule(tuple(checkpoint.config["schedule"]["betas"]))
+
+
+# -------------------------------------------------------------------------------- sample
+
+
+def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Sequence[int],
+                sampler: Sampler, device: str = "cpu") -> Tensor:
+    """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance)."""
+    checkpoint = Checkpoint.load(checkpoint_path)
+    ensemble = checkpoint.build().to(device)
+    images = sample(ensemble, _schedule(checkpoint), sampler, list(seeds)).cpu()
+    with ResultsWriter(results, "w") as writer:
+        writer.write_code(checkpoint.code, checkpoint.unit_of, checkpoint.unit_names)
+        writer.write_samples(images, seeds)
+        writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
+                         versions=versions(), checkpoint_hash=file_hash(checkpoint_path),
+                         data_fingerprint=checkpoint.data_fingerprint,
+                         plan=dict(dataset=checkpoint.config["data"]["name"]))
+    return images
+
+
+def _results_sampler(results: os.PathLike) -> Sampler:
+    with h5py.File(results, "r") as f:
+        spec = json.loads(f.attrs["sampler"])
+    spec["clip"] = tuple(spec["clip"]) if spec["clip"] is not None else None
+    return Sampler(**spec)
+
+
+def nearest_units(images: Tensor, data: Dataset, unit_of: Tensor, k: int) -> Tensor:
+    """The k units whose training images lie nearest (pixel L2) to each image [S, k]."""
+    distances = torch.cdist(images.flatten(1), data.images.flatten(1))
+    order = distances.argsort(1)
+    out = torch.full((len(images), k), -1, dtype=torch.long)
+    for i, row in enumerate(unit_of[order]):
+        seen: List[int] = []
+        for u in row.tolist():
+            if u not in seen:
+                seen.append(u)
+            if len(seen) == k:
+                break
+        out[i, : len(seen)] = torch.tensor(seen)
+    return out
+
+
+# -------------------------------------------------------------------------------- ablate
+
+
+def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike, units: Tensor,
+                device: str = "cpu", max_trajectories: int = 4096, **extra: Tensor):
+    """Exact counterfactuals: sample i re-run without unit ``units[i, k]`` for each k.
+
+    Uses the sampler recorded in ``results`` (the same noise and steps as the samples).
+    Returns (images [S, K, ...], distances [S, K], member evaluations).
+    """
+    checkpoint = Checkpoint.load(checkpoint_path)
+    with h5py.File(results, "r") as f:
+        if json.loads(f.attrs["code_hash"]) != code_hash(checkpoint.code):
+            raise StoreError(f"{results} holds results of another ensemble than {checkpoint_path}")
+        seeds = f["samples/seed"][: len(units)].tolist()
+        samples = torch.from_numpy(f["samples/images"][: len(units)])
+    ensemble = checkpoint.build().to(device)
+    unit_sets = [[[u] if u >= 0 else [] for u in row] for row in units.tolist()]
+    result = ablate(ensemble, _schedule(checkpoint), _results_sampler(results), checkpoint.code,
+                    seeds, unit_sets, per_sample=True, max_trajectories=max_trajectories)
+    images = result.images.cpu()
+    distances = (images - samples[:, None]).flatten(2).norm(dim=-1)
+    with ResultsWriter(results, "a") as writer:
+        writer.check_code(checkpoint.code)
+        writer.write_counterfactuals(units, images, distances, **extra)
+    return images, distances, result.member_evaluations
+
+
+# -------------------------------------------------------------------------------- report
+
+
+def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8) -> None:
+    """A PNG of samples beside their counterfactuals and the removed units' images."""
+    from .report import counterfactual_figure
+
+    with h5py.File(results, "r") as f:
+        dataset = json.loads(f.attrs["plan"])["dataset"] if "plan" in f.attrs else "digits"
+        samples = f["samples/images"][:rows]
+        cf = f["counterfactuals"]
+        units, images, distances = cf["units"][:rows], cf["images"][:rows], cf["distance"][:rows]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["units/name"][()]]
+        unit_of = torch.from_numpy(f["units/of_example"][()])
+    data = load_data(dataset)
+    first_example = torch.full((len(names),), len(unit_of), dtype=torch.long).scatter_reduce(
+        0, unit_of, torch.arange(len(unit_of)), "amin")
+    unit_images = data.images[first_example[torch.from_numpy(units).clamp_min(0)]].numpy()
+    counterfactual_figure(out, samples, images, units, distances, unit_images=unit_images,
+                          unit_names=names, rows=rows,
+                          title=f"{Path(results).name}: samples (left), counterfactuals without a unit, the unit's image below")

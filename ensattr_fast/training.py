@@ -1,0 +1,216 @@
+"""Training every member of an encoded ensemble in one process, in the same steps.
+
+Member m minimises the epsilon-prediction loss over the examples of the units it sees
+(``code[u, m] = 1``). Each step evaluates all members in one batched call and reduces with the
+fused ``masked_member_mse``; Adam on stacked parameters is exactly per-member Adam.
+
+Modes (DESIGN.md, "Common random numbers"):
+
+- ``independent``: the seed's way; each member its own initial weights and its own (t, eps).
+- ``shared_noise``: shared initial weights; every step one draw of (t, eps) shared by all
+  members, each with its own batch of its own units.
+- ``masked_batch``: shared initial weights; one batch of (x0, t, eps) for all members, each
+  member's loss masked to its own units, so two members differ only by their data. The batch
+  holds 2 B examples so that each member still learns from about B per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .codes import CodeError, validate
+from .data import Dataset
+from .members import Ensemble
+from .ops import masked_member_mse
+from .schedules import NoiseSchedule
+
+__all__ = ["TrainConfig", "Trainer", "MODES"]
+
+MODES = ("independent", "shared_noise", "masked_batch")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100  # linear warm-up steps, then cosine decay to lr_final_fraction * lr
+    lr_final_fraction: float = 0.1
+    mode: str = "shared_noise"
+    ema_decay: Optional[float] = 0.995
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"training mode must be one of {MODES}, got {self.mode!r}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"steps >= 0 and batch_size >= 1 needed, got {self.steps}, {self.batch_size}")
+
+    def learning_rate(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return self.lr * (self.lr_final_fraction + (1 - self.lr_final_fraction) * cosine)
+
+
+def member_pools(code: Tensor, unit_of: Tensor) -> tuple[Tensor, Tensor]:
+    """Examples each member trains on: padded indices [M, max_pool] and pool sizes [M]."""
+    sees = code[unit_of].bool().T  # [M, n_examples]
+    sizes = sees.sum(1)
+    empty = (sizes == 0).nonzero()
+    if len(empty):
+        raise CodeError(f"member {empty[0].item()} trains on no example")
+    pools = torch.zeros(len(sizes), int(sizes.max()), dtype=torch.long)
+    for m, row in enumerate(sees):
+        pools[m, : sizes[m]] = row.nonzero().squeeze(1)
+    return pools, sizes
+
+
+class Trainer:
+    """Trains ``ensemble`` on ``data`` under ``code`` (units given by ``unit_of``)."""
+
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        data: Dataset,
+        code: Tensor,
+        unit_of: Tensor,
+        unit_names,
+        schedule: NoiseSchedule,
+        config: TrainConfig,
+        device: str | torch.device = "cpu",
+    ):
+        validate(code)
+        if code.shape[1] != ensemble.n_members:
+            raise CodeError(f"the code has {code.shape[1]} members but the ensemble {ensemble.n_members}")
+        if len(unit_of) != len(data):
+            raise CodeError(f"unit_of maps {len(unit_of)} examples but the data has {len(data)}")
+        if len(unit_of) and (unit_of.min() < 0 or unit_of.max() >= len(code)):
+            raise CodeError(f"unit ids must lie in [0, {len(code)}), got {unit_of.min().item()}..{unit_of.max().item()}")
+        if tuple(data.data_shape) != tuple(ensemble.data_shape):
+            raise CodeError(f"the data has shape {data.data_shape} but the ensemble expects {ensemble.data_shape}")
+        self.device = torch.device(device)
+        self.ensemble = ensemble.to(self.device)
+        self.data, self.code, self.unit_of, self.unit_names = data, code, unit_of, list(unit_names)
+        self.schedule, self.config = schedule, config
+        self.images = data.images.to(self.device)
+        self.alphas_cumprod = schedule.alphas_cumprod.to(self.device, torch.float32)
+        self.pools, self.pool_sizes = (t.to(self.device) for t in member_pools(code, unit_of))
+        self.example_members = code[unit_of].T.to(self.device, torch.float32)  # [M, n]
+        self.optimizer = torch.optim.Adam(ensemble.parameters(), lr=config.lr)
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = AveragedModel(ensemble, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.step = 0
+
+    # ---------------------------------------------------------------------------- one step
+
+    def _batch(self):
+        """(x_t [M,B,...], t [M,B] or [B], eps [M,B,D] or [B,D], mask [M,B]) for one step."""
+        M, B, g, cfg = self.ensemble.n_members, self.config.batch_size, self.generator, self.config
+        T, shape, dev = self.schedule.steps, self.ensemble.data_shape, self.device
+        if cfg.mode == "masked_batch":
+            idx = torch.randint(len(self.images), (2 * B,), generator=g, device=dev)
+            t = torch.randint(T, (2 * B,), generator=g, device=dev)
+            eps = torch.randn((2 * B, *shape), generator=g, device=dev)
+            x_t = self._noisy(self.images[idx], t, eps).expand(M, *eps.shape)
+            return x_t, t, eps.flatten(1), self.example_members[:, idx]
+        where = (torch.rand(M, B, generator=g, device=dev) * self.pool_sizes[:, None]).long()
+        x0 = self.images[self.pools.gather(1, where)]  # [M, B, ...]
+        if cfg.mode == "independent":
+            t = torch.randint(T, (M, B), generator=g, device=dev)
+            eps = torch.randn((M, B, *shape), generator=g, device=dev)
+            target = eps.flatten(2)
+        else:  # shared_noise
+            t = torch.randint(T, (B,), generator=g, device=dev)
+            eps = torch.randn((B, *shape), generator=g, device=dev)
+            target = eps.flatten(1)
+        return self._noisy(x0, t, eps), t, target, torch.ones(M, B, device=dev)
+
+    def _noisy(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        abar = self.alphas_cumprod[t].reshape(*t.shape, *([1] * (eps.dim() - t.dim())))
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+    def train_step(self) -> Tensor:
+        """One optimisation step of every member; returns the per-member losses [M]."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate(self.step)
+        x_t, t, target, mask = self._batch()
+        pred = self.ensemble(x_t, t)
+        _, per_member = masked_member_mse(pred.flatten(2), target, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        per_member.sum().backward()
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.ensemble)
+        self.step += 1
+        return per_member.detach()
+
+    # ----------------------------------------------------------------------------- the run
+
+    def train(
+        self,
+        checkpoint: Optional[Path] = None,
+        checkpoint_every: int = 0,
+        progress: bool = True,
+    ) -> Tensor:
+        """Run until ``config.steps``; write ``checkpoint`` every ``checkpoint_every`` steps and
+        at the end. Returns the last per-member losses."""
+        M, B = self.ensemble.n_members, self.config.batch_size
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress,
+                   desc="training", unit="step", dynamic_ncols=True)
+        losses = torch.zeros(M)
+        start, start_step = time.perf_counter(), self.step
+        while self.step < self.config.steps:
+            losses = self.train_step()
+            if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
+                self.checkpoint().save(checkpoint)
+            bar.update(1)
+            if self.step % 25 == 0 or self.step == self.config.steps:
+                rate = (self.step - start_step) * M * B / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{losses.mean().item():.4f}", member_examples_per_s=f"{rate:,.0f}")
+        bar.close()
+        if checkpoint is not None:
+            self.checkpoint().save(checkpoint)
+        return losses.cpu()
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def checkpoint(self) -> Checkpoint:
+        config = dict(train=dataclasses.asdict(self.config), schedule=dict(betas=list(self.schedule.betas)),
+                      data=dict(name=self.data.name, n_examples=len(self.data)))
+        cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
+        return Checkpoint(
+            spec=self.ensemble.spec(), config=config, ensemble=cpu(self.ensemble.state_dict()),
+            code=self.code.cpu(), unit_of=self.unit_of.cpu(), unit_names=self.unit_names,
+            data_fingerprint=self.data.fingerprint(), step=self.step,
+            ema=None if self.ema is None else cpu(self.ema.state_dict()),
+            optimizer=self.optimizer.state_dict(), generator=self.generator.get_state().cpu(),
+        )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: weights, optimiser, EMA, RNG and step."""
+        if checkpoint.data_fingerprint != self.data.fingerprint():
+            raise CodeError("the checkpoint was trained on other data (fingerprint mismatch)")
+        if not torch.equal(checkpoint.code, self.code.cpu()):
+            raise CodeError("the checkpoint was trained under another code")
+        self.ensemble.load_state_dict(checkpoint.ensemble)
+        if checkpoint.optimizer is not None:
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+        if self.ema is not None and checkpoint.ema is not None:
+            self.ema.load_state_dict(checkpoint.ema)
+        if checkpoint.generator is not None:
+            self.generator.set_state(checkpoint.generator.to(self.generator.get_state().device))
+        self.step = checkpoint.step
