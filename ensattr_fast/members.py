@@ -153,7 +153,7 @@ class StackedMLP(Ensemble):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         M, B = x.shape[:2]
-        e = timestep_embedding(t, self.time_dim)
+        e = timestep_embedding(t, self.time_dim).to(x.dtype)
         if e.dim() == 2:  # timesteps shared by all members
             e = e.expand(M, B, self.time_dim)
         e = F.silu(self.time(e))
@@ -250,7 +250,7 @@ class UNetMember(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        e = self.time(timestep_embedding(t, self.time_dim))
+        e = self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
         h0 = self.down(self.inp(x), e)
         h = self.up(self.mid(self.pool(h0), e))
         return self.out(self.dec(torch.cat([h, h0], 1), e))

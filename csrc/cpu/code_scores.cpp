@@ -1,11 +1,18 @@
-// CPU kernels of the code_scores family: units split across threads; each unit's
-// code row is read once and scored against every sample (first order) or
-// query (loss contrast); then a running top-k per row, rows split across threads.
+// CPU kernels of the code_scores family.
 //
 // Both scores use a weight change v_u with sum(v_u) = 0, so adding a constant
 // to every member's statistic changes nothing. Centring the statistics first
 // (in double) removes that common part before the float sums and avoids the
 // cancellation it would cause: member outputs and losses are nearly equal.
+//
+// After centring, a unit's score depends on its excluder set E only through
+// e^T G' e (first order) or sum_{m in E} L'_m (loss). Both are sums over the
+// bits of e, so the members are split into nibbles of 4 and, per row s, tables
+// hold the partial sum of every pair of nibble patterns (first order: 16 x 16
+// entries per pair of nibbles, G' symmetrised) or every nibble pattern (loss).
+// A score is then (C + 1) C / 2 or C table reads for C = ceil(M / 4) nibbles,
+// instead of M^2 / 4 or M multiply-adds. Tasks are (row, block of units): the
+// table of a row stays in L1 while the block's units stream past.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -21,108 +28,142 @@
 namespace ensattr_fast {
 namespace {
 
-constexpr int64_t kUnitGrain = 128;
+constexpr int64_t kUnitBlock = 2048;
 
-// G'_s = P G_s P with P = I - 11^T/M, so that v^T G v = e^T G' e / |E|^2 for
-// v = e/|E| - 1/M (e: the excluder indicator).
-template <typename scalar_t>
-std::vector<scalar_t> centred_grams(const scalar_t* gram, int64_t S, int64_t M) {
-  std::vector<scalar_t> out(S * M * M);
-  std::vector<double> row(M), col(M);
-  for (int64_t s = 0; s < S; ++s) {
-    const scalar_t* g = gram + s * M * M;
-    double total = 0;
-    std::fill(row.begin(), row.end(), 0.0);
-    std::fill(col.begin(), col.end(), 0.0);
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < M; ++j) {
-        row[i] += g[i * M + j];
-        col[j] += g[i * M + j];
-        total += g[i * M + j];
+// The excluder pattern of every unit, 4 members per byte: [N, C].
+struct Nibbles {
+  int64_t count;                 // C
+  std::vector<uint8_t> pattern;  // bit i of pattern[u * C + c]: member 4c + i excludes u
+  std::vector<int32_t> excluders;
+
+  Nibbles(const uint8_t* code, int64_t N, int64_t M) : count((M + 3) / 4), pattern(N * count), excluders(N) {
+    at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        int32_t k = 0;
+        for (int64_t m = 0; m < M; ++m) {
+          const bool excluded = code[u * M + m] == 0;
+          pattern[u * count + m / 4] |= static_cast<uint8_t>(excluded << (m % 4));
+          k += excluded;
+        }
+        excluders[u] = k;
       }
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < M; ++j)
-        out[(s * M + i) * M + j] =
-            static_cast<scalar_t>(g[i * M + j] - row[i] / M - col[j] / M + total / (M * M));
+    });
   }
-  return out;
-}
+};
 
-// L'_q = L_q - mean(L_q): the contrast is then sum_{E} L' (1/|E| + 1/|I|).
+// The doubly centred, symmetrised Gram of one row, in double: G' = P (G + G^T)/2 P.
 template <typename scalar_t>
-std::vector<scalar_t> centred_losses(const scalar_t* losses, int64_t Q, int64_t M) {
-  std::vector<scalar_t> out(Q * M);
-  for (int64_t q = 0; q < Q; ++q) {
-    double mean = 0;
-    for (int64_t m = 0; m < M; ++m) mean += losses[q * M + m];
-    mean /= std::max<int64_t>(M, 1);
-    for (int64_t m = 0; m < M; ++m)
-      out[q * M + m] = static_cast<scalar_t>(losses[q * M + m] - mean);
-  }
-  return out;
-}
-
-// Calls score(u, excluder_indicator, excluder_list, n_excluders, scratch) for
-// every unit; the buffers (M entries each) belong to the calling thread.
-template <typename scalar_t, typename Score>
-void for_each_unit(const uint8_t* code, int64_t N, int64_t M, const Score& score) {
-  at::parallel_for(0, N, kUnitGrain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> e(M), scratch(M);
-    std::vector<int64_t> ex(M);
-    for (int64_t u = begin; u < end; ++u) {
-      int64_t k = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        const bool excluded = code[u * M + m] == 0;
-        e[m] = excluded;
-        if (excluded) ex[k++] = m;
-      }
-      score(u, e.data(), ex.data(), k, scratch.data());
+std::vector<double> centred_gram(const scalar_t* g, int64_t M) {
+  std::vector<double> sym(M * M), row(M, 0.0);
+  double total = 0;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < M; ++j) {
+      sym[i * M + j] = 0.5 * (static_cast<double>(g[i * M + j]) + g[j * M + i]);
+      row[i] += sym[i * M + j];
+      total += sym[i * M + j];
     }
-  });
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < M; ++j)
+      sym[i * M + j] += -row[i] / M - row[j] / M + total / (M * M);
+  return sym;
+}
+
+// table[(pair, x, y)] = sum_{i in x, j in y} G'[4p + i, 4q + j] for nibble pairs
+// p <= q (off-diagonal pairs counted twice), 256 entries per pair.
+template <typename acc_t>
+void pair_tables(const std::vector<double>& gp, int64_t M, int64_t C, acc_t* table) {
+  double partial[16][4];
+  int64_t pair = 0;
+  for (int64_t p = 0; p < C; ++p) {
+    for (int64_t q = p; q < C; ++q, ++pair) {
+      const double twice = p == q ? 1.0 : 2.0;
+      for (int x = 0; x < 16; ++x)
+        for (int j = 0; j < 4; ++j) {
+          double sum = 0;
+          for (int i = 0; i < 4; ++i)
+            if ((x >> i & 1) && 4 * p + i < M && 4 * q + j < M) sum += gp[(4 * p + i) * M + 4 * q + j];
+          partial[x][j] = sum;
+        }
+      for (int x = 0; x < 16; ++x)
+        for (int y = 0; y < 16; ++y) {
+          double sum = 0;
+          for (int j = 0; j < 4; ++j)
+            if (y >> j & 1) sum += partial[x][j];
+          table[(pair * 16 + x) * 16 + y] = static_cast<acc_t>(twice * sum);
+        }
+    }
+  }
 }
 
 template <typename scalar_t>
-void first_order_scores(const uint8_t* code, const scalar_t* gram, int64_t S, int64_t N,
+void first_order_scores(const Nibbles& nib, const scalar_t* gram, int64_t S, int64_t N,
                         int64_t M, scalar_t* scores) {
-  const auto centred = centred_grams(gram, S, M);
+  const int64_t C = nib.count, pairs = C * (C + 1) / 2;
+  const int64_t blocks = (N + kUnitBlock - 1) / kUnitBlock;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
-  for_each_unit<scalar_t>(code, N, M, [&](int64_t u, const scalar_t* e, const int64_t* ex,
-                                          int64_t k, scalar_t* y) {
-    for (int64_t s = 0; s < S; ++s) {
-      if (k == 0) {
-        scores[s * N + u] = nan;
-        continue;
+  at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> table(pairs * 256);
+    int64_t built = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / blocks, b = task % blocks;
+      if (s != built) {
+        pair_tables(centred_gram(gram + s * M * M, M), M, C, table.data());
+        built = s;
       }
-      const scalar_t* g = centred.data() + s * M * M;
-      std::fill(y, y + M, scalar_t(0));
-      for (int64_t i = 0; i < k; ++i) {
-        const scalar_t* gi = g + ex[i] * M;
-#pragma omp simd
-        for (int64_t j = 0; j < M; ++j) y[j] += gi[j];
+      scalar_t* out = scores + s * N;
+      for (int64_t u = b * kUnitBlock; u < std::min(N, (b + 1) * kUnitBlock); ++u) {
+        const uint8_t* pat = nib.pattern.data() + u * C;
+        const scalar_t* t = table.data();
+        // four independent sums: one add chain would wait on the add latency
+        scalar_t acc[4] = {0, 0, 0, 0};
+        int64_t n = 0;
+        for (int64_t p = 0; p < C; ++p) {
+          const scalar_t* row = t + pat[p] * 16;
+          for (int64_t q = p; q < C; ++q, row += 256, ++n) acc[n & 3] += row[pat[q]];
+          t += 256 * (C - p);
+        }
+        const scalar_t quad = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        const int32_t k = nib.excluders[u];
+        out[u] = k == 0 ? nan : std::sqrt(std::max(quad, scalar_t(0))) / k;
       }
-      scalar_t quad = 0;
-#pragma omp simd reduction(+ : quad)
-      for (int64_t j = 0; j < M; ++j) quad += y[j] * e[j];
-      scores[s * N + u] = std::sqrt(std::max(quad, scalar_t(0))) / k;
     }
   });
 }
 
 template <typename scalar_t>
-void loss_contrast_scores(const uint8_t* code, const scalar_t* losses, int64_t Q, int64_t N,
+void loss_contrast_scores(const Nibbles& nib, const scalar_t* losses, int64_t Q, int64_t N,
                           int64_t M, scalar_t* scores) {
-  const auto centred = centred_losses(losses, Q, M);
+  const int64_t C = nib.count, blocks = (N + kUnitBlock - 1) / kUnitBlock;
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
-  for_each_unit<scalar_t>(code, N, M, [&](int64_t u, const scalar_t* e, const int64_t*,
-                                          int64_t k, scalar_t*) {
-    const bool valid = k > 0 && k < M;
-    const scalar_t scale = valid ? scalar_t(1) / k + scalar_t(1) / (M - k) : scalar_t(0);
-    for (int64_t q = 0; q < Q; ++q) {
-      const scalar_t* l = centred.data() + q * M;
-      scalar_t excluded = 0;
-#pragma omp simd reduction(+ : excluded)
-      for (int64_t m = 0; m < M; ++m) excluded += e[m] * l[m];
-      scores[q * N + u] = valid ? excluded * scale : nan;
+  at::parallel_for(0, Q * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> table(C * 16);
+    int64_t built = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t q = task / blocks, b = task % blocks;
+      if (q != built) {  // table[c, x] = sum_{i in x} (L - mean L)[4c + i]
+        const scalar_t* l = losses + q * M;
+        double mean = 0;
+        for (int64_t m = 0; m < M; ++m) mean += l[m];
+        mean /= std::max<int64_t>(M, 1);
+        for (int64_t c = 0; c < C; ++c)
+          for (int x = 0; x < 16; ++x) {
+            double sum = 0;
+            for (int i = 0; i < 4; ++i)
+              if ((x >> i & 1) && 4 * c + i < M) sum += l[4 * c + i] - mean;
+            table[c * 16 + x] = static_cast<scalar_t>(sum);
+          }
+        built = q;
+      }
+      scalar_t* out = scores + q * N;
+      for (int64_t u = b * kUnitBlock; u < std::min(N, (b + 1) * kUnitBlock); ++u) {
+        const uint8_t* pat = nib.pattern.data() + u * C;
+        scalar_t acc[4] = {0, 0, 0, 0};
+        for (int64_t c = 0; c < C; ++c) acc[c & 3] += table[c * 16 + pat[c]];
+        const scalar_t excluded = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        const int32_t k = nib.excluders[u];
+        const bool valid = k > 0 && k < M;
+        out[u] = valid ? excluded * (scalar_t(1) / k + scalar_t(1) / (M - k)) : nan;
+      }
     }
   });
 }
@@ -139,13 +180,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_scores_cpu(
   auto top_values = at::empty({shape.rows, k}, stats.options());
   auto top_indices = at::empty({shape.rows, k}, stats.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "code_scores", [&] {
-    const uint8_t* c = code.const_data_ptr<uint8_t>();
+    const Nibbles nibbles(code.const_data_ptr<uint8_t>(), shape.units, shape.members);
     scalar_t* out = scores.mutable_data_ptr<scalar_t>();
     if constexpr (kFirstOrder) {
-      first_order_scores(c, stats.const_data_ptr<scalar_t>(), shape.rows, shape.units,
+      first_order_scores(nibbles, stats.const_data_ptr<scalar_t>(), shape.rows, shape.units,
                          shape.members, out);
     } else {
-      loss_contrast_scores(c, stats.const_data_ptr<scalar_t>(), shape.rows, shape.units,
+      loss_contrast_scores(nibbles, stats.const_data_ptr<scalar_t>(), shape.rows, shape.units,
                            shape.members, out);
     }
     if (k > 0) {
