@@ -1,0 +1,103 @@
+"""Scoring every unit against every row and streaming the matrices to the results file.
+
+Memory is bounded by one block [block_rows, block_units]: the whole influence matrix is never
+in RAM. Blocks already flagged done in the file are not written again, so a killed run resumes
+where it stopped and ends with the same file as an uninterrupted one. Disk writes run in a
+background thread while the next block is scored.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, Optional, Tuple
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ops import code_scores
+from .store import InfluenceStream, StoreError, code_hash, recover_after_kill
+
+__all__ = ["stream_influence"]
+
+KINDS = ("first_order", "loss")
+
+
+def stream_influence(
+    path: os.PathLike,
+    code: Tensor,
+    methods: Dict[str, Tuple[str, Tensor]],
+    k: int = 10,
+    block_rows: int = 64,
+    block_units: int = 16384,
+    spec: Optional[dict] = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> Dict[str, InfluenceStream]:
+    """Write ``/influence/<name>`` [K, N] and ``/topk/<name>`` [K, k] for each method.
+
+    Args:
+        code: uint8 [N, M] (units, or unit sets as OR-ed rows).
+        methods: name -> (kind, statistics): ``("first_order", G [K, M, M])`` or
+            ``("loss", L [K, M])``; row i of every matrix is row i of its statistics.
+        spec: provenance stored with each matrix; a file holding a matrix of the same name
+            with another spec is refused rather than mixed.
+    """
+    for name, (kind, stats) in methods.items():
+        if kind not in KINDS:
+            raise ValueError(f"method {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    recover_after_kill(path) if os.path.exists(path) else None
+    spec = dict(spec or {}, code_hash=code_hash(code))
+    code_dev = code.to(device)
+    with h5py.File(path, "a", libver="latest") as f:
+        streams = {
+            name: InfluenceStream(f, name, len(stats), len(code), block_rows, block_units, k,
+                                  dict(spec, kind=kind))
+            for name, (kind, stats) in methods.items()
+        }
+        f.swmr_mode = True  # readers may open the file from now on
+        total = sum(s.n_row_blocks * s.n_unit_blocks for s in streams.values())
+        done = sum(int(s._done.sum()) for s in streams.values())
+        bar = tqdm(total=total, initial=done, disable=not progress, desc="influence blocks",
+                   unit="block", dynamic_ncols=True)
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending: Optional[Future] = None
+            for name, (kind, stats) in methods.items():
+                pending = _stream_one(streams[name], kind, stats.to(device), code_dev, k, writer, pending, bar)
+            if pending is not None:
+                pending.result()
+        bar.close()
+    return streams
+
+
+def _stream_one(stream: InfluenceStream, kind: str, stats: Tensor, code: Tensor, k: int,
+                writer: ThreadPoolExecutor, pending: Optional[Future], bar) -> Optional[Future]:
+    """Score and write one method's matrix; at most one block waits for the disk at a time."""
+    for rb in range(stream.n_row_blocks):
+        if stream.topk_done[rb]:
+            continue
+        rows = stream.row_range(rb)
+        block_stats = stats[rows.start : rows.stop]
+        previous = None
+        for ub in range(stream.n_unit_blocks):
+            units = stream.unit_range(ub)
+            # blocks already on disk are re-scored (cheap) only to rebuild the running top-k
+            out = code_scores(code[units.start : units.stop], k=k, unit_offset=units.start,
+                              previous=previous, **{"gram" if kind == "first_order" else "losses": block_stats})
+            previous = (out.top_values, out.top_indices)
+            if stream.is_done(rb, ub):
+                continue
+            block = out.scores.float().cpu().numpy()
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(stream.write_block, rb, ub, block)
+            bar.update(1)
+        if pending is not None:
+            pending.result()
+        values = previous[0].float().cpu().numpy()
+        values[~np.isfinite(values)] = np.nan  # empty slots: index -1, score NaN
+        pending = writer.submit(stream.write_topk, rb, values, previous[1].cpu().numpy())
+    return pending
