@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from . import pipeline
@@ -71,9 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--units", choices=["example", "class"], default="example")
     p.add_argument("--members", type=int, default=None, help="16 (example units), 20 (class)")
     p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--counterfactuals", type=int, default=32,
-                   help="samples whose counterfactuals are computed (example units)")
-    p.add_argument("--per-sample", type=int, default=8, help="units ablated per sample")
+    p.add_argument("--attribute", type=int, default=32,
+                   help="samples whose influence rows and exact checks are computed (example units)")
+    p.add_argument("--per-sample", type=int, default=8, help="top units ablated exactly per sample")
     p.add_argument("--device", default="cpu")
     _add_train_args(p)
     _add_sampler_args(p)
@@ -111,6 +112,41 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=None, help="first S samples (default all)")
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("attribute", help="influence of every unit on the samples, streamed to HDF5")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True, help="results file holding the samples")
+    p.add_argument("--method", default="first_order,direct,loss",
+                   help="comma-separated: first_order, direct, loss")
+    p.add_argument("--samples", type=int, default=32, help="rows: the first S samples")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--block-rows", type=int, default=64)
+    p.add_argument("--block-units", type=int, default=16384)
+    p.add_argument("--draws", type=int, default=64, help="shared (t, eps) draws per loss")
+    p.add_argument("--check", type=int, default=8, help="exact ablation of each sample's top units (0: none)")
+    p.add_argument("--check-by", default=None,
+                   help="method whose top units are checked (default: first_order when computed)")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("metrics", help="validity metrics of a results file")
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, help="also run the false-attribution protocol")
+    p.add_argument("--samples", type=int, default=32, help="samples for false attribution")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="also write them here")
+
+    p = sub.add_parser("lds", help="linear datamodeling score of every influence matrix")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--references", type=Path, required=True,
+                   help="checkpoint of the reference models (trained here if missing)")
+    p.add_argument("--halves", type=int, default=32, help="random halves of the units (R)")
+    p.add_argument("--seeds", type=int, default=2, help="models per half, averaged")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the ensemble's)")
+    p.add_argument("--draws", type=int, default=256, help="fixed (t, eps) draws per loss")
+    p.add_argument("--samples", type=int, default=None, help="first S rows (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path)
+
     p = sub.add_parser("report", help="a PNG of samples beside their counterfactuals")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -138,6 +174,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{len(args.seeds)} samples written to {args.out}")
         elif args.command == "ablate":
             _ablate(args)
+        elif args.command == "attribute":
+            methods = [m.strip() for m in args.method.split(",") if m.strip()]
+            check_by = args.check_by or ("first_order" if "first_order" in methods else methods[0])
+            agreement = pipeline.attribute_step(
+                args.checkpoint, args.results, args.samples, methods, args.topk, args.block_rows,
+                args.block_units, args.draws, args.check, check_by, args.device)
+            print(f"influence written to {args.results}; agreement with exact ablation: {json.dumps(agreement)}")
+        elif args.command == "metrics":
+            found = pipeline.metrics_step(args.results, args.checkpoint, args.samples, args.device)
+            print(json.dumps(found, indent=2))
+            if args.json:
+                args.json.write_text(json.dumps(found, indent=2))
+        elif args.command == "lds":
+            _lds(args)
         elif args.command == "report":
             pipeline.report_step(args.results, args.out, args.rows)
             print(f"report written to {args.out}")
@@ -145,6 +195,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"ensattr {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _lds(args) -> None:
+    from .lds import lds_table
+    from .results import open_results
+
+    with open_results(args.results) as r:
+        dataset = r.attrs.get("plan", {}).get("dataset", "digits")
+    table = lds_table(args.results, args.checkpoint, pipeline.load_data(dataset), args.references,
+                      args.halves, args.seeds, args.steps, args.draws, args.samples, args.device)
+    print(f"{'method':<26} {'LDS':>7} {'95% interval':>18} {'queries':>8}")
+    for method, row in sorted(table.items(), key=lambda kv: -np.nan_to_num(kv[1]["mean"], nan=-9)):
+        print(f"{method:<26} {row['mean']:7.3f} {row['low']:8.3f} .. {row['high']:6.3f} {row['n']:8d}")
+    if args.json:
+        args.json.write_text(json.dumps({m: {k: v for k, v in row.items()} for m, row in table.items()}, indent=2))
 
 
 def _ablate(args) -> None:

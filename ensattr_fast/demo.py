@@ -1,7 +1,9 @@
 """``ensattr demo``: the whole method on the embedded digits, end to end.
 
 Example units (default): 16 members on a balanced constant-weight code, one unit per image;
-samples, then exact counterfactuals of the first samples without each of their nearest units.
+samples; first-order, direct and loss-based influence of every unit on the first samples,
+streamed to the results file; then the exact counterfactuals of each of those samples without
+each of its top units by first-order score.
 Class units (``--units class``): 20 members on a leave-one-class-out design (each class
 excluded by 2 members); every sample re-drawn without each class.
 Writes plan.h5, ensemble.pt, results.h5 and report.png under ``--out``.
@@ -46,12 +48,15 @@ def run_demo(args) -> dict:
     _, code, units = pipeline.read_plan(plan)
     if by_class:
         ablated = torch.arange(units.n_units).expand(args.samples, -1).clone()
+        images, distances, evaluations = pipeline.ablate_step(checkpoint, results, ablated, args.device)
+        _step(f"{ablated.numel()} exact counterfactuals ({evaluations:,} member evaluations), "
+              f"mean distance {distances.mean():.3f}", start)
     else:
-        n = min(args.counterfactuals, args.samples)
-        ablated = pipeline.nearest_units(samples[:n], data, units.unit_of, args.per_sample)
-    images, distances, evaluations = pipeline.ablate_step(checkpoint, results, ablated, args.device)
-    _step(f"{ablated.numel()} exact counterfactuals ({evaluations:,} member evaluations), "
-          f"mean distance {distances.mean():.3f}", start)
+        n = min(args.attribute, args.samples)
+        agreement = pipeline.attribute_step(checkpoint, results, n, k=max(10, args.per_sample),
+                                            check=args.per_sample, device=args.device)
+        _step(f"influence of all {units.n_units} units on {n} samples (first_order, direct, loss); "
+              f"exact check of each sample's top {args.per_sample}: {agreement}", start)
 
     judge = train_judge(data)
     quality = judge.judge(samples)

@@ -179,20 +179,162 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike, units: Tenso
 
 
 def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8) -> None:
-    """A PNG of samples beside their counterfactuals and the removed units' images."""
+    """A PNG of samples beside their counterfactuals and the removed units' images, with the
+    predicted first-order distance of each and the distribution of all first-order scores."""
     from .report import counterfactual_figure
+    from .results import open_results
 
-    with h5py.File(results, "r") as f:
-        dataset = json.loads(f.attrs["plan"])["dataset"] if "plan" in f.attrs else "digits"
-        samples = f["samples/images"][:rows]
-        cf = f["counterfactuals"]
+    with open_results(results) as r:
+        dataset = r.attrs.get("plan", {}).get("dataset", "digits")
+        samples = r.samples[:rows]
+        cf = r.counterfactuals
         units, images, distances = cf["units"][:rows], cf["images"][:rows], cf["distance"][:rows]
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["units/name"][()]]
-        unit_of = torch.from_numpy(f["units/of_example"][()])
+        scores = cf["predicted_first_order"][:rows] if "predicted_first_order" in cf else None
+        names, unit_of = r.unit_names, torch.from_numpy(r.unit_of[()])
+        distribution = None
+        if "first_order" in r.methods:
+            view = r.influence("first_order")
+            distribution = view[: min(view.shape[0], 64), :].ravel()
     data = load_data(dataset)
     first_example = torch.full((len(names),), len(unit_of), dtype=torch.long).scatter_reduce(
         0, unit_of, torch.arange(len(unit_of)), "amin")
     unit_images = data.images[first_example[torch.from_numpy(units).clamp_min(0)]].numpy()
     counterfactual_figure(out, samples, images, units, distances, unit_images=unit_images,
-                          unit_names=names, rows=rows,
-                          title=f"{Path(results).name}: samples (left), counterfactuals without a unit, the unit's image below")
+                          unit_names=names, scores=scores, score_name="pred",
+                          score_distribution=distribution, rows=rows,
+                          title=f"{Path(results).name}: each sample, its exact counterfactual without a unit "
+                                "(d: true distance, pred: first-order), and the unit below")
+
+
+# ----------------------------------------------------------------------------- attribute
+
+
+def _statistics(results: os.PathLike, name: str, compute):
+    """A statistic of the rows, computed once and kept in /statistics/<name> for resumes."""
+    with h5py.File(results, "r") as f:
+        if f"statistics/{name}" in f:
+            return torch.from_numpy(f[f"statistics/{name}"][()])
+    value = compute().float().numpy()
+    with ResultsWriter(results, "a") as writer:
+        writer.file.require_group("statistics").create_dataset(name, data=value)
+    return torch.from_numpy(value)  # as stored: a resumed run scores the very same numbers
+
+
+def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int,
+                   methods: Sequence[str] = ("first_order", "direct", "loss"), k: int = 10,
+                   block_rows: int = 64, block_units: int = 16384, draws: int = 64,
+                   check: int = 8, check_method: str = "first_order", device: str = "cpu",
+                   progress: bool = True) -> dict:
+    """Influence of every unit on the first ``rows`` samples of ``results``, streamed to it;
+    then the exact check of each sample's top-``check`` units by ``check_method``.
+
+    Returns the agreement metrics of the first-order scores with the exact distances.
+    """
+    from .attribution import first_order_grams, member_losses
+    from .streaming import stream_influence
+
+    checkpoint = Checkpoint.load(checkpoint_path)
+    schedule, sampler = _schedule(checkpoint), _results_sampler(results)
+    with h5py.File(results, "r") as f:
+        if json.loads(f.attrs["code_hash"]) != code_hash(checkpoint.code):
+            raise StoreError(f"{results} holds results of another ensemble than {checkpoint_path}")
+        seeds = f["samples/seed"][:rows].tolist()
+        samples = torch.from_numpy(f["samples/images"][:rows])
+    ensemble = checkpoint.build().to(device)
+    unknown = set(methods) - {"first_order", "direct", "loss"}
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}: use first_order, direct, loss")
+
+    stats = {}
+    if {"first_order", "direct"} & set(methods):
+        grams = None
+
+        def compute(which):
+            nonlocal grams
+            if grams is None:
+                grams = first_order_grams(ensemble, schedule, sampler, seeds)
+            return getattr(grams, which)
+
+        stats["first_order"] = ("first_order", _statistics(results, "gram_exact", lambda: compute("exact")))
+        stats["direct"] = ("first_order", _statistics(results, "gram_direct", lambda: compute("direct")))
+    if "loss" in methods:
+        stats["loss"] = ("loss", _statistics(results, "losses", lambda: member_losses(ensemble, schedule, samples, draws)))
+    stats = {m: stats[m] for m in methods}
+    spec = dict(rows="samples", sampler=dataclasses.asdict(sampler), draws=draws,
+                checkpoint_hash=file_hash(checkpoint_path))
+    stream_influence(results, checkpoint.code, stats, k=k, block_rows=block_rows,
+                     block_units=block_units, spec=spec, progress=progress, device=device)
+    if not check:
+        return {}
+    return exact_check(checkpoint_path, results, rows, check, check_method, methods, device)
+
+
+def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, check: int,
+                check_method: str, methods: Sequence[str], device: str = "cpu") -> dict:
+    """Ablate each sample's top-``check`` units by ``check_method`` exactly; store the true
+    distances beside every method's scores of those units and the agreement metrics."""
+    from .metrics import agreement
+    from .results import open_results
+
+    with open_results(results) as r:
+        units = torch.from_numpy(r.topk(check_method)[0][:rows, :check])
+        predicted = {}
+        for method in methods:
+            view = r.influence(method)
+            block = view[:rows, :]
+            predicted[method] = torch.from_numpy(np.take_along_axis(block, units.clamp_min(0).numpy(), 1))
+    _, distances, _ = ablate_step(checkpoint_path, results, units, device,
+                                  **{f"predicted_{m}": v for m, v in predicted.items()})
+    metrics = {m: agreement(predicted[m].numpy(), distances.numpy())
+               for m in methods if m in ("first_order", "direct")}
+    with ResultsWriter(results, "a") as writer:
+        writer.set_attrs(agreement=metrics, checked_by=check_method)
+    return metrics
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+def metrics_step(results: os.PathLike, checkpoint_path: Optional[os.PathLike] = None,
+                 samples: int = 32, device: str = "cpu", seed: int = 0) -> dict:
+    """Counterfactual radius and agreement from the file; with a checkpoint, also the false
+    attribution rate (ABC protocol, see :mod:`ensattr_fast.metrics`)."""
+    from .metrics import agreement, counterfactual_radius, mean_interval
+    from .results import open_results
+
+    found: dict = {}
+    with open_results(results) as r:
+        dataset = r.attrs.get("plan", {}).get("dataset", "digits")
+        if "counterfactuals" in r.file:
+            cf = r.counterfactuals
+            distance = cf["distance"][()]
+            radius = counterfactual_radius(distance)
+            found["counterfactual_radius"] = mean_interval(radius) | {"per_sample": radius.tolist()}
+            for name in cf:
+                if name.startswith("predicted_") and name[len("predicted_"):] in ("first_order", "direct"):
+                    found[f"agreement_{name[len('predicted_'):]}"] = agreement(cf[name][()], distance)
+        seeds = r.seeds[:samples].tolist()
+        images = torch.from_numpy(r.samples[:samples])
+        unit_of = torch.from_numpy(r.unit_of[()])
+        n_units = r.code.shape[0]
+    if checkpoint_path is None:
+        return found
+    data = load_data(dataset)
+    nearest = nearest_units(images, data, unit_of, 1)[:, 0]
+    g = torch.Generator().manual_seed(seed)
+    random_units = torch.randint(n_units, (len(seeds),), generator=g)
+    checkpoint = Checkpoint.load(checkpoint_path)
+    ensemble = checkpoint.build().to(device)
+    sets = [[[int(a)], [int(b)]] for a, b in zip(nearest, random_units)]
+    result = ablate(ensemble, _schedule(checkpoint), _results_sampler(results), checkpoint.code,
+                    seeds, sets, per_sample=True)
+    after = result.images.cpu()
+    still_nearest = torch.stack([nearest_units(after[:, j], data, unit_of, 1)[:, 0] for j in range(2)], 1)
+    found["false_attribution"] = {
+        "rate_ablating_nearest": (still_nearest[:, 0] == nearest).float().mean().item(),
+        "rate_ablating_random": (still_nearest[:, 1] == nearest).float().mean().item(),
+        "samples": len(seeds),
+    }
+    with ResultsWriter(results, "a") as writer:
+        writer.set_attrs(validity={k: v for k, v in found.items() if k != "counterfactual_radius"})
+    return found

@@ -59,9 +59,9 @@ def counterfactual_figure(
             if units[i, k] < 0:
                 continue
             name = unit_names[units[i, k]] if unit_names is not None else str(units[i, k])
-            label = f"-{name}\nd={distances[i, k]:.2f}"
+            label = f"-{name}\nd={distances[i, k]:.3g}"
             if scores is not None:
-                label += f" {score_name}={scores[i, k]:.2f}"
+                label += f" {score_name}={scores[i, k]:.3g}"
             _show(fig.add_subplot(grid[r, k + 1]), counterfactuals[i, k], label)
             if unit_images is not None:
                 _show(fig.add_subplot(grid[r + 1, k + 1]), unit_images[i, k], f"unit {name}")
@@ -72,7 +72,7 @@ def counterfactual_figure(
         ax.set_xlabel(f"{score_name} of every (sample, unit)")
         ax.set_ylabel("count")
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)

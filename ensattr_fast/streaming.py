@@ -61,7 +61,7 @@ def stream_influence(
         f.swmr_mode = True  # readers may open the file from now on
         total = sum(s.n_row_blocks * s.n_unit_blocks for s in streams.values())
         done = sum(int(s._done.sum()) for s in streams.values())
-        bar = tqdm(total=total, initial=done, disable=not progress, desc="influence blocks",
+        bar = tqdm(total=total, initial=done, disable=None if progress else True, desc="influence blocks",
                    unit="block", dynamic_ncols=True)
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Optional[Future] = None

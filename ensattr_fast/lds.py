@@ -1,0 +1,96 @@
+"""The linear datamodeling score (LDS) of every influence matrix in a results file.
+
+Reference models train on R random halves of the units, each half with several seeds. They
+are just another ensemble, with a random code (column r: the units of half r), so the batched
+trainer trains all of them together. Each query's diffusion loss under each reference model,
+with fixed (t, eps) draws and averaged over a half's seeds, is then compared (Spearman, per
+query) with the loss an influence matrix predicts for the half: minus the sum of the scores of
+its units. A pixel nearest-neighbour baseline (minus the distance from the query to the
+unit's nearest image) is scored the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .attribution import member_losses
+from .checkpoint import Checkpoint
+from .data import Dataset
+from .members import StackedMLP
+from .metrics import lds
+from .results import open_results
+from .schedules import NoiseSchedule
+from .training import TrainConfig, Trainer
+
+__all__ = ["reference_subsets", "train_references", "pixel_similarity", "lds_table"]
+
+
+def reference_subsets(n_units: int, halves: int, seed: int = 0) -> Tensor:
+    """bool [R, N]: R independent random halves (N // 2 units each) of the units."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(halves, n_units, generator=g).argsort(1)
+    return order < n_units // 2
+
+
+def train_references(path: os.PathLike, data: Dataset, unit_of: Tensor, subsets: Tensor,
+                     seeds: int, config: TrainConfig, spec: dict, device: str = "cpu",
+                     progress: bool = True) -> Checkpoint:
+    """Train ``seeds`` independent models on each half (members r * seeds + j), or load them
+    from ``path`` when a finished run is there."""
+    path = Path(path)
+    code = subsets.T.repeat_interleave(seeds, dim=1).to(torch.uint8)  # [N, R * seeds]
+    ensemble = StackedMLP(code.shape[1], data.data_shape, hidden=spec["hidden"], blocks=spec["blocks"],
+                          time_dim=spec["time_dim"], shared_init=False, seed=config.seed)
+    config = TrainConfig(**{**config.__dict__, "mode": "independent"})
+    trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(len(subsets[0]))],
+                      NoiseSchedule.linear(), config, device, require_exact_ablation=False)
+    if path.exists():
+        trainer.restore(Checkpoint.load(path))
+    if trainer.step < config.steps:
+        trainer.train(checkpoint=path, checkpoint_every=250, progress=progress)
+    return trainer.checkpoint()
+
+
+def pixel_similarity(queries: Tensor, data: Dataset, unit_of: Tensor, n_units: int) -> Tensor:
+    """[Q, N]: minus the pixel distance from each query to the unit's nearest image."""
+    distance = torch.cdist(queries.flatten(1).float(), data.images.flatten(1))
+    nearest = torch.full((len(queries), n_units), float("inf"))
+    nearest.scatter_reduce_(1, unit_of.expand(len(queries), -1), distance, "amin")
+    return -nearest
+
+
+def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
+              references: os.PathLike, halves: int = 32, seeds: int = 2,
+              steps: Optional[int] = None, draws: int = 256, rows: Optional[int] = None,
+              device: str = "cpu", progress: bool = True) -> Dict[str, dict]:
+    """LDS of each influence matrix in ``results`` and of the pixel baseline, per method:
+    mean over queries, its 95% interval, and the number of queries."""
+    checkpoint = Checkpoint.load(checkpoint_path)
+    with open_results(results) as r:
+        methods = r.methods
+        n = r.influence(methods[0]).shape[0] if methods else 0
+        n = n if rows is None else min(rows, n)
+        queries = torch.from_numpy(r.samples[:n])
+        influence = {m: r.influence(m)[:n, :] for m in methods}
+        unit_of = torch.from_numpy(r.unit_of[()])
+    n_units = len(checkpoint.code)
+    subsets = reference_subsets(n_units, halves, seed=checkpoint.config["train"]["seed"] + 1)
+    config = TrainConfig(**checkpoint.config["train"])
+    if steps is not None:
+        config.steps = steps
+    refs = train_references(references, data, unit_of, subsets, seeds, config, checkpoint.spec,
+                            device, progress)
+    ensemble = refs.build().to(device)
+    schedule = NoiseSchedule(tuple(refs.config["schedule"]["betas"]))
+    losses = member_losses(ensemble, schedule, queries, draws=draws, seed=12345)
+    losses = losses.view(n, halves, seeds).mean(-1).numpy()  # [Q, R]
+    table = {m: lds(v, subsets.numpy(), losses) for m, v in influence.items()}
+    table["pixel_nearest_neighbour"] = lds(
+        pixel_similarity(queries, data, unit_of, n_units).numpy(), subsets.numpy(), losses)
+    return table
