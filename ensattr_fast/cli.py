@@ -49,7 +49,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (1: DDPM-like)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic, 1: DDPM-like)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1]")
 
 
@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     _add_train_args(p)
     _add_sampler_args(p)
-    p.set_defaults(steps=2500)
+    p.set_defaults(steps=3500, lr=3e-3)
 
     p = sub.add_parser("plan", help="write the code (which member trains on which unit)")
     p.add_argument("--out", type=Path, required=True)

@@ -72,7 +72,7 @@ class Sampler:
 
     kind: str = "ddim"
     steps: Optional[int] = 50
-    eta: float = 1.0
+    eta: float = 0.0
     clip: Optional[Tuple[float, float]] = (-1.0, 1.0)
 
     def __post_init__(self):

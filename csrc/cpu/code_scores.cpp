@@ -95,12 +95,38 @@ void pair_tables(const std::vector<double>& gp, int64_t M, int64_t C, acc_t* tab
   }
 }
 
+// e^T G' e from the pair tables: one read per pair of nibbles, summed in four
+// independent chains (one chain would wait on the add latency). With C known at
+// compile time the loops unroll and the sums stay in registers.
+template <int kC, typename scalar_t>
+scalar_t quad_form(const scalar_t* table, const uint8_t* pat, int64_t C) {
+  const int64_t count = kC > 0 ? kC : C;
+  scalar_t acc[4] = {0, 0, 0, 0};
+  int64_t n = 0;
+#pragma GCC unroll 16
+  for (int64_t p = 0; p < count; ++p) {
+#pragma GCC unroll 16
+    for (int64_t q = p; q < count; ++q, ++n) acc[n & 3] += table[(n * 16 + pat[p]) * 16 + pat[q]];
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+template <int kC, typename scalar_t>
+void first_order_block(const Nibbles& nib, const scalar_t* table, int64_t begin, int64_t end,
+                       scalar_t* out) {
+  const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
+  for (int64_t u = begin; u < end; ++u) {
+    const scalar_t quad = quad_form<kC>(table, nib.pattern.data() + u * nib.count, nib.count);
+    const int32_t k = nib.excluders[u];
+    out[u] = k == 0 ? nan : std::sqrt(std::max(quad, scalar_t(0))) / k;
+  }
+}
+
 template <typename scalar_t>
 void first_order_scores(const Nibbles& nib, const scalar_t* gram, int64_t S, int64_t N,
                         int64_t M, scalar_t* scores) {
   const int64_t C = nib.count, pairs = C * (C + 1) / 2;
   const int64_t blocks = (N + kUnitBlock - 1) / kUnitBlock;
-  const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
   at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> table(pairs * 256);
     int64_t built = -1;
@@ -110,21 +136,19 @@ void first_order_scores(const Nibbles& nib, const scalar_t* gram, int64_t S, int
         pair_tables(centred_gram(gram + s * M * M, M), M, C, table.data());
         built = s;
       }
+      const int64_t lo = b * kUnitBlock, hi = std::min(N, (b + 1) * kUnitBlock);
       scalar_t* out = scores + s * N;
-      for (int64_t u = b * kUnitBlock; u < std::min(N, (b + 1) * kUnitBlock); ++u) {
-        const uint8_t* pat = nib.pattern.data() + u * C;
-        const scalar_t* t = table.data();
-        // four independent sums: one add chain would wait on the add latency
-        scalar_t acc[4] = {0, 0, 0, 0};
-        int64_t n = 0;
-        for (int64_t p = 0; p < C; ++p) {
-          const scalar_t* row = t + pat[p] * 16;
-          for (int64_t q = p; q < C; ++q, row += 256, ++n) acc[n & 3] += row[pat[q]];
-          t += 256 * (C - p);
-        }
-        const scalar_t quad = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        const int32_t k = nib.excluders[u];
-        out[u] = k == 0 ? nan : std::sqrt(std::max(quad, scalar_t(0))) / k;
+      switch (C) {  // the common member counts, M = 4 C, unrolled
+        case 2: first_order_block<2>(nib, table.data(), lo, hi, out); break;
+        case 3: first_order_block<3>(nib, table.data(), lo, hi, out); break;
+        case 4: first_order_block<4>(nib, table.data(), lo, hi, out); break;
+        case 5: first_order_block<5>(nib, table.data(), lo, hi, out); break;
+        case 6: first_order_block<6>(nib, table.data(), lo, hi, out); break;
+        case 8: first_order_block<8>(nib, table.data(), lo, hi, out); break;
+        case 10: first_order_block<10>(nib, table.data(), lo, hi, out); break;
+        case 12: first_order_block<12>(nib, table.data(), lo, hi, out); break;
+        case 16: first_order_block<16>(nib, table.data(), lo, hi, out); break;
+        default: first_order_block<0>(nib, table.data(), lo, hi, out);
       }
     }
   });
