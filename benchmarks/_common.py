@@ -66,9 +66,7 @@ class Suite:
 
     def print_table(self) -> None:
         if self.measurements:
-            compare = tbench.Compare(self.measurements)
-            compare.trim_significant_figures()
-            compare.print()
+            tbench.Compare(self.measurements).print()
 
 
 def check_close(got, want, what: str, **tolerances) -> None:

@@ -4,8 +4,9 @@ M diffusion models (members) each train on a planned half of the training units;
 that never saw a unit form the ensemble that has exactly forgotten it. See README.md.
 """
 
-from .ops import CodeScores, build_info, code_scores, ensemble_step, masked_member_mse
-
 __version__ = "0.1.0"
 
-__all__ = ["CodeScores", "build_info", "code_scores", "ensemble_step", "masked_member_mse"]
+from .ops import CodeScores, build_info, code_scores, ensemble_step, masked_member_mse
+from .results import open_results
+
+__all__ = ["CodeScores", "build_info", "code_scores", "ensemble_step", "masked_member_mse", "open_results"]
