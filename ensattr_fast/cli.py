@@ -88,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--design", choices=["auto", "balanced", "random", "sparse"], default="auto")
     p.add_argument("--excluders", type=int, default=2, help="excluders per group (sparse)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("train", help="train every member of a planned ensemble at once")
     p.add_argument("--plan", type=Path, required=True)
@@ -102,6 +103,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="results file (HDF5)")
     p.add_argument("--seeds", type=_seeds, default=_seeds("64"), help="N, A:B or a,b,c")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_sampler_args(p)
 
     p = sub.add_parser("ablate", help="exact counterfactuals of the samples in a results file")
@@ -163,14 +165,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_demo(args)
         elif args.command == "plan":
             stats = pipeline.make_plan(args.out, args.data, args.units, args.members, args.design,
-                                       args.excluders, args.seed)
+                                       args.excluders, args.seed, args.overwrite)
             print(f"plan written to {args.out}: {stats}")
         elif args.command == "train":
             pipeline.train(args.plan, args.out, _train_config(args), args.hidden, args.blocks,
                            args.device, args.checkpoint_every, args.resume)
             print(f"checkpoint written to {args.out}")
         elif args.command == "sample":
-            pipeline.sample_step(args.checkpoint, args.out, args.seeds, _sampler(args), args.device)
+            pipeline.sample_step(args.checkpoint, args.out, args.seeds, _sampler(args), args.device,
+                                 args.overwrite)
             print(f"{len(args.seeds)} samples written to {args.out}")
         elif args.command == "ablate":
             _ablate(args)

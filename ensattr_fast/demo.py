@@ -37,11 +37,13 @@ def run_demo(args) -> dict:
     plan, checkpoint, results = out / "plan.h5", out / "ensemble.pt", out / "results.h5"
 
     stats = pipeline.make_plan(plan, "digits", args.units, members,
-                               design="sparse" if by_class else "balanced", excluders=2, seed=args.seed)
+                               design="sparse" if by_class else "balanced", excluders=2, seed=args.seed,
+                               overwrite=True)
     _step(f"plan: {stats}", start)
     pipeline.train(plan, checkpoint, _train_config(args), args.hidden, args.blocks, args.device)
     _step(f"trained {members} members for {args.steps} steps -> {checkpoint}", start)
-    samples = pipeline.sample_step(checkpoint, results, range(args.samples), _sampler(args), args.device)
+    samples = pipeline.sample_step(checkpoint, results, range(args.samples), _sampler(args), args.device,
+                                   overwrite=True)
     _step(f"{args.samples} samples -> {results}", start)
 
     data = pipeline.load_data("digits")

@@ -51,14 +51,21 @@ class PackedLayout:
         self.member = torch.repeat_interleave(torch.arange(self.n_members), self.counts)
         starts = torch.cumsum(self.counts, 0) - self.counts
         self.position = torch.arange(self.n_packed) - starts[self.member]
+        self._on_device: dict = {}
+
+    def _index(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """(member, position) on ``device``, copied there once per sampling run."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.member.to(device), self.position.to(device))
+        return self._on_device[device]
 
     def pad(self, packed: Tensor) -> Tensor:
         out = packed.new_zeros((self.n_members, self.n_max, *packed.shape[1:]))
-        out[self.member.to(packed.device), self.position.to(packed.device)] = packed
+        out[self._index(packed.device)] = packed
         return out
 
     def unpad(self, padded: Tensor) -> Tensor:
-        return padded[self.member.to(padded.device), self.position.to(padded.device)]
+        return padded[self._index(padded.device)]
 
 
 class Ensemble(nn.Module):

@@ -1,4 +1,4 @@
-"""The steps of an audit over files: plan, train, sample, ablate, report.
+"""The steps of an audit over files: plan, train, sample, ablate, attribute, metrics, report.
 
 Each step reads what the previous one wrote (a plan file, a checkpoint, a results file) so
 that the command line can run them separately and ``ensattr demo`` can chain them.
@@ -26,7 +26,8 @@ from .schedules import NoiseSchedule, Sampler
 from .store import ResultsWriter, StoreError, code_hash, file_hash, versions
 from .training import TrainConfig, Trainer
 
-__all__ = ["load_data", "make_plan", "read_plan", "train", "sample_step", "ablate_step", "report_step"]
+__all__ = ["load_data", "make_plan", "read_plan", "train", "sample_step", "ablate_step",
+           "attribute_step", "exact_check", "metrics_step", "report_step"]
 
 DATASETS = {"digits": load_digits}
 
@@ -51,9 +52,15 @@ def units_for(data: Dataset, kind: str) -> codes.Units:
 # ---------------------------------------------------------------------------------- plan
 
 
+def _refuse_overwrite(path: os.PathLike, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise StoreError(f"{path} exists; pass --overwrite to replace it, or write elsewhere")
+
+
 def make_plan(path: os.PathLike, dataset: str, unit_kind: str, members: int, design: str = "auto",
-              excluders: int = 2, seed: int = 0) -> codes.CodeStats:
+              excluders: int = 2, seed: int = 0, overwrite: bool = False) -> codes.CodeStats:
     """Write the code and the units to an HDF5 plan file (same layout as a results file)."""
+    _refuse_overwrite(path, overwrite)
     data = load_data(dataset)
     units = units_for(data, unit_kind)
     code, used = codes.plan(units, members, seed=seed, design=design, excluders_per_group=excluders)
@@ -109,8 +116,9 @@ def _schedule(checkpoint: Checkpoint) -> NoiseSchedule:
 
 
 def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Sequence[int],
-                sampler: Sampler, device: str = "cpu") -> Tensor:
+                sampler: Sampler, device: str = "cpu", overwrite: bool = False) -> Tensor:
     """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance)."""
+    _refuse_overwrite(results, overwrite)
     checkpoint = Checkpoint.load(checkpoint_path)
     ensemble = checkpoint.build().to(device)
     images = sample(ensemble, _schedule(checkpoint), sampler, list(seeds)).cpu()

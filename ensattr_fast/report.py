@@ -50,7 +50,7 @@ def counterfactual_figure(
     rows = min(rows, S)
     per_sample = 2 if unit_images is not None else 1
     extra = 1 if score_distribution is not None else 0
-    fig = plt.figure(figsize=(1.1 * (K + 1), 1.25 * (rows * per_sample + 2 * extra) + 0.4))
+    fig = plt.figure(figsize=(1.4 * (K + 1), 1.25 * (rows * per_sample + 2 * extra) + 0.4))
     grid = fig.add_gridspec(rows * per_sample + 2 * extra, K + 1)
     for i in range(rows):
         r = i * per_sample

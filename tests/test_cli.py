@@ -71,7 +71,10 @@ def test_attribute_metrics_report_and_lds(run_dir, capsys):
 def test_bad_input_gives_one_clear_error_and_keeps_files(run_dir, tmp_path, capsys):
     before = (run_dir / "results.h5").read_bytes()
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    assert main(["sample", "--checkpoint", str(tmp_path / "broken.pt"), "--out", str(run_dir / "results.h5")]) == 2
+    assert main(["sample", "--checkpoint", str(run_dir / "ensemble.pt"), "--out", str(run_dir / "results.h5")]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "broken.pt"), "--out", str(run_dir / "results.h5"),
+                 "--overwrite"]) == 2
     assert "cannot be read" in capsys.readouterr().err
     assert (run_dir / "results.h5").read_bytes() == before
     assert main(["train", "--plan", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "e.pt")]) == 2
