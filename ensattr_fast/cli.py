@@ -125,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--block-units", type=int, default=16384)
     p.add_argument("--draws", type=int, default=64, help="shared (t, eps) draws per loss")
     p.add_argument("--check", type=int, default=8, help="exact ablation of each sample's top units (0: none)")
+    p.add_argument("--groups", default=None,
+                   help="also score unit sets, from a JSON file {name: [units]}")
     p.add_argument("--check-by", default=None,
                    help="method whose top units are checked (default: first_order when computed)")
     p.add_argument("--device", default="cpu")
@@ -182,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_by = args.check_by or ("first_order" if "first_order" in methods else methods[0])
             agreement = pipeline.attribute_step(
                 args.checkpoint, args.results, args.samples, methods, args.topk, args.block_rows,
-                args.block_units, args.draws, args.check, check_by, args.device)
+                args.block_units, args.draws, args.check, check_by, args.device,
+                groups=pipeline.read_groups(args.groups) if args.groups else None)
             print(f"influence written to {args.results}; agreement with exact ablation: {json.dumps(agreement)}")
         elif args.command == "metrics":
             found = pipeline.metrics_step(args.results, args.checkpoint, args.samples, args.device)

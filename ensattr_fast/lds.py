@@ -72,14 +72,15 @@ def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
     """LDS of each influence matrix in ``results`` and of the pixel baseline, per method:
     mean over queries, its 95% interval, and the number of queries."""
     checkpoint = Checkpoint.load(checkpoint_path)
+    n_units = len(checkpoint.code)
     with open_results(results) as r:
-        methods = r.methods
+        # matrices over units only: unit-set (``_groups``) matrices have other columns
+        methods = [m for m in r.methods if r.influence(m).shape[1] == n_units]
         n = r.influence(methods[0]).shape[0] if methods else 0
         n = n if rows is None else min(rows, n)
         queries = torch.from_numpy(r.samples[:n])
         influence = {m: r.influence(m)[:n, :] for m in methods}
         unit_of = torch.from_numpy(r.unit_of[()])
-    n_units = len(checkpoint.code)
     subsets = reference_subsets(n_units, halves, seed=checkpoint.config["train"]["seed"] + 1)
     config = TrainConfig(**checkpoint.config["train"])
     if steps is not None:

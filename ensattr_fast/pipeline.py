@@ -217,6 +217,20 @@ def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8) -> None:
 # ----------------------------------------------------------------------------- attribute
 
 
+def read_groups(path: os.PathLike) -> dict:
+    """Unit sets from a JSON file mapping names to unit lists, e.g. {"artist 7": [3, 18, 40]}.
+
+    Under a constant-weight code the excluders of a set are the members that excluded every
+    unit of it, so sets of more than a few units have none (their scores are NaN): plan large
+    groups as units with a sparse exclusion design instead.
+    """
+    try:
+        groups = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"groups file {path} cannot be read as JSON {{name: [units]}}: {error}") from None
+    return {str(k): [int(u) for u in v] for k, v in groups.items()}
+
+
 def _statistics(results: os.PathLike, name: str, compute):
     """A statistic of the rows, computed once and kept in /statistics/<name> for resumes."""
     with h5py.File(results, "r") as f:
@@ -232,13 +246,15 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
                    methods: Sequence[str] = ("first_order", "direct", "loss"), k: int = 10,
                    block_rows: int = 64, block_units: int = 16384, draws: int = 64,
                    check: int = 8, check_method: str = "first_order", device: str = "cpu",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, groups: Optional[dict] = None) -> dict:
     """Influence of every unit on the first ``rows`` samples of ``results``, streamed to it;
     then the exact check of each sample's top-``check`` units by ``check_method``.
 
+    ``groups`` (name -> units) adds ``/influence/<method>_groups`` [rows, G]: the influence
+    of removing each whole group, its members the intersection of its units' excluders.
     Returns the agreement metrics of the first-order scores with the exact distances.
     """
-    from .attribution import first_order_grams, member_losses
+    from .attribution import first_order_grams, group_code, member_losses
     from .streaming import stream_influence
 
     checkpoint = Checkpoint.load(checkpoint_path)
@@ -272,6 +288,13 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
                 checkpoint_hash=file_hash(checkpoint_path))
     stream_influence(results, checkpoint.code, stats, k=k, block_rows=block_rows,
                      block_units=block_units, spec=spec, progress=progress, device=device)
+    if groups:
+        group_rows = group_code(checkpoint.code, list(groups.values()))
+        with ResultsWriter(results, "a") as writer:
+            writer.write_groups(list(groups), list(groups.values()))
+        stream_influence(results, group_rows, {f"{m}_groups": v for m, v in stats.items()}, k=min(k, len(groups)),
+                         block_rows=block_rows, block_units=block_units, spec=dict(spec, rows="samples", columns="groups"),
+                         progress=progress, device=device)
     if not check:
         return {}
     return exact_check(checkpoint_path, results, rows, check, check_method, methods, device)

@@ -12,6 +12,8 @@ Layout (DESIGN.md section 3; a contract for the notebooks and pipelines that loa
 | /counterfactuals/units | int64 [S, K] | the unit ablated for each counterfactual (-1: none) |
 | /counterfactuals/images | float32 [S, K, C, H, W] | exact counterfactual samples |
 | /counterfactuals/distance | float32 [S, K] | L2 distance of each to its sample |
+| /influence/<method>, /topk/<method> | float32 [K, N]; [K, k] | see InfluenceStream |
+| /groups/name, /ptr, /units | str [G], int64 [G+1], int64 | unit sets (CSR), for <method>_groups |
 | root attributes | JSON strings | config, versions, code_hash, checkpoint_hash, ... |
 
 Attributes are JSON, parsed with ``json.loads``, never evaluated.
@@ -111,6 +113,13 @@ class ResultsWriter:
         group = self.file.require_group("samples")
         _replace(group, "images", images.float().numpy())
         _replace(group, "seed", np.asarray(seeds, dtype=np.int64))
+
+    def write_groups(self, names: Sequence[str], units: Sequence[Sequence[int]]) -> None:
+        """Unit sets as CSR: ``/groups/name`` [G], ``/groups/ptr`` [G+1], ``/groups/units``."""
+        group = self.file.require_group("groups")
+        _replace(group, "name", np.array([str(n) for n in names], dtype=object), dtype=h5py.string_dtype())
+        _replace(group, "ptr", np.cumsum([0] + [len(u) for u in units]).astype(np.int64))
+        _replace(group, "units", np.concatenate([np.asarray(u, np.int64) for u in units]) if units else np.zeros(0, np.int64))
 
     def write_counterfactuals(self, units: Tensor, images: Tensor, distance: Tensor, **extra: Tensor) -> None:
         """``units`` [S, K], ``images`` [S, K, C, H, W], ``distance`` [S, K]; ``extra``: more

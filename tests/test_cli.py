@@ -40,11 +40,16 @@ def test_steps_write_the_documented_layout(run_dir):
 
 def test_attribute_metrics_report_and_lds(run_dir, capsys):
     d = run_dir
+    (d / "groups.json").write_text(json.dumps({f"pair {i}": [2 * i, 2 * i + 1] for i in range(12)}))
     assert main(["attribute", "--checkpoint", str(d / "ensemble.pt"), "--results", str(d / "results.h5"),
-                 "--samples", "4", "--block-units", "500", "--draws", "4", "--check", "2"]) == 0
+                 "--samples", "4", "--block-units", "500", "--draws", "4", "--check", "2",
+                 "--groups", str(d / "groups.json")]) == 0
     with open_results(d / "results.h5") as r:
-        assert r.methods == ["direct", "first_order", "loss"]
-        for method in r.methods:
+        assert r.methods == ["direct", "direct_groups", "first_order", "first_order_groups", "loss", "loss_groups"]
+        groups = r.influence("loss_groups")
+        assert groups.shape == (4, 12)
+        assert r.file["groups/ptr"][-1] == 24 and r.file["groups/units"][3] == 3
+        for method in ("direct", "first_order", "loss"):
             view = r.influence(method)
             assert view.complete and view.shape == (4, 1797)
             assert np.isfinite(view[:, :]).all()
