@@ -5,8 +5,9 @@ are just another ensemble, with a random code (column r: the units of half r), s
 trainer trains all of them together. Each query's diffusion loss under each reference model,
 with fixed (t, eps) draws and averaged over a half's seeds, is then compared (Spearman, per
 query) with the loss an influence matrix predicts for the half: minus the sum of the scores of
-its units. A pixel nearest-neighbour baseline (minus the distance from the query to the
-unit's nearest image) is scored the same way.
+its units. Two pixel nearest-neighbour baselines are scored the same way: minus the distance
+from the query to the unit's nearest image (``pixel_similarity``), and 1 for the query's 10
+nearest units, 0 elsewhere (``pixel_nearest_10``).
 """
 
 from __future__ import annotations
@@ -57,12 +58,17 @@ def train_references(path: os.PathLike, data: Dataset, unit_of: Tensor, subsets:
     return trainer.checkpoint()
 
 
-def pixel_similarity(queries: Tensor, data: Dataset, unit_of: Tensor, n_units: int) -> Tensor:
-    """[Q, N]: minus the pixel distance from each query to the unit's nearest image."""
+def pixel_similarity(queries: Tensor, data: Dataset, unit_of: Tensor, n_units: int,
+                     nearest: Optional[int] = None) -> Tensor:
+    """[Q, N]: minus the pixel distance from each query to the unit's nearest image; with
+    ``nearest``, instead 1 for the query's ``nearest`` closest units and 0 elsewhere."""
     distance = torch.cdist(queries.flatten(1).float(), data.images.flatten(1))
-    nearest = torch.full((len(queries), n_units), float("inf"))
-    nearest.scatter_reduce_(1, unit_of.expand(len(queries), -1), distance, "amin")
-    return -nearest
+    closest = torch.full((len(queries), n_units), float("inf"))
+    closest.scatter_reduce_(1, unit_of.expand(len(queries), -1), distance, "amin")
+    if nearest is None:
+        return -closest
+    top = closest.topk(nearest, dim=1, largest=False).indices
+    return torch.zeros_like(closest).scatter_(1, top, 1.0)
 
 
 def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
@@ -92,6 +98,7 @@ def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
     losses = member_losses(ensemble, schedule, queries, draws=draws, seed=12345)
     losses = losses.view(n, halves, seeds).mean(-1).numpy()  # [Q, R]
     table = {m: lds(v, subsets.numpy(), losses) for m, v in influence.items()}
-    table["pixel_nearest_neighbour"] = lds(
-        pixel_similarity(queries, data, unit_of, n_units).numpy(), subsets.numpy(), losses)
+    for name, nearest in (("pixel_similarity", None), ("pixel_nearest_10", 10)):
+        baseline = pixel_similarity(queries, data, unit_of, n_units, nearest).numpy()
+        table[name] = lds(baseline, subsets.numpy(), losses)
     return table
