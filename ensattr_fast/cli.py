@@ -1,10 +1,16 @@
 """The ``ensattr`` command line: ``demo``, and ``plan``, ``train``, ``sample``, ``ablate``,
-``report`` as separate steps over files."""
+``attribute``, ``metrics``, ``lds``, ``report`` as separate steps over files.
+
+Under ``torchrun`` (``torchrun --nproc_per_node 2 -m ensattr_fast train ...``) ``train``,
+``sample``, ``ablate`` and ``attribute`` split their work across the ranks (see
+:mod:`ensattr_fast.distributed`); rank 0 writes the files and prints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +19,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from . import pipeline
+from . import distributed, pipeline
 from .checkpoint import CheckpointError
 from .codes import CodeError
 from .data import DataError
@@ -160,6 +166,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(args) -> int:
+    args.device = distributed.init_from_env(getattr(args, "device", "cpu"))
+    if not distributed.world().main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the run
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -87,6 +87,13 @@ class Ensemble(nn.Module):
     def parameters_per_member(self) -> int:
         return sum(p.numel() for p in self.parameters()) // self.n_members
 
+    def select(self, members: range) -> "Ensemble":
+        """A new ensemble of the members ``members`` (a shard for one rank of a distributed
+        run): every parameter and buffer is stacked over members along dim 0."""
+        part = _select_module(self, members)
+        part.n_members = len(members)
+        return part
+
 
 class _StackedLinear(nn.Module):
     """M independent linear maps: y[m] = x[m] @ W[m] + b[m]."""
@@ -204,7 +211,7 @@ class VmapEnsemble(Ensemble):
     def spec(self) -> dict:
         if self._spec is None:
             raise ValueError("this ensemble was built from a user factory: pass it when loading")
-        return self._spec
+        return dict(self._spec, n_members=self.n_members)
 
     def _stacked(self) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
         params = {self._names[k]: v for k, v in self.params.items()}
@@ -221,6 +228,16 @@ class VmapEnsemble(Ensemble):
         params, buffers = self._stacked()
         t_dim = 0 if t.dim() == 2 else None
         return vmap(call, in_dims=(0, 0, 0, t_dim))(params, buffers, x, t)
+
+
+def _select_module(module: nn.Module, members: range) -> nn.Module:
+    """A copy of ``module`` whose member-stacked parameters and buffers keep ``members``."""
+    part = copy.copy(module)
+    part._modules = {k: _select_module(v, members) for k, v in module._modules.items()}
+    part._parameters = {k: nn.Parameter(v.detach()[members.start : members.stop].clone(), v.requires_grad)
+                        for k, v in module._parameters.items()}
+    part._buffers = {k: v[members.start : members.stop].clone() for k, v in module._buffers.items()}
+    return part
 
 
 def _key(name: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import codes
+from . import codes, distributed
 from .checkpoint import Checkpoint
 from .data import DataError, Dataset, load_digits
 from .members import StackedMLP
@@ -100,8 +101,12 @@ def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig, hidden:
         raise codes.CodeError(f"the plan maps {len(units.unit_of)} examples but {dataset} has {len(data)}")
     ensemble = StackedMLP(code.shape[1], data.data_shape, hidden=hidden, blocks=blocks,
                           shared_init=config.mode != "independent", seed=config.seed)
-    trainer = Trainer(ensemble, data, code, units.unit_of, units.names, NoiseSchedule.linear(),
-                      config, device)
+    if distributed.world().size > code.shape[1]:
+        raise codes.CodeError(f"{distributed.world().size} ranks for {code.shape[1]} members: "
+                              "launch at most one rank per member")
+    members = distributed.shard(code.shape[1])  # all of them in one process
+    trainer = Trainer(ensemble.select(members), data, code, units.unit_of, units.names,
+                      NoiseSchedule.linear(), config, device, members=members)
     if resume and Path(out).exists():
         trainer.restore(Checkpoint.load(out))
     trainer.train(checkpoint=Path(out), checkpoint_every=checkpoint_every, progress=progress)
@@ -121,7 +126,12 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
     _refuse_overwrite(results, overwrite)
     checkpoint = Checkpoint.load(checkpoint_path)
     ensemble = checkpoint.build().to(device)
-    images = sample(ensemble, _schedule(checkpoint), sampler, list(seeds)).cpu()
+    mine = distributed.shard(len(seeds))  # every rank holds all members, runs its seeds
+    images = sample(ensemble, _schedule(checkpoint), sampler, list(seeds)[mine.start : mine.stop])
+    images = distributed.gather_rows(images).cpu()
+    if not distributed.world().main:
+        distributed.barrier()
+        return images
     with ResultsWriter(results, "w") as writer:
         writer.write_code(checkpoint.code, checkpoint.unit_of, checkpoint.unit_names)
         writer.write_samples(images, seeds)
@@ -129,6 +139,7 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
                          versions=versions(), checkpoint_hash=file_hash(checkpoint_path),
                          data_fingerprint=checkpoint.data_fingerprint,
                          plan=dict(dataset=checkpoint.config["data"]["name"]))
+    distributed.barrier()
     return images
 
 
@@ -173,14 +184,19 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike, units: Tenso
         samples = torch.from_numpy(f["samples/images"][: len(units)])
     ensemble = checkpoint.build().to(device)
     unit_sets = [[[u] if u >= 0 else [] for u in row] for row in units.tolist()]
+    mine = distributed.shard(len(unit_sets))  # every rank holds all members, runs its samples
     result = ablate(ensemble, _schedule(checkpoint), _results_sampler(results), checkpoint.code,
-                    seeds, unit_sets, per_sample=True, max_trajectories=max_trajectories)
-    images = result.images.cpu()
+                    seeds[mine.start : mine.stop], unit_sets[mine.start : mine.stop], per_sample=True,
+                    max_trajectories=max_trajectories)
+    images = distributed.gather_rows(result.images).cpu()
+    evaluations = int(distributed.gather_rows(torch.tensor([result.member_evaluations])).sum())
     distances = (images - samples[:, None]).flatten(2).norm(dim=-1)
-    with ResultsWriter(results, "a") as writer:
-        writer.check_code(checkpoint.code)
-        writer.write_counterfactuals(units, images, distances, **extra)
-    return images, distances, result.member_evaluations
+    if distributed.world().main:
+        with ResultsWriter(results, "a") as writer:
+            writer.check_code(checkpoint.code)
+            writer.write_counterfactuals(units, images, distances, **extra)
+    distributed.barrier()
+    return images, distances, evaluations
 
 
 # -------------------------------------------------------------------------------- report
@@ -242,6 +258,11 @@ def _statistics(results: os.PathLike, name: str, compute):
     return torch.from_numpy(value)  # as stored: a resumed run scores the very same numbers
 
 
+def _part_path(results: os.PathLike, rank: int, size: int) -> Path:
+    results = Path(results)
+    return results.with_name(results.name + ".parts") / f"rank{rank}-of-{size}.h5"
+
+
 def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int,
                    methods: Sequence[str] = ("first_order", "direct", "loss"), k: int = 10,
                    block_rows: int = 64, block_units: int = 16384, draws: int = 64,
@@ -253,21 +274,56 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
     ``groups`` (name -> units) adds ``/influence/<method>_groups`` [rows, G]: the influence
     of removing each whole group, its members the intersection of its units' excluders.
     Returns the agreement metrics of the first-order scores with the exact distances.
+
+    Distributed (torchrun): rank r scores its share of the rows, in whole row blocks, into its
+    part file ``<results>.parts/rank<r>-of-<W>.h5``; rank 0 then stitches the parts into
+    ``results`` with virtual datasets, so that readers see one matrix per method.
     """
-    from .attribution import first_order_grams, group_code, member_losses
-    from .streaming import stream_influence
+    from .streaming import stitch_parts
 
     checkpoint = Checkpoint.load(checkpoint_path)
-    schedule, sampler = _schedule(checkpoint), _results_sampler(results)
+    sampler = _results_sampler(results)
     with h5py.File(results, "r") as f:
         if json.loads(f.attrs["code_hash"]) != code_hash(checkpoint.code):
             raise StoreError(f"{results} holds results of another ensemble than {checkpoint_path}")
-        seeds = f["samples/seed"][:rows].tolist()
-        samples = torch.from_numpy(f["samples/images"][:rows])
-    ensemble = checkpoint.build().to(device)
+        rows = min(rows, len(f["samples/seed"]))
+        mine = distributed.shard(rows, align=block_rows)
+        seeds = f["samples/seed"][mine.start : mine.stop].tolist()
+        samples = torch.from_numpy(f["samples/images"][mine.start : mine.stop])
     unknown = set(methods) - {"first_order", "direct", "loss"}
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}: use first_order, direct, loss")
+    world = distributed.world()
+    target = Path(results)
+    if world.distributed:
+        target = _part_path(results, world.rank, world.size)
+        with ResultsWriter(target, "a") as writer:  # resumes the part of an interrupted run
+            writer.check_code(checkpoint.code)
+            writer.set_attrs(code_hash=code_hash(checkpoint.code), rows=[mine.start, mine.stop])
+
+    if groups and world.main:
+        with ResultsWriter(results, "a") as writer:
+            writer.write_groups(list(groups), list(groups.values()))
+    if len(mine):
+        _score_rows(checkpoint, checkpoint_path, sampler, seeds, samples, target, methods, k, block_rows,
+                    block_units, draws, groups, progress and world.main, device)
+    if world.distributed:
+        distributed.barrier()  # every part is complete
+        if world.main:
+            stitch_parts(results, [_part_path(results, r, world.size) for r in range(world.size)])
+        distributed.barrier()
+    if not check:
+        return {}
+    return exact_check(checkpoint_path, results, rows, check, check_method, methods, device)
+
+
+def _score_rows(checkpoint, checkpoint_path, sampler, seeds, samples, target, methods, k, block_rows,
+                block_units, draws, groups, progress, device) -> None:
+    """Statistics of the rows (kept in ``target`` for resumes) and every method's matrix."""
+    from .attribution import first_order_grams, group_code, member_losses
+    from .streaming import stream_influence
+
+    ensemble, schedule = checkpoint.build().to(device), _schedule(checkpoint)
 
     stats = {}
     if {"first_order", "direct"} & set(methods):
@@ -275,29 +331,24 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
 
         def compute(which):
             nonlocal grams
-            if grams is None:
-                grams = first_order_grams(ensemble, schedule, sampler, seeds)
+            if grams is None:  # chunks end on row-block ends, so ranks batch rows as one process does
+                grams = first_order_grams(ensemble, schedule, sampler, seeds, chunk=math.gcd(block_rows, 16))
             return getattr(grams, which)
 
-        stats["first_order"] = ("first_order", _statistics(results, "gram_exact", lambda: compute("exact")))
-        stats["direct"] = ("first_order", _statistics(results, "gram_direct", lambda: compute("direct")))
+        stats["first_order"] = ("first_order", _statistics(target, "gram_exact", lambda: compute("exact")))
+        stats["direct"] = ("first_order", _statistics(target, "gram_direct", lambda: compute("direct")))
     if "loss" in methods:
-        stats["loss"] = ("loss", _statistics(results, "losses", lambda: member_losses(ensemble, schedule, samples, draws)))
+        stats["loss"] = ("loss", _statistics(target, "losses", lambda: member_losses(ensemble, schedule, samples, draws)))
     stats = {m: stats[m] for m in methods}
     spec = dict(rows="samples", sampler=dataclasses.asdict(sampler), draws=draws,
                 checkpoint_hash=file_hash(checkpoint_path))
-    stream_influence(results, checkpoint.code, stats, k=k, block_rows=block_rows,
+    stream_influence(target, checkpoint.code, stats, k=k, block_rows=block_rows,
                      block_units=block_units, spec=spec, progress=progress, device=device)
     if groups:
         group_rows = group_code(checkpoint.code, list(groups.values()))
-        with ResultsWriter(results, "a") as writer:
-            writer.write_groups(list(groups), list(groups.values()))
-        stream_influence(results, group_rows, {f"{m}_groups": v for m, v in stats.items()}, k=min(k, len(groups)),
+        stream_influence(target, group_rows, {f"{m}_groups": v for m, v in stats.items()}, k=min(k, len(groups)),
                          block_rows=block_rows, block_units=block_units, spec=dict(spec, rows="samples", columns="groups"),
                          progress=progress, device=device)
-    if not check:
-        return {}
-    return exact_check(checkpoint_path, results, rows, check, check_method, methods, device)
 
 
 def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, check: int,
@@ -318,8 +369,10 @@ def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, c
                                   **{f"predicted_{m}": v for m, v in predicted.items()})
     metrics = {m: agreement(predicted[m].numpy(), distances.numpy())
                for m in methods if m in ("first_order", "direct")}
-    with ResultsWriter(results, "a") as writer:
-        writer.set_attrs(agreement=metrics, checked_by=check_method)
+    if distributed.world().main:
+        with ResultsWriter(results, "a") as writer:
+            writer.set_attrs(agreement=metrics, checked_by=check_method)
+    distributed.barrier()
     return metrics
 
 

@@ -8,8 +8,10 @@ background thread while the next block is scored.
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import h5py
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 from .ops import code_scores
 from .store import InfluenceStream, StoreError, code_hash, recover_after_kill
 
-__all__ = ["stream_influence"]
+__all__ = ["stream_influence", "stitch_parts"]
 
 KINDS = ("first_order", "loss")
 
@@ -101,3 +103,50 @@ def _stream_one(stream: InfluenceStream, kind: str, stats: Tensor, code: Tensor,
         values[~np.isfinite(values)] = np.nan  # empty slots: index -1, score NaN
         pending = writer.submit(stream.write_topk, rb, values, previous[1].cpu().numpy())
     return pending
+
+
+STITCHED = ("influence", "progress", "topk", "statistics")
+
+
+def stitch_parts(path: os.PathLike, parts) -> None:
+    """Make ``path`` show the part files of a distributed attribution as one file.
+
+    Every dataset under /influence, /progress, /topk and /statistics of the parts (each part
+    holds a contiguous range of rows, in whole row blocks, in rank order) becomes a virtual
+    dataset of ``path`` that concatenates them along the rows. Readers need nothing but h5py
+    and the parts folder beside the file (sources are named relative to it). A dataset that
+    ``path`` holds as real data (from a one-process run) is never replaced.
+    """
+    path = Path(path)
+    opened = [h5py.File(p, "r") for p in parts]
+    try:
+        filled = [f for f in opened if np.diff(json.loads(f.attrs["rows"]))[0] > 0]
+        if not filled:
+            return
+        names: list = []
+        filled[0].visititems(lambda name, obj: names.append(name)
+                             if isinstance(obj, h5py.Dataset) and name.split("/")[0] in STITCHED else None)
+        with h5py.File(path, "a", libver="latest") as out:
+            real = [name for name in names if name in out and not out[name].is_virtual]
+            if real:
+                raise StoreError(f"{path} already holds /{real[0]} from a one-process run; resume it on one "
+                                 "process or write to a new results file")
+            for name in names:
+                sources = [f[name] for f in filled]
+                layout = h5py.VirtualLayout((sum(len(s) for s in sources), *sources[0].shape[1:]), sources[0].dtype)
+                at = 0
+                for source in sources:
+                    relative = os.path.relpath(source.file.filename, path.parent)
+                    layout[at : at + len(source)] = h5py.VirtualSource(relative, name, source.shape)
+                    at += len(source)
+                if name in out:
+                    del out[name]
+                stitched = out.create_virtual_dataset(name, layout, fillvalue=sources[0].fillvalue)
+                for key, value in sources[0].attrs.items():
+                    stitched.attrs[key] = value
+                if "spec" in stitched.attrs:
+                    spec = json.loads(stitched.attrs["spec"])
+                    stitched.attrs["spec"] = json.dumps(dict(spec, rows=stitched.shape[0]))
+    finally:
+        for f in opened:
+            f.close()

@@ -28,6 +28,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
+from . import distributed
 from .codes import CodeError, validate
 from .data import Dataset
 from .members import Ensemble
@@ -78,7 +79,13 @@ def member_pools(code: Tensor, unit_of: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Trainer:
-    """Trains ``ensemble`` on ``data`` under ``code`` (units given by ``unit_of``)."""
+    """Trains ``ensemble`` on ``data`` under ``code`` (units given by ``unit_of``).
+
+    ``members``: the members of the code that ``ensemble`` holds, when it is one rank's shard
+    of a distributed run (see :mod:`ensattr_fast.distributed`); all of them by default. Every
+    shard draws the random numbers of all members and keeps its own, so the members of a
+    sharded run train exactly as in one process.
+    """
 
     def __init__(
         self,
@@ -91,13 +98,16 @@ class Trainer:
         config: TrainConfig,
         device: str | torch.device = "cpu",
         require_exact_ablation: bool = True,
+        members: Optional[range] = None,
     ):
         # reference models for the LDS train on random halves, where a unit may be in every
         # half or in none; an encoded ensemble needs both excluders and includers per unit
         if require_exact_ablation:
             validate(code)
-        if code.shape[1] != ensemble.n_members:
-            raise CodeError(f"the code has {code.shape[1]} members but the ensemble {ensemble.n_members}")
+        self.members = range(code.shape[1]) if members is None else members
+        if len(self.members) != ensemble.n_members or self.members.stop > code.shape[1]:
+            raise CodeError(f"the ensemble holds {ensemble.n_members} members but is given members "
+                            f"{self.members.start}..{self.members.stop - 1} of a code of {code.shape[1]}")
         if len(unit_of) != len(data):
             raise CodeError(f"unit_of maps {len(unit_of)} examples but the data has {len(data)}")
         if len(unit_of) and (unit_of.min() < 0 or unit_of.max() >= len(code)):
@@ -110,8 +120,9 @@ class Trainer:
         self.schedule, self.config = schedule, config
         self.images = data.images.to(self.device)
         self.alphas_cumprod = schedule.alphas_cumprod.to(self.device, torch.float32)
-        self.pools, self.pool_sizes = (t.to(self.device) for t in member_pools(code, unit_of))
-        self.example_members = code[unit_of].T.to(self.device, torch.float32)  # [M, n]
+        own = slice(self.members.start, self.members.stop)
+        self.pools, self.pool_sizes = (t[own].to(self.device) for t in member_pools(code, unit_of))
+        self.example_members = code[unit_of].T[own].to(self.device, torch.float32)  # [M, n]
         self.optimizer = torch.optim.Adam(ensemble.parameters(), lr=config.lr)
         self.ema = None
         if config.ema_decay is not None:
@@ -122,8 +133,11 @@ class Trainer:
     # ---------------------------------------------------------------------------- one step
 
     def _batch(self):
-        """(x_t [M,B,...], t [M,B] or [B], eps [M,B,D] or [B,D], mask [M,B]) for one step."""
+        """(x_t [M,B,...], t [M,B] or [B], eps [M,B,D] or [B,D], mask [M,B]) for one step.
+
+        Per-member draws are made for every member of the code and cut to this shard's."""
         M, B, g, cfg = self.ensemble.n_members, self.config.batch_size, self.generator, self.config
+        M_all, own = self.code.shape[1], slice(self.members.start, self.members.stop)
         T, shape, dev = self.schedule.steps, self.ensemble.data_shape, self.device
         if cfg.mode == "masked_batch":
             idx = torch.randint(len(self.images), (2 * B,), generator=g, device=dev)
@@ -131,11 +145,11 @@ class Trainer:
             eps = torch.randn((2 * B, *shape), generator=g, device=dev)
             x_t = self._noisy(self.images[idx], t, eps).expand(M, *eps.shape)
             return x_t, t, eps.flatten(1), self.example_members[:, idx]
-        where = (torch.rand(M, B, generator=g, device=dev) * self.pool_sizes[:, None]).long()
+        where = (torch.rand(M_all, B, generator=g, device=dev)[own] * self.pool_sizes[:, None]).long()
         x0 = self.images[self.pools.gather(1, where)]  # [M, B, ...]
         if cfg.mode == "independent":
-            t = torch.randint(T, (M, B), generator=g, device=dev)
-            eps = torch.randn((M, B, *shape), generator=g, device=dev)
+            t = torch.randint(T, (M_all, B), generator=g, device=dev)[own]
+            eps = torch.randn((M_all, B, *shape), generator=g, device=dev)[own]
             target = eps.flatten(2)
         else:  # shared_noise
             t = torch.randint(T, (B,), generator=g, device=dev)
@@ -171,38 +185,59 @@ class Trainer:
         progress: bool = True,
     ) -> Tensor:
         """Run until ``config.steps``; write ``checkpoint`` every ``checkpoint_every`` steps and
-        at the end. Returns the last per-member losses."""
+        at the end. Returns the last per-member losses (of this shard's members).
+
+        In a distributed run every rank calls this; rank 0 writes the checkpoints."""
         M, B = self.ensemble.n_members, self.config.batch_size
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=None if progress else True,
+        main = distributed.world().main
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=None if progress and main else True,
                    desc="training", unit="step", dynamic_ncols=True)
         losses = torch.zeros(M)
         start, start_step = time.perf_counter(), self.step
         while self.step < self.config.steps:
             losses = self.train_step()
             if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
-                self.checkpoint().save(checkpoint)
+                self._save(checkpoint)
             bar.update(1)
             if self.step % 25 == 0 or self.step == self.config.steps:
                 rate = (self.step - start_step) * M * B / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{losses.mean().item():.4f}", member_examples_per_s=f"{rate:,.0f}")
         bar.close()
         if checkpoint is not None:
-            self.checkpoint().save(checkpoint)
+            self._save(checkpoint)
         return losses.cpu()
+
+    def _save(self, path: Path) -> None:
+        state = self.checkpoint()  # collective in a distributed run
+        if distributed.world().main:
+            state.save(path)
+        distributed.barrier()  # the file is complete before any rank reads it
 
     # ------------------------------------------------------------------------- checkpoints
 
     def checkpoint(self) -> Checkpoint:
+        """The state of every member of the code: in a distributed run every rank calls this
+        and the shards are gathered (members in rank order)."""
         config = dict(train=dataclasses.asdict(self.config), schedule=dict(betas=list(self.schedule.betas)),
                       data=dict(name=self.data.name, n_examples=len(self.data)))
-        cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
+        def everyone(state):
+            state = {k: v.detach().cpu() for k, v in state.items()}
+            return distributed.gather_members(state) if self._sharded else state
+
+        optimizer = self.optimizer.state_dict()
         return Checkpoint(
-            spec=self.ensemble.spec(), config=config, ensemble=cpu(self.ensemble.state_dict()),
+            spec=dict(self.ensemble.spec(), n_members=self.code.shape[1]), config=config,
+            ensemble=everyone(self.ensemble.state_dict()),
             code=self.code.cpu(), unit_of=self.unit_of.cpu(), unit_names=self.unit_names,
             data_fingerprint=self.data.fingerprint(), step=self.step,
-            ema=None if self.ema is None else cpu(self.ema.state_dict()),
-            optimizer=self.optimizer.state_dict(), generator=self.generator.get_state().cpu(),
+            ema=None if self.ema is None else everyone(self.ema.state_dict()),
+            optimizer=distributed.gather_members(optimizer) if self._sharded else optimizer,
+            generator=self.generator.get_state().cpu(),
         )
+
+    @property
+    def _sharded(self) -> bool:
+        return len(self.members) != self.code.shape[1]
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``: weights, optimiser, EMA, RNG and step."""
@@ -210,11 +245,14 @@ class Trainer:
             raise CodeError("the checkpoint was trained on other data (fingerprint mismatch)")
         if not torch.equal(checkpoint.code, self.code.cpu()):
             raise CodeError("the checkpoint was trained under another code")
-        self.ensemble.load_state_dict(checkpoint.ensemble)
+        def mine(state):
+            return distributed.select_members(state, self.members) if self._sharded else state
+
+        self.ensemble.load_state_dict(mine(checkpoint.ensemble))
         if checkpoint.optimizer is not None:
-            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.optimizer.load_state_dict(mine(checkpoint.optimizer))
         if self.ema is not None and checkpoint.ema is not None:
-            self.ema.load_state_dict(checkpoint.ema)
+            self.ema.load_state_dict(mine(checkpoint.ema))
         if checkpoint.generator is not None:
             self.generator.set_state(checkpoint.generator.to(self.generator.get_state().device))
         self.step = checkpoint.step

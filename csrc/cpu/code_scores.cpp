@@ -33,10 +33,12 @@ constexpr int64_t kUnitBlock = 2048;
 // The excluder pattern of every unit, 4 members per byte: [N, C].
 struct Nibbles {
   int64_t count;                 // C
+  int64_t members;               // M
   std::vector<uint8_t> pattern;  // bit i of pattern[u * C + c]: member 4c + i excludes u
   std::vector<int32_t> excluders;
 
-  Nibbles(const uint8_t* code, int64_t N, int64_t M) : count((M + 3) / 4), pattern(N * count), excluders(N) {
+  Nibbles(const uint8_t* code, int64_t N, int64_t M)
+      : count((M + 3) / 4), members(M), pattern(N * count), excluders(N) {
     at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         int32_t k = 0;
@@ -118,7 +120,8 @@ void first_order_block(const Nibbles& nib, const scalar_t* table, int64_t begin,
   for (int64_t u = begin; u < end; ++u) {
     const scalar_t quad = quad_form<kC>(table, nib.pattern.data() + u * nib.count, nib.count);
     const int32_t k = nib.excluders[u];
-    out[u] = k == 0 ? nan : std::sqrt(std::max(quad, scalar_t(0))) / k;
+    // no excluder: no ablation; every member excluded: the ablated ensemble is the full one
+    out[u] = k == 0 ? nan : k == nib.members ? scalar_t(0) : std::sqrt(std::max(quad, scalar_t(0))) / k;
   }
 }
 

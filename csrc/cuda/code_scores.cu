@@ -134,8 +134,9 @@ __global__ void first_order_kernel(const uint8_t* __restrict__ code,
     for (int r = 0; r < kPerWarp; ++r) {
       const acc_t q = warp_sum(quad[r]);
       if (tx == 0 && unit[r] < N) {
-        scores[s * N + unit[r]] = count[r] == 0 ? std::numeric_limits<acc_t>::quiet_NaN()
-                                                : std::sqrt(q < 0 ? acc_t(0) : q) / count[r];
+        scores[s * N + unit[r]] = count[r] == 0   ? std::numeric_limits<acc_t>::quiet_NaN()
+                                  : count[r] == M ? acc_t(0)  // ablating it changes nothing
+                                                  : std::sqrt(q < 0 ? acc_t(0) : q) / count[r];
       }
     }
   }
