@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import torch
 
 from ensattr_fast import codes, code_scores
 from ensattr_fast.attribution import first_order_grams

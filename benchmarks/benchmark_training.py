@@ -2,7 +2,6 @@
 trainer's useful FLOP rate against a large matmul, side by side in one run."""
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F

@@ -17,14 +17,16 @@ u makes q harder to denoise, i.e. u supports q.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
+from .codes import check_unit_ids
+from .data import check_images
 from .members import Ensemble
-from .ops import code_scores, masked_member_mse
+from .ops import masked_member_mse
 from .sampling import seeded_normal
 from .schedules import NoiseSchedule, Sampler
 
@@ -118,10 +120,7 @@ def member_losses(
     """
     device, dtype = next(ensemble.parameters()).device, next(ensemble.parameters()).dtype
     M, shape = ensemble.n_members, ensemble.data_shape
-    if tuple(images.shape[1:]) != tuple(shape):
-        from .data import DataError
-
-        raise DataError(f"query images have shape {tuple(images.shape[1:])}, the ensemble expects {tuple(shape)}")
+    check_images(images, "query images", shape=shape, allow_empty=True)
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(schedule.steps, (draws,), generator=g)
     eps = torch.randn(draws, *shape, generator=g).to(dtype)
@@ -142,6 +141,8 @@ def member_losses(
 def group_code(code: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
     """Code rows of unit sets [G, M]: a member trained on a set if it trained on any unit of
     it, so the set's excluders are the intersection of its units' excluders."""
+    for name, units in enumerate(groups):
+        check_unit_ids(list(units), len(code), f"group {name}")
     rows = [code[list(g)].amax(0) if len(g) else torch.zeros(code.shape[1], dtype=code.dtype)
             for g in groups]
     return torch.stack(rows) if rows else code.new_zeros(0, code.shape[1])

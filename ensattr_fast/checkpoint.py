@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,6 +27,23 @@ FORMAT = "ensattr_fast.checkpoint/1"
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, corrupt or of another format."""
+
+
+def _damaged_entry(path: Path) -> Optional[str]:
+    """The first entry of the checkpoint's zip archive whose CRC-32 does not match, if any.
+
+    ``torch.load`` does not check them, so damaged weights would load silently. Entries stored
+    with CRC 0 (``torch.serialization.set_crc32_options(False)``) cannot be checked."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC:
+                try:
+                    with archive.open(info) as entry:
+                        while entry.read(1 << 22):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
+    return None
 
 
 @dataclasses.dataclass
@@ -52,12 +70,28 @@ class Checkpoint:
             args = {k: self.spec[k] for k in ("n_members", "data_shape")}
             ensemble = VmapEnsemble(factory, **args, spec=self.spec)
         else:
-            ensemble = build_ensemble(self.spec)
+            try:
+                ensemble = build_ensemble(self.spec)
+            except (KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(f"the checkpoint's architecture {self.spec} cannot be built "
+                                      f"({type(error).__name__}: {error})") from None
         state = self.ensemble
         if use_ema and self.ema is not None:
             state = {k[len("module."):]: v for k, v in self.ema.items() if k.startswith("module.")}
-        ensemble.load_state_dict(state)
+        self.load_state(ensemble, state)
         return ensemble.eval()
+
+    def load_state(self, target, state: dict) -> None:
+        """``target.load_state_dict(state)`` for a module or an optimiser of this checkpoint; a
+        state that does not fit it (a damaged or edited file) is a CheckpointError."""
+        try:
+            target.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            lines = str(error).strip().splitlines()
+            detail = "; ".join(line.strip() for line in lines[:3]) + (" ..." if len(lines) > 3 else "")
+            raise CheckpointError(f"the checkpoint's weights do not fit its architecture {self.spec} "
+                                  f"({type(error).__name__}: {detail}); the file is corrupt or was "
+                                  "edited") from None
 
     def save(self, path: os.PathLike) -> None:
         payload = dataclasses.asdict(self)
@@ -82,15 +116,24 @@ class Checkpoint:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            damaged = _damaged_entry(path)
+            if damaged is None:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated zip, bad pickle, foreign object
             raise CheckpointError(
                 f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is "
                 "truncated, corrupt, or not an ensattr_fast checkpoint"
             ) from None
+        if damaged is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its entry {damaged} fails its "
+                                  "CRC-32 check (damaged on disk or in transfer)")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not an ensattr_fast checkpoint (format {FORMAT})")
         payload.pop("format")
-        for key in ("spec", "config", "unit_names"):
-            payload[key] = json.loads(payload[key])
-        return cls(**payload)
+        try:
+            for key in ("spec", "config", "unit_names"):
+                payload[key] = json.loads(payload[key])
+            return cls(**payload)
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({type(error).__name__}: "
+                                  f"{error})") from None

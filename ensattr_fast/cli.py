@@ -110,6 +110,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=_seeds("64"), help="N, A:B or a,b,c")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sampling into --out")
+    p.add_argument("--chunk", type=int, default=256, help="samples written (and flagged done) at a time")
     _add_sampler_args(p)
 
     p = sub.add_parser("ablate", help="exact counterfactuals of the samples in a results file")
@@ -192,7 +194,7 @@ def _run(args) -> int:
             print(f"checkpoint written to {args.out}")
         elif args.command == "sample":
             pipeline.sample_step(args.checkpoint, args.out, args.seeds, _sampler(args), args.device,
-                                 args.overwrite)
+                                 args.overwrite, args.resume, args.chunk)
             print(f"{len(args.seeds)} samples written to {args.out}")
         elif args.command == "ablate":
             _ablate(args)
@@ -236,9 +238,9 @@ def _lds(args) -> None:
 
 
 def _ablate(args) -> None:
-    import h5py
+    from .store import read_hdf5
 
-    with h5py.File(args.results, "r") as f:
+    with read_hdf5(args.results) as f:
         n = len(f["samples/seed"]) if args.samples is None else min(args.samples, len(f["samples/seed"]))
         samples = torch.from_numpy(f["samples/images"][:n])
         dataset = json.loads(f.attrs["plan"])["dataset"]

@@ -38,6 +38,7 @@ __all__ = [
     "sparse_exclusion",
     "plan",
     "validate",
+    "check_unit_ids",
     "statistics",
 ]
 
@@ -284,14 +285,28 @@ def plan(
     return code, design
 
 
-def validate(code: torch.Tensor, constant_weight: Optional[bool] = None) -> None:
+def check_unit_ids(units, n_units: int, what: str = "unit ids", allow_none: bool = False) -> None:
+    """Raise :class:`CodeError` unless every id lies in [0, n_units) (or is -1, "no unit",
+    with ``allow_none``)."""
+    ids = torch.as_tensor(units, dtype=torch.long).flatten()
+    bad = (ids < (-1 if allow_none else 0)) | (ids >= n_units)
+    if bad.any():
+        raise CodeError(f"{what}: unit {ids[bad][0].item()} is out of range, the code has {n_units} "
+                        f"units (ids 0..{n_units - 1}{', or -1 for none' if allow_none else ''})")
+
+
+def validate(code: torch.Tensor, constant_weight: Optional[bool] = None,
+             unit_of: Optional[torch.Tensor] = None) -> None:
     """Raise :class:`CodeError` naming the first problem: shape, values, a unit no member
-    excludes or no member sees, or (``constant_weight=True``) a row of weight other than M/2."""
+    excludes or no member sees, or (``constant_weight=True``) a row of weight other than M/2;
+    with ``unit_of`` (the unit of each example), an id outside the code's units."""
     if code.dim() != 2:
         raise CodeError(f"a code must be a matrix [units, members], got shape {tuple(code.shape)}")
     if code.numel() and not ((code == 0) | (code == 1)).all():
         raise CodeError("a code must hold only 0 and 1")
     n_units, n_members = code.shape
+    if unit_of is not None:
+        check_unit_ids(unit_of, n_units, "the unit of an example (units/of_example)")
     weight = code.long().sum(1)
     for problem, bad in (
         ("has no excluder: every member trains on it, so no ablation can remove it", weight == n_members),

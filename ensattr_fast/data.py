@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from importlib import resources
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,12 +44,17 @@ class Dataset:
         return hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
 
 
-def check_images(images: Tensor, what: str = "images") -> None:
-    """Raise :class:`DataError` for anything but a non-empty finite float tensor [n, C, H, W]."""
+def check_images(images: Tensor, what: str = "images", shape: Optional[Sequence[int]] = None,
+                 allow_empty: bool = False) -> None:
+    """Raise :class:`DataError` for anything but a non-empty finite float tensor [n, C, H, W],
+    of images of ``shape`` [C, H, W] when given (empty only with ``allow_empty``)."""
     if not isinstance(images, Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise DataError(f"{what} must be a tensor [n, C, H, W], got {shape}")
-    if len(images) == 0:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise DataError(f"{what} must be a tensor [n, C, H, W], got {got}")
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+        raise DataError(f"{what} have shape [C, H, W] = {list(images.shape[1:])}, expected "
+                        f"{list(shape)}: images of another data set or model")
+    if len(images) == 0 and not allow_empty:
         raise DataError(f"{what} is empty")
     if not images.is_floating_point():
         raise DataError(f"{what} must be floating point, got {images.dtype}")

@@ -16,6 +16,7 @@ import time
 import torch
 
 from . import pipeline
+from .results import open_results
 from .store import ResultsWriter
 
 
@@ -42,8 +43,9 @@ def run_demo(args) -> dict:
     _step(f"plan: {stats}", start)
     pipeline.train(plan, checkpoint, _train_config(args), args.hidden, args.blocks, args.device)
     _step(f"trained {members} members for {args.steps} steps -> {checkpoint}", start)
-    samples = pipeline.sample_step(checkpoint, results, range(args.samples), _sampler(args), args.device,
-                                   overwrite=True)
+    pipeline.sample_step(checkpoint, results, range(args.samples), _sampler(args), args.device, overwrite=True)
+    with open_results(results) as r:
+        samples = torch.from_numpy(r.samples[()])
     _step(f"{args.samples} samples -> {results}", start)
 
     data = pipeline.load_data("digits")

@@ -78,20 +78,27 @@ def _comm_device(tensor: Tensor) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def gather_rows(local: Tensor) -> Tensor:
-    """Every rank's rows concatenated along dim 0 in rank order, on every rank (the shares
-    may differ in length; the trailing shapes and dtype must agree)."""
+def gather_rows(local: Tensor, to_all: bool = True) -> Tensor:
+    """Every rank's rows concatenated along dim 0 in rank order (the shares may differ in
+    length; the trailing shapes and dtype must agree): on every rank, or with ``to_all=False``
+    on rank 0 only (the other ranks get their own rows back)."""
     if not world().distributed:
         return local
-    device = _comm_device(local)
+    device, size = _comm_device(local), dist.get_world_size()
     count = torch.tensor([len(local)], device=device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    counts = [torch.zeros_like(count) for _ in range(size)]
     dist.all_gather(counts, count)
     counts = [int(c) for c in counts]
     padded = local.new_zeros((max(counts), *local.shape[1:]), device=device)
     padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
+    if to_all:
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in counts] if world().main else None
+        dist.gather(padded, parts, dst=0)
+        if not world().main:
+            return local
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(local.device)
 
 
@@ -109,10 +116,11 @@ def select_members(state: Any, members: range) -> Any:
 
 
 def gather_members(state: Any) -> Any:
-    """The inverse of :func:`select_members` over the ranks: shards concatenated in rank
-    order (the members of rank r follow those of rank r - 1)."""
+    """The inverse of :func:`select_members` over the ranks, on rank 0: shards concatenated
+    in rank order (the members of rank r follow those of rank r - 1). Other ranks get their
+    own state back."""
     if isinstance(state, Tensor):
-        return gather_rows(state.contiguous()) if state.dim() else state
+        return gather_rows(state.contiguous(), to_all=False) if state.dim() else state
     if isinstance(state, dict):
         return {k: gather_members(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):

@@ -17,14 +17,15 @@ import h5py
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import codes, distributed
 from .checkpoint import Checkpoint
-from .data import DataError, Dataset, load_digits
+from .data import DataError, Dataset, check_images, load_digits
 from .members import StackedMLP
 from .sampling import ablate, sample
 from .schedules import NoiseSchedule, Sampler
-from .store import ResultsWriter, StoreError, code_hash, file_hash, versions
+from .store import ResultsWriter, SampleStream, StoreError, code_hash, file_hash, read_hdf5, versions
 from .training import TrainConfig, Trainer
 
 __all__ = ["load_data", "make_plan", "read_plan", "train", "sample_step", "ablate_step",
@@ -84,7 +85,7 @@ def read_plan(path: os.PathLike):
             names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in f["units/name"][()])
     except (OSError, KeyError) as error:
         raise StoreError(f"{path} is not a readable plan file ({error})") from None
-    codes.validate(code)
+    codes.validate(code, unit_of=unit_of)
     return plan["dataset"], code, codes.Units(unit_of, names)
 
 
@@ -93,8 +94,9 @@ def read_plan(path: os.PathLike):
 
 def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig, hidden: int = 256,
           blocks: int = 3, device: str = "cpu", checkpoint_every: int = 0, resume: bool = False,
-          progress: bool = True) -> Checkpoint:
-    """Train the planned ensemble; resume from ``out`` when asked and it exists."""
+          progress: bool = True) -> None:
+    """Train the planned ensemble into the checkpoint ``out``; resume from it when asked and
+    it exists. Distributed, each rank trains its share of the members."""
     dataset, code, units = read_plan(plan_path)
     data = load_data(dataset)
     if len(units.unit_of) != len(data):
@@ -110,7 +112,6 @@ def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig, hidden:
     if resume and Path(out).exists():
         trainer.restore(Checkpoint.load(out))
     trainer.train(checkpoint=Path(out), checkpoint_every=checkpoint_every, progress=progress)
-    return trainer.checkpoint()
 
 
 def _schedule(checkpoint: Checkpoint) -> NoiseSchedule:
@@ -121,30 +122,57 @@ def _schedule(checkpoint: Checkpoint) -> NoiseSchedule:
 
 
 def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Sequence[int],
-                sampler: Sampler, device: str = "cpu", overwrite: bool = False) -> Tensor:
-    """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance)."""
-    _refuse_overwrite(results, overwrite)
+                sampler: Sampler, device: str = "cpu", overwrite: bool = False, resume: bool = False,
+                chunk: int = 256) -> None:
+    """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance).
+
+    Samples are written ``chunk`` at a time with done flags: ``resume`` continues a run that
+    was killed. Distributed, every rank holds all members and runs its share of each chunk.
+    """
+    if not len(seeds):
+        raise DataError("no seeds to sample: give --seeds N (N >= 1), A:B or a,b,c")
+    if not resume:
+        _refuse_overwrite(results, overwrite)
     checkpoint = Checkpoint.load(checkpoint_path)
     ensemble = checkpoint.build().to(device)
-    mine = distributed.shard(len(seeds))  # every rank holds all members, runs its seeds
-    images = sample(ensemble, _schedule(checkpoint), sampler, list(seeds)[mine.start : mine.stop])
-    images = distributed.gather_rows(images).cpu()
-    if not distributed.world().main:
-        distributed.barrier()
-        return images
-    with ResultsWriter(results, "w") as writer:
-        writer.write_code(checkpoint.code, checkpoint.unit_of, checkpoint.unit_names)
-        writer.write_samples(images, seeds)
-        writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
-                         versions=versions(), checkpoint_hash=file_hash(checkpoint_path),
-                         data_fingerprint=checkpoint.data_fingerprint,
-                         plan=dict(dataset=checkpoint.config["data"]["name"]))
+    seeds = [int(s) for s in seeds]
+    spec = json.loads(json.dumps(dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
+                                      sampler=dataclasses.asdict(sampler))))  # as stored: tuples become lists
+    stream, pending = None, None
+    if distributed.world().main:
+        try:
+            fresh = not (resume and Path(results).exists())
+            if fresh:
+                with ResultsWriter(results, "w") as writer:
+                    writer.write_code(checkpoint.code, checkpoint.unit_of, checkpoint.unit_names)
+                    writer.file.require_group("samples").create_dataset("seed", data=np.asarray(seeds, np.int64))
+                    writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
+                                     versions=versions(), checkpoint_hash=spec["checkpoint_hash"],
+                                     data_fingerprint=checkpoint.data_fingerprint,
+                                     plan=dict(dataset=checkpoint.config["data"]["name"]))
+            stream = SampleStream(results, len(seeds), ensemble.data_shape, chunk, spec)
+            pending = [(r.start, r.stop) for r in stream.pending()]
+        except StoreError as error:
+            pending = str(error)
+    pending = distributed.broadcast_object(pending)
+    if isinstance(pending, str):  # rank 0 refused the file: every rank stops with its reason
+        raise StoreError(pending)
+    schedule = _schedule(checkpoint)
+    try:
+        for start, stop in tqdm(pending, desc="sampling", unit="chunk", disable=None if stream else True):
+            mine = distributed.shard(stop - start)
+            images = sample(ensemble, schedule, sampler, seeds[start + mine.start : start + mine.stop])
+            images = distributed.gather_rows(images).cpu()
+            if stream is not None:
+                stream.write(range(start, stop), images.float().numpy())
+    finally:
+        if stream is not None:
+            stream.close()
     distributed.barrier()
-    return images
 
 
 def _results_sampler(results: os.PathLike) -> Sampler:
-    with h5py.File(results, "r") as f:
+    with read_hdf5(results) as f:
         spec = json.loads(f.attrs["sampler"])
     spec["clip"] = tuple(spec["clip"]) if spec["clip"] is not None else None
     return Sampler(**spec)
@@ -152,6 +180,10 @@ def _results_sampler(results: os.PathLike) -> Sampler:
 
 def nearest_units(images: Tensor, data: Dataset, unit_of: Tensor, k: int) -> Tensor:
     """The k units whose training images lie nearest (pixel L2) to each image [S, k]."""
+    check_images(images, f"samples searched among the images of {data.name}", shape=data.data_shape,
+                 allow_empty=True)
+    if len(unit_of) != len(data):
+        raise codes.CodeError(f"the units map {len(unit_of)} examples but {data.name} has {len(data)}")
     distances = torch.cdist(images.flatten(1), data.images.flatten(1))
     order = distances.argsort(1)
     out = torch.full((len(images), k), -1, dtype=torch.long)
@@ -177,11 +209,13 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike, units: Tenso
     Returns (images [S, K, ...], distances [S, K], member evaluations).
     """
     checkpoint = Checkpoint.load(checkpoint_path)
-    with h5py.File(results, "r") as f:
+    with read_hdf5(results) as f:
         if json.loads(f.attrs["code_hash"]) != code_hash(checkpoint.code):
             raise StoreError(f"{results} holds results of another ensemble than {checkpoint_path}")
         seeds = f["samples/seed"][: len(units)].tolist()
         samples = torch.from_numpy(f["samples/images"][: len(units)])
+    check_images(samples, f"samples in {results}", shape=checkpoint.spec["data_shape"], allow_empty=True)
+    codes.check_unit_ids(units, len(checkpoint.code), "units to ablate", allow_none=True)
     ensemble = checkpoint.build().to(device)
     unit_sets = [[[u] if u >= 0 else [] for u in row] for row in units.tolist()]
     mine = distributed.shard(len(unit_sets))  # every rank holds all members, runs its samples
@@ -244,7 +278,11 @@ def read_groups(path: os.PathLike) -> dict:
         groups = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise DataError(f"groups file {path} cannot be read as JSON {{name: [units]}}: {error}") from None
-    return {str(k): [int(u) for u in v] for k, v in groups.items()}
+    try:
+        return {str(k): [int(u) for u in v] for k, v in groups.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"groups file {path} must map names to lists of unit ids, e.g. "
+                        '{"artist 7": [3, 18, 40]}') from None
 
 
 def _statistics(results: os.PathLike, name: str, compute):
@@ -283,13 +321,16 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
 
     checkpoint = Checkpoint.load(checkpoint_path)
     sampler = _results_sampler(results)
-    with h5py.File(results, "r") as f:
+    with read_hdf5(results) as f:
         if json.loads(f.attrs["code_hash"]) != code_hash(checkpoint.code):
             raise StoreError(f"{results} holds results of another ensemble than {checkpoint_path}")
         rows = min(rows, len(f["samples/seed"]))
         mine = distributed.shard(rows, align=block_rows)
         seeds = f["samples/seed"][mine.start : mine.stop].tolist()
         samples = torch.from_numpy(f["samples/images"][mine.start : mine.stop])
+    check_images(samples, f"samples in {results}", shape=checkpoint.spec["data_shape"], allow_empty=True)
+    for name, units in (groups or {}).items():  # before anything is written
+        codes.check_unit_ids(units, len(checkpoint.code), f"group {name!r}")
     unknown = set(methods) - {"first_order", "direct", "loss"}
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}: use first_order, direct, loss")
@@ -401,6 +442,7 @@ def metrics_step(results: os.PathLike, checkpoint_path: Optional[os.PathLike] = 
         images = torch.from_numpy(r.samples[:samples])
         unit_of = torch.from_numpy(r.unit_of[()])
         n_units = r.code.shape[0]
+        stored_hash = r.attrs.get("code_hash")
     if checkpoint_path is None:
         return found
     data = load_data(dataset)
@@ -408,6 +450,8 @@ def metrics_step(results: os.PathLike, checkpoint_path: Optional[os.PathLike] = 
     g = torch.Generator().manual_seed(seed)
     random_units = torch.randint(n_units, (len(seeds),), generator=g)
     checkpoint = Checkpoint.load(checkpoint_path)
+    if stored_hash != code_hash(checkpoint.code):
+        raise StoreError(f"{results} holds results of another ensemble than {checkpoint_path}")
     ensemble = checkpoint.build().to(device)
     sets = [[[int(a)], [int(b)]] for a, b in zip(nearest, random_units)]
     result = ablate(ensemble, _schedule(checkpoint), _results_sampler(results), checkpoint.code,

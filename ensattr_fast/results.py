@@ -24,14 +24,24 @@ from .store import StoreError
 
 __all__ = ["open_results", "Results", "InfluenceView"]
 
+_WRITTEN_BY = {"code": "ensattr plan or sample", "units": "ensattr plan or sample",
+               "counterfactuals": "ensattr ablate or attribute", "topk": "ensattr attribute"}
+
 
 def open_results(path: os.PathLike) -> "Results":
-    """Open a results file for reading without loading it."""
+    """Open a results file for reading without loading it.
+
+    A file that a writer holds open (a running ``ensattr attribute``) is opened in SWMR mode.
+    Only then: an SWMR reader does not check a file's length, and on a truncated file it
+    retries its reads for ever.
+    """
     try:
         try:
-            file = h5py.File(path, "r", swmr=True)
-        except OSError:
             file = h5py.File(path, "r")
+        except OSError as error:
+            if "already open for write" not in str(error):
+                raise
+            file = h5py.File(path, "r", swmr=True)
     except OSError as error:
         raise StoreError(f"results file {path} cannot be read ({error}); it is missing, truncated "
                          "or not HDF5") from None
@@ -100,13 +110,20 @@ class Results:
         """Root attributes, parsed as JSON."""
         return {k: json.loads(v) for k, v in self.file.attrs.items()}
 
+    def _get(self, name: str):
+        """``/name``, or a StoreError saying which step writes it."""
+        if name not in self.file:
+            step = next((s for prefix, s in _WRITTEN_BY.items() if name.startswith(prefix)), "ensattr sample")
+            raise StoreError(f"results file {self.file.filename} has no /{name} (written by `{step}`)")
+        return self.file[name]
+
     @property
     def code(self) -> h5py.Dataset:
-        return self.file["code"]
+        return self._get("code")
 
     @property
     def unit_of(self) -> h5py.Dataset:
-        return self.file["units/of_example"]
+        return self._get("units/of_example")
 
     @property
     def unit_names(self):
@@ -115,15 +132,15 @@ class Results:
 
     @property
     def samples(self) -> h5py.Dataset:
-        return self.file["samples/images"]
+        return self._get("samples/images")
 
     @property
     def seeds(self) -> h5py.Dataset:
-        return self.file["samples/seed"]
+        return self._get("samples/seed")
 
     @property
     def counterfactuals(self) -> h5py.Group:
-        return self.file["counterfactuals"]
+        return self._get("counterfactuals")
 
     @property
     def methods(self):
@@ -136,5 +153,5 @@ class Results:
 
     def topk(self, method: str) -> Tuple[h5py.Dataset, h5py.Dataset]:
         """(unit index [K, k], score [K, k]) of the highest-scoring units per row."""
-        group = self.file[f"topk/{method}"]
+        group = self._get(f"topk/{method}")
         return group["index"], group["score"]

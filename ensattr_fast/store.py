@@ -21,18 +21,19 @@ Attributes are JSON, parsed with ``json.loads``, never evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ResultsWriter", "StoreError", "code_hash", "file_hash", "versions"]
+__all__ = ["ResultsWriter", "StoreError", "code_hash", "file_hash", "read_hdf5", "versions"]
 
 
 class StoreError(ValueError):
@@ -57,6 +58,24 @@ def versions() -> dict:
 
     return {"ensattr_fast": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
             "numpy": np.__version__}
+
+
+@contextlib.contextmanager
+def read_hdf5(path: os.PathLike, what: str = "results file") -> Iterator[h5py.File]:
+    """``with read_hdf5(path) as f:`` reads a results (or plan) file. A file that is missing,
+    truncated or not HDF5, or that lacks a dataset or attribute the block reads, raises one
+    :class:`StoreError` naming the file, not an OSError or a KeyError."""
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise StoreError(f"{what} {path} cannot be read ({error}); it is missing, truncated or not HDF5") from None
+    try:
+        with file:
+            yield file
+    except (KeyError, OSError, json.JSONDecodeError) as error:
+        detail = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise StoreError(f"{what} {path} is incomplete or damaged ({detail}); is it the file "
+                         "`ensattr sample` wrote?") from None
 
 
 def _replace(group: h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
@@ -250,3 +269,58 @@ def recover_after_kill(path: os.PathLike) -> bool:
             source.copy(source[name], target, name=name)
     os.replace(tmp, path)
     return True
+
+
+# ------------------------------------------------------------------------ streamed samples
+
+
+class SampleStream:
+    """``/samples/images`` [S, ...] written chunk by chunk, ``/progress/samples`` uint8
+    [chunks] flagging the chunks on disk, so that a long sampling killed midway resumes.
+
+    Like the influence matrices: the dataset is allocated whole before the first write and the
+    file is in SWMR mode while chunks are written, so a kill leaves a sound file whose flagged
+    chunks are exactly the complete ones.
+    """
+
+    def __init__(self, path: os.PathLike, n: int, shape: Sequence[int], chunk: int, spec: dict):
+        self.path, self.n, self.chunk = Path(path), n, max(1, chunk)
+        self.n_chunks = -(-n // self.chunk)
+        if self.path.exists():
+            recover_after_kill(self.path)
+        self.file = h5py.File(self.path, "a", libver="latest")
+        try:
+            if "progress/samples" in self.file:
+                stored = json.loads(self.file["progress/samples"].attrs["spec"])
+                if stored != spec:
+                    raise StoreError(f"{self.path} holds samples of another run ({_differences(stored, spec)}); "
+                                     "write to a new file or pass --overwrite")
+            elif "samples/seed" not in self.file or "samples/images" in self.file:
+                # the seeds are written first (sample_step): anything else is not a sampling run
+                raise StoreError(f"{self.path} holds no interrupted sampling to resume; pass --overwrite "
+                                 "to replace it, or write elsewhere")
+            else:
+                group = self.file.require_group("samples")
+                _create_early(group, "images", (n, *shape), (min(n, self.chunk), *shape), "f4", _FILL)
+                flags = self.file.require_group("progress").create_dataset("samples", data=np.zeros(self.n_chunks, np.uint8))
+                flags.attrs["spec"] = json.dumps(spec)
+            self.images, self.flags = self.file["samples/images"], self.file["progress/samples"]
+            self.file.swmr_mode = True
+        except BaseException:
+            self.file.close()
+            raise
+
+    def pending(self) -> list:
+        """The chunks not yet on disk, as ranges of sample indices."""
+        done = self.flags[()]
+        return [range(c * self.chunk, min(self.n, (c + 1) * self.chunk)) for c in range(self.n_chunks) if not done[c]]
+
+    def write(self, rows: range, images: np.ndarray) -> None:
+        self.images[rows.start : rows.stop] = images
+        self.images.flush()
+        self.flags[rows.start // self.chunk] = 1
+        self.flags.flush()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()

@@ -16,7 +16,6 @@ from typing import Dict, Optional, Tuple
 
 import h5py
 import numpy as np
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointError
 from . import distributed
 from .codes import CodeError, validate
 from .data import Dataset
@@ -104,6 +104,8 @@ class Trainer:
         # half or in none; an encoded ensemble needs both excluders and includers per unit
         if require_exact_ablation:
             validate(code)
+        if members is None and code.shape[1] != ensemble.n_members:
+            raise CodeError(f"the code has {code.shape[1]} members but the ensemble {ensemble.n_members}")
         self.members = range(code.shape[1]) if members is None else members
         if len(self.members) != ensemble.n_members or self.members.stop > code.shape[1]:
             raise CodeError(f"the ensemble holds {ensemble.n_members} members but is given members "
@@ -217,7 +219,8 @@ class Trainer:
 
     def checkpoint(self) -> Checkpoint:
         """The state of every member of the code: in a distributed run every rank calls this
-        and the shards are gathered (members in rank order)."""
+        and the shards are gathered to rank 0 (members in rank order); the other ranks get a
+        checkpoint of their own members only, which they must not save."""
         config = dict(train=dataclasses.asdict(self.config), schedule=dict(betas=list(self.schedule.betas)),
                       data=dict(name=self.data.name, n_examples=len(self.data)))
         def everyone(state):
@@ -245,14 +248,21 @@ class Trainer:
             raise CodeError("the checkpoint was trained on other data (fingerprint mismatch)")
         if not torch.equal(checkpoint.code, self.code.cpu()):
             raise CodeError("the checkpoint was trained under another code")
+        ours = dict(self.ensemble.spec(), n_members=self.code.shape[1])
+        differ = sorted(k for k in set(ours) | set(checkpoint.spec)
+                        if k not in ("seed", "shared_init") and ours.get(k) != checkpoint.spec.get(k))
+        if differ:
+            raise CheckpointError("the checkpoint holds another architecture ("
+                                  + ", ".join(f"{k} {checkpoint.spec.get(k)} there, {ours.get(k)} here" for k in differ)
+                                  + "): resume with the same --hidden and --blocks")
         def mine(state):
             return distributed.select_members(state, self.members) if self._sharded else state
 
-        self.ensemble.load_state_dict(mine(checkpoint.ensemble))
+        checkpoint.load_state(self.ensemble, mine(checkpoint.ensemble))
         if checkpoint.optimizer is not None:
-            self.optimizer.load_state_dict(mine(checkpoint.optimizer))
+            checkpoint.load_state(self.optimizer, mine(checkpoint.optimizer))
         if self.ema is not None and checkpoint.ema is not None:
-            self.ema.load_state_dict(mine(checkpoint.ema))
+            checkpoint.load_state(self.ema, mine(checkpoint.ema))
         if checkpoint.generator is not None:
             self.generator.set_state(checkpoint.generator.to(self.generator.get_state().device))
         self.step = checkpoint.step

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ensattr_fast import _reference, codes, code_scores
+from ensattr_fast import codes, code_scores
 from ensattr_fast.attribution import first_order_grams, group_code, member_losses
 from ensattr_fast.members import StackedMLP
 from ensattr_fast.sampling import ablation_weights, run_trajectories, sample

@@ -11,7 +11,6 @@ property at the end of the file (the kernels once returned sqrt(rounding) there)
 
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st

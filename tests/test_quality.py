@@ -5,7 +5,6 @@ each on 2 CPU cores); the thresholds are those this size reaches with a margin, 
 says what the full-size demo reaches.
 """
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
 """Schedules, replayable sampling and exact batched ablation."""
 
-import math
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from ensattr_fast import codes
 from ensattr_fast.codes import CodeError
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.sampling import ablate, ablation_weights, run_trajectories, sample, seeded_normal
+from ensattr_fast.sampling import ablate, ablation_weights, sample, seeded_normal
 from ensattr_fast.schedules import NoiseSchedule, Sampler
 
 SCHEDULE = NoiseSchedule.linear(100)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ensattr_fast import _reference, codes, code_scores
+from ensattr_fast import codes, code_scores
 from ensattr_fast.results import open_results
 from ensattr_fast.store import ResultsWriter, StoreError
 from ensattr_fast.streaming import stream_influence
