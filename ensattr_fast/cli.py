@@ -22,12 +22,13 @@ import torch
 from . import distributed, pipeline
 from .checkpoint import CheckpointError
 from .codes import CodeError
+from .config import ConfigError, options_for, read_config
 from .data import DataError
 from .schedules import Sampler
-from .store import StoreError
+from .store import ResultsWriter, StoreError
 from .training import MODES, TrainConfig
 
-ERRORS = (CodeError, DataError, CheckpointError, StoreError)
+ERRORS = (CodeError, DataError, CheckpointError, StoreError, ConfigError)
 
 
 def _seeds(text: str) -> List[int]:
@@ -47,9 +48,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default=TrainConfig.mode,
                    help="independent members, shared (t, eps) draws, or one masked batch")
     p.add_argument("--ema", type=float, default=TrainConfig.ema_decay, help="EMA decay (0: none)")
+    p.add_argument("--arch", choices=["mlp", "unet", "diffusers"], default="mlp",
+                   help="members: residual MLP, the built-in UNet, or a diffusers UNet2DModel")
     p.add_argument("--hidden", type=int, default=256, help="width of the MLP members")
     p.add_argument("--blocks", type=int, default=3, help="residual blocks of the MLP members")
+    p.add_argument("--width", type=int, default=32, help="channels of the built-in UNet members")
+    p.add_argument("--unet-config", type=Path, help="diffusers: JSON file of UNet2DModel arguments")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips of the training images")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +67,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 def _train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode=args.mode,
-                       ema_decay=args.ema or None, seed=args.seed)
+                       ema_decay=args.ema or None, seed=args.seed, hflip=args.hflip)
 
 
 def _sampler(args) -> Sampler:
@@ -88,8 +94,21 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="write the code (which member trains on which unit)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", default="digits")
-    p.add_argument("--units", choices=["example", "class"], default="example")
+    p.add_argument("--data", default="digits",
+                   help="digits (built in), a folder of images (one subfolder per group, or flat), "
+                        "an .npy/.npz array file or an .h5/.hdf5 file")
+    p.add_argument("--units", choices=["example", "class", "group"], default="example",
+                   help="one unit per example, per label, or per group (folder or --metadata)")
+    p.add_argument("--metadata", help="CSV (columns example, group) or JSON giving each example's group")
+    p.add_argument("--resolution", type=int, default=32, help="image folders: side in pixels")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="image folders: grayscale or RGB")
+    p.add_argument("--fit", choices=["crop", "resize"], default="crop",
+                   help="image folders: centre-crop after resizing the short side, or resize")
+    p.add_argument("--key", default="images", help="arrays and HDF5: the images' key or dataset")
+    p.add_argument("--memory-budget", type=float, default=2.0,
+                   help="HDF5: GiB above which the images stay on disk and are read per batch")
+    p.add_argument("--no-scale", action="store_true",
+                   help="arrays and HDF5: take values as they are (latents) instead of checking [-1, 1]")
     p.add_argument("--members", type=int, default=16)
     p.add_argument("--design", choices=["auto", "balanced", "random", "sparse"], default="auto")
     p.add_argument("--excluders", type=int, default=2, help="excluders per group (sparse)")
@@ -163,11 +182,55 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rows", type=int, default=8)
+    for step in sub.choices.values():
+        step.add_argument("--config", type=Path, help="TOML or YAML file of options (flags win over it)")
     return top
 
 
+def _options(args) -> dict:
+    """The options a step ran with (flags, config file and defaults), as JSON values."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if isinstance(v, (str, int, float, bool, list, Path, type(None)))}
+
+
+def _record_options(args) -> None:
+    """Keep each step's options in the file it wrote (``options_<step>``, JSON)."""
+    written = {"plan": "out", "sample": "out", "ablate": "results", "attribute": "results",
+               "metrics": "results", "lds": "results"}.get(args.command)
+    if written is not None and distributed.world().main:
+        with ResultsWriter(getattr(args, written), "a") as writer:
+            writer.set_attrs(**{f"options_{args.command}": _options(args)})
+
+
+def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    """Flags over ``--config FILE`` over the defaults."""
+    top = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    steps = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = next((a for a in argv if a in steps), None)
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if command is not None and path is not None:
+        step = steps[command]
+        actions = {a.dest: a for a in step._actions}
+        values = options_for(read_config(path), command, set(actions) - {"help", "config"}, path)
+        for dest, value in values.items():
+            action = actions[dest]
+            if isinstance(value, list):  # seeds = [1, 5, 9]
+                value = ",".join(str(v) for v in value)
+            if action.type is not None and not isinstance(value, (str, bool)):
+                value = str(value)  # argparse converts string defaults with the option's type
+            action.required = False
+            step.set_defaults(**{dest: value})
+    return top.parse_args(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except ConfigError as error:
+        print(f"ensattr: error: {error}", file=sys.stderr)
+        return 2
     try:
         return _run(args)
     finally:
@@ -185,12 +248,16 @@ def _run(args) -> int:
 
             run_demo(args)
         elif args.command == "plan":
-            stats = pipeline.make_plan(args.out, args.data, args.units, args.members, args.design,
+            spec = pipeline.data_spec(args.data, args.resolution, args.channels, args.fit, args.key,
+                                      int(args.memory_budget * 2**30), not args.no_scale, args.metadata)
+            stats = pipeline.make_plan(args.out, spec, args.units, args.members, args.design,
                                        args.excluders, args.seed, args.overwrite)
             print(f"plan written to {args.out}: {stats}")
         elif args.command == "train":
             pipeline.train(args.plan, args.out, _train_config(args), args.hidden, args.blocks,
-                           args.device, args.checkpoint_every, args.resume)
+                           args.device, args.checkpoint_every, args.resume, options=_options(args),
+                           arch=args.arch, width=args.width,
+                           unet_config=json.loads(args.unet_config.read_text()) if args.unet_config else None)
             print(f"checkpoint written to {args.out}")
         elif args.command == "sample":
             pipeline.sample_step(args.checkpoint, args.out, args.seeds, _sampler(args), args.device,
@@ -216,6 +283,7 @@ def _run(args) -> int:
         elif args.command == "report":
             pipeline.report_step(args.results, args.out, args.rows)
             print(f"report written to {args.out}")
+        _record_options(args)
     except ERRORS as error:
         print(f"ensattr {args.command}: error: {error}", file=sys.stderr)
         return 2

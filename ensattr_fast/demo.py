@@ -11,6 +11,7 @@ Writes plan.h5, ensemble.pt, results.h5 and report.png under ``--out``.
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -41,7 +42,8 @@ def run_demo(args) -> dict:
                                design="sparse" if by_class else "balanced", excluders=2, seed=args.seed,
                                overwrite=True)
     _step(f"plan: {stats}", start)
-    pipeline.train(plan, checkpoint, _train_config(args), args.hidden, args.blocks, args.device)
+    pipeline.train(plan, checkpoint, _train_config(args), args.hidden, args.blocks, args.device, arch=args.arch,
+                   width=args.width, unet_config=json.loads(args.unet_config.read_text()) if args.unet_config else None)
     _step(f"trained {members} members for {args.steps} steps -> {checkpoint}", start)
     pipeline.sample_step(checkpoint, results, range(args.samples), _sampler(args), args.device, overwrite=True)
     with open_results(results) as r:

@@ -61,7 +61,7 @@ def pixel_similarity(queries: Tensor, data: Dataset, unit_of: Tensor, n_units: i
                      nearest: Optional[int] = None) -> Tensor:
     """[Q, N]: minus the pixel distance from each query to the unit's nearest image; with
     ``nearest``, instead 1 for the query's ``nearest`` closest units and 0 elsewhere."""
-    distance = torch.cdist(queries.flatten(1).float(), data.images.flatten(1))
+    distance = data.pixel_distances(queries)
     closest = torch.full((len(queries), n_units), float("inf"))
     closest.scatter_reduce_(1, unit_of.expand(len(queries), -1), distance, "amin")
     if nearest is None:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["Ensemble", "StackedMLP", "VmapEnsemble", "UNetMember", "PackedLayout", "build_ensemble"]
+__all__ = ["Ensemble", "StackedMLP", "VmapEnsemble", "UNetMember", "DiffusersMember", "PackedLayout",
+           "build_ensemble", "diffusers_ensemble"]
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -182,6 +183,8 @@ class VmapEnsemble(Ensemble):
 
     ``factory()`` builds one member; M of them are built (one, copied M times, with
     ``shared_init``), their parameters stacked, and the module vmapped over members.
+    ``vectorize=False`` calls the members one after another instead (on the same stacked
+    parameters), for modules that ``vmap`` cannot batch; everything else is the same.
     """
 
     def __init__(
@@ -192,9 +195,11 @@ class VmapEnsemble(Ensemble):
         shared_init: bool = False,
         seed: int = 0,
         spec: dict | None = None,
+        vectorize: bool = True,
     ):
         super().__init__()
         self.n_members, self.data_shape, self._spec = n_members, tuple(data_shape), spec
+        self.vectorize = vectorize
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             first = factory()
@@ -227,7 +232,40 @@ class VmapEnsemble(Ensemble):
 
         params, buffers = self._stacked()
         t_dim = 0 if t.dim() == 2 else None
-        return vmap(call, in_dims=(0, 0, 0, t_dim))(params, buffers, x, t)
+        if self.vectorize:
+            return vmap(call, in_dims=(0, 0, 0, t_dim))(params, buffers, x, t)
+        return torch.stack([
+            call({k: v[m] for k, v in params.items()}, {k: v[m] for k, v in buffers.items()}, x[m],
+                 t[m] if t_dim == 0 else t)
+            for m in range(self.n_members)
+        ])
+
+
+class DiffusersMember(nn.Module):
+    """A diffusers ``UNet2DModel`` built from its config, as a member: ``forward(x, t)``
+    returns the predicted noise (``pip install ensattr_fast[diffusers]``)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        try:
+            from diffusers import UNet2DModel
+        except ImportError:
+            raise ImportError("diffusers members need diffusers: pip install ensattr_fast[diffusers]") from None
+        self.unet = UNet2DModel(**config)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.unet(x, t).sample
+
+
+def diffusers_ensemble(config: dict, n_members: int, shared_init: bool = False, seed: int = 0) -> "VmapEnsemble":
+    """M ``UNet2DModel`` members of one config, their parameters stacked. torch's vmap cannot
+    batch diffusers' GroupNorm layers yet, so the members run one after another."""
+    size = config.get("sample_size", 32)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    shape = (config.get("in_channels", 3), *size)
+    spec = dict(kind="diffusers", config=config, n_members=n_members, data_shape=list(shape),
+                shared_init=shared_init, seed=seed)
+    return VmapEnsemble(lambda: DiffusersMember(config), n_members, shape, shared_init, seed, spec, vectorize=False)
 
 
 def _select_module(module: nn.Module, members: range) -> nn.Module:
@@ -290,4 +328,7 @@ def build_ensemble(spec: dict) -> Ensemble:
         unet_args = {k: args.pop(k) for k in ("width", "time_dim") if k in args}
         channels = args["data_shape"][0]
         return VmapEnsemble(lambda: UNetMember(channels, **unet_args), spec=spec, **args)
-    raise ValueError(f"unknown ensemble kind {kind!r} (built in: 'mlp', 'unet')")
+    if kind == "diffusers":
+        return diffusers_ensemble(args["config"], args["n_members"], args.get("shared_init", False),
+                                  args.get("seed", 0))
+    raise ValueError(f"unknown ensemble kind {kind!r} (built in: 'mlp', 'unet', 'diffusers')")

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import h5py
 import numpy as np
@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from . import codes, distributed
 from .checkpoint import Checkpoint
-from .data import DataError, Dataset, check_images, load_digits
-from .members import StackedMLP
+from .data import DataError, Dataset, check_images, load_dataset, load_digits
+from .members import Ensemble, StackedMLP, build_ensemble, diffusers_ensemble
 from .sampling import ablate, sample
 from .schedules import NoiseSchedule, Sampler
 from .store import ResultsWriter, SampleStream, StoreError, code_hash, file_hash, read_hdf5, versions
@@ -34,21 +34,56 @@ __all__ = ["load_data", "make_plan", "read_plan", "train", "sample_step", "ablat
 DATASETS = {"digits": load_digits}
 
 
-def load_data(name: str) -> Dataset:
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; built in: {', '.join(DATASETS)}")
-    return DATASETS[name]()
+def load_data(dataset) -> Dataset:
+    """A data set by built-in name (``digits``) or by the spec a plan stores (a dict, see
+    :func:`ensattr_fast.data.load_dataset` and :func:`data_spec`)."""
+    if isinstance(dataset, dict):
+        return load_dataset(dataset)
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; built in: {', '.join(DATASETS)}, or give a path")
+    return DATASETS[dataset]()
+
+
+def data_spec(source: str, resolution: int = 32, channels: int = 3, fit: str = "crop", key: str = "images",
+              memory_budget: int = 2 << 30, scale: bool = True, metadata: Optional[str] = None):
+    """What a plan stores for ``--data SOURCE``: a built-in name as it is; a folder of images,
+    an ``.npy``/``.npz`` array file or an HDF5 file as the spec of its kind, paths absolute."""
+    if source in DATASETS and metadata is None:
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"--data {source}: not a built-in data set ({', '.join(DATASETS)}) and no such file or folder")
+    where = str(path.resolve())
+    if path.is_dir():
+        spec = dict(kind="folder", path=where, resolution=resolution, channels=channels, fit=fit)
+    elif path.suffix in (".npy", ".npz"):
+        spec = dict(kind="arrays", path=where, key=key, scale=scale)
+    elif path.suffix in (".h5", ".hdf5"):
+        spec = dict(kind="hdf5", path=where, dataset=key, memory_budget=memory_budget, scale=scale)
+    else:
+        raise DataError(f"--data {source}: give a folder of images, an .npy/.npz file or an .h5/.hdf5 file")
+    if metadata is not None:
+        spec["metadata"] = str(Path(metadata).resolve())
+    return spec
 
 
 def units_for(data: Dataset, kind: str) -> codes.Units:
-    """``example``: one unit per image; ``class``: one unit per label."""
+    """``example``: one unit per image (named by its file where there is one); ``class``: one
+    unit per label; ``group``: one unit per group (the folder of each image, or metadata)."""
     if kind == "example":
+        if data.example_names is not None:
+            return codes.Units(torch.arange(len(data)), tuple(data.example_names))
         return codes.Units.per_example(len(data))
     if kind == "class":
         if data.labels is None:
             raise DataError(f"{data.name} has no labels to group into class units")
         return codes.Units.from_labels(data.labels)
-    raise DataError(f"unit kind must be 'example' or 'class', got {kind!r}")
+    if kind == "group":
+        if data.groups is None:
+            raise DataError(f"{data.name} has no groups: put the images in one folder per group, or "
+                            "give --metadata (a CSV or JSON mapping each example to its group)")
+        return codes.Units.from_labels(data.groups)
+    raise DataError(f"unit kind must be 'example', 'class' or 'group', got {kind!r}")
 
 
 # ---------------------------------------------------------------------------------- plan
@@ -59,9 +94,10 @@ def _refuse_overwrite(path: os.PathLike, overwrite: bool) -> None:
         raise StoreError(f"{path} exists; pass --overwrite to replace it, or write elsewhere")
 
 
-def make_plan(path: os.PathLike, dataset: str, unit_kind: str, members: int, design: str = "auto",
+def make_plan(path: os.PathLike, dataset, unit_kind: str, members: int, design: str = "auto",
               excluders: int = 2, seed: int = 0, overwrite: bool = False) -> codes.CodeStats:
-    """Write the code and the units to an HDF5 plan file (same layout as a results file)."""
+    """Write the code and the units to an HDF5 plan file (same layout as a results file).
+    ``dataset``: a built-in name or a spec (see :func:`data_spec`), stored in the plan."""
     _refuse_overwrite(path, overwrite)
     data = load_data(dataset)
     units = units_for(data, unit_kind)
@@ -94,24 +130,48 @@ def read_plan(path: os.PathLike):
 
 def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig, hidden: int = 256,
           blocks: int = 3, device: str = "cpu", checkpoint_every: int = 0, resume: bool = False,
-          progress: bool = True) -> None:
+          progress: bool = True, options: Optional[dict] = None, arch: str = "mlp",
+          unet_config: Optional[dict] = None, width: int = 32) -> None:
     """Train the planned ensemble into the checkpoint ``out``; resume from it when asked and
     it exists. Distributed, each rank trains its share of the members."""
     dataset, code, units = read_plan(plan_path)
     data = load_data(dataset)
     if len(units.unit_of) != len(data):
-        raise codes.CodeError(f"the plan maps {len(units.unit_of)} examples but {dataset} has {len(data)}")
-    ensemble = StackedMLP(code.shape[1], data.data_shape, hidden=hidden, blocks=blocks,
-                          shared_init=config.mode != "independent", seed=config.seed)
+        raise codes.CodeError(f"the plan maps {len(units.unit_of)} examples but {data.name} has {len(data)}")
+    ensemble = build_members(arch, code.shape[1], data.data_shape, config.mode != "independent", config.seed,
+                             hidden=hidden, blocks=blocks, width=width, unet_config=unet_config)
     if distributed.world().size > code.shape[1]:
         raise codes.CodeError(f"{distributed.world().size} ranks for {code.shape[1]} members: "
                               "launch at most one rank per member")
     members = distributed.shard(code.shape[1])  # all of them in one process
     trainer = Trainer(ensemble.select(members), data, code, units.unit_of, units.names,
-                      NoiseSchedule.linear(), config, device, members=members)
+                      NoiseSchedule.linear(), config, device, members=members, data_spec=dataset)
+    trainer.options = options  # the command's options, kept in the checkpoint
     if resume and Path(out).exists():
         trainer.restore(Checkpoint.load(out))
     trainer.train(checkpoint=Path(out), checkpoint_every=checkpoint_every, progress=progress)
+
+
+ARCHITECTURES = ("mlp", "unet", "diffusers")
+
+
+def build_members(arch: str, n_members: int, data_shape, shared_init: bool, seed: int, hidden: int = 256,
+                  blocks: int = 3, width: int = 32, unet_config: Optional[dict] = None) -> Ensemble:
+    """The members of an ensemble: the residual MLP (``hidden``, ``blocks``), the built-in
+    UNet (``width``) or a diffusers UNet2DModel of ``unet_config`` (its shape from the data)."""
+    if arch == "mlp":
+        return StackedMLP(n_members, data_shape, hidden=hidden, blocks=blocks, shared_init=shared_init, seed=seed)
+    if arch == "unet":
+        return build_ensemble(dict(kind="unet", n_members=n_members, data_shape=list(data_shape), width=width,
+                                   shared_init=shared_init, seed=seed))
+    if arch == "diffusers":
+        C, H, W = data_shape
+        config = dict(unet_config or {})
+        for key, value in (("sample_size", H), ("in_channels", C), ("out_channels", C)):
+            if config.setdefault(key, value) != value and not (key == "sample_size" and list(config[key]) == [H, W]):
+                raise DataError(f"the UNet config has {key} = {config[key]} but the data {value}")
+        return diffusers_ensemble(config, n_members, shared_init=shared_init, seed=seed)
+    raise DataError(f"architecture must be one of {ARCHITECTURES}, got {arch!r}")
 
 
 def _schedule(checkpoint: Checkpoint) -> NoiseSchedule:
@@ -149,7 +209,7 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
                     writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
                                      versions=versions(), checkpoint_hash=spec["checkpoint_hash"],
                                      data_fingerprint=checkpoint.data_fingerprint,
-                                     plan=dict(dataset=checkpoint.config["data"]["name"]))
+                                     plan=dict(dataset=checkpoint.config["data"].get("spec", checkpoint.config["data"]["name"])))
             stream = SampleStream(results, len(seeds), ensemble.data_shape, chunk, spec)
             pending = [(r.start, r.stop) for r in stream.pending()]
         except StoreError as error:
@@ -184,7 +244,7 @@ def nearest_units(images: Tensor, data: Dataset, unit_of: Tensor, k: int) -> Ten
                  allow_empty=True)
     if len(unit_of) != len(data):
         raise codes.CodeError(f"the units map {len(unit_of)} examples but {data.name} has {len(data)}")
-    distances = torch.cdist(images.flatten(1), data.images.flatten(1))
+    distances = data.pixel_distances(images)
     order = distances.argsort(1)
     out = torch.full((len(images), k), -1, dtype=torch.long)
     for i, row in enumerate(unit_of[order]):
@@ -236,9 +296,22 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike, units: Tenso
 # -------------------------------------------------------------------------------- report
 
 
-def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8) -> None:
+def _decoded(decode: Callable[[Tensor], Tensor], x, dims: int) -> np.ndarray:
+    """``decode`` applied to the last ``dims`` axes of ``x`` (any leading axes)."""
+    x = torch.as_tensor(np.asarray(x))
+    lead = x.shape[: x.dim() - dims]
+    with torch.no_grad():
+        out = decode(x.reshape(-1, *x.shape[len(lead):]))
+    return out.reshape(*lead, *out.shape[1:]).float().numpy()
+
+
+def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8,
+                decode: Optional[Callable[[Tensor], Tensor]] = None) -> None:
     """A PNG of samples beside their counterfactuals and the removed units' images, with the
-    predicted first-order distance of each and the distribution of all first-order scores."""
+    predicted first-order distance of each and the distribution of all first-order scores.
+
+    ``decode`` maps what the members model to pictures in [-1, 1] (latents [k, ...] to images
+    [k, C, H, W], e.g. a VAE's decoder), for ensembles trained on latents."""
     from .report import counterfactual_figure
     from .results import open_results
 
@@ -256,7 +329,11 @@ def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8) -> None:
     data = load_data(dataset)
     first_example = torch.full((len(names),), len(unit_of), dtype=torch.long).scatter_reduce(
         0, unit_of, torch.arange(len(unit_of)), "amin")
-    unit_images = data.images[first_example[torch.from_numpy(units).clamp_min(0)]].numpy()
+    unit_images = data.read(first_example[torch.from_numpy(units).clamp_min(0)].flatten())
+    unit_images = unit_images.view(*units.shape, *data.data_shape).numpy()
+    if decode is not None:
+        dims = len(data.data_shape)
+        samples, images, unit_images = (_decoded(decode, x, dims) for x in (samples, images, unit_images))
     counterfactual_figure(out, samples, images, units, distances, unit_images=unit_images,
                           unit_names=names, scores=scores, score_name="pred",
                           score_distribution=distribution, rows=rows,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +51,7 @@ class TrainConfig:
     mode: str = "shared_noise"
     ema_decay: Optional[float] = 0.995
     seed: int = 0
+    hflip: bool = False  # random horizontal flips of the training images (the seed's CIFAR-10 setting)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -99,6 +101,7 @@ class Trainer:
         device: str | torch.device = "cpu",
         require_exact_ablation: bool = True,
         members: Optional[range] = None,
+        data_spec=None,
     ):
         # reference models for the LDS train on random halves, where a unit may be in every
         # half or in none; an encoded ensemble needs both excluders and includers per unit
@@ -119,8 +122,14 @@ class Trainer:
         self.device = torch.device(device)
         self.ensemble = ensemble.to(self.device)
         self.data, self.code, self.unit_of, self.unit_names = data, code, unit_of, list(unit_names)
+        self.data_spec = data_spec  # how to load the data again (stored in checkpoints)
+        self.options: Optional[dict] = None  # the options of the run that made it (stored too)
         self.schedule, self.config = schedule, config
-        self.images = data.images.to(self.device)
+        # data on disk (a Dataset not in memory) is read a step ahead by one background thread
+        self.images = data.images.to(self.device) if data.in_memory else None
+        self._reader = ThreadPoolExecutor(max_workers=1) if self.images is None else None
+        self._pending: Optional[dict] = None
+        self._state_before_pending: Optional[Tensor] = None
         self.alphas_cumprod = schedule.alphas_cumprod.to(self.device, torch.float32)
         own = slice(self.members.start, self.members.stop)
         self.pools, self.pool_sizes = (t[own].to(self.device) for t in member_pools(code, unit_of))
@@ -134,30 +143,64 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- one step
 
-    def _batch(self):
-        """(x_t [M,B,...], t [M,B] or [B], eps [M,B,D] or [B,D], mask [M,B]) for one step.
-
-        Per-member draws are made for every member of the code and cut to this shard's."""
-        M, B, g, cfg = self.ensemble.n_members, self.config.batch_size, self.generator, self.config
+    def _draw(self) -> dict:
+        """The random numbers of one step: which examples (``index`` [M,B], or [2B] for
+        masked_batch), t, eps and the horizontal flips. Per-member draws are made for every
+        member of the code and cut to this shard's."""
+        B, g, cfg = self.config.batch_size, self.generator, self.config
         M_all, own = self.code.shape[1], slice(self.members.start, self.members.stop)
         T, shape, dev = self.schedule.steps, self.ensemble.data_shape, self.device
         if cfg.mode == "masked_batch":
-            idx = torch.randint(len(self.images), (2 * B,), generator=g, device=dev)
+            index = torch.randint(len(self.data), (2 * B,), generator=g, device=dev)
             t = torch.randint(T, (2 * B,), generator=g, device=dev)
             eps = torch.randn((2 * B, *shape), generator=g, device=dev)
-            x_t = self._noisy(self.images[idx], t, eps).expand(M, *eps.shape)
-            return x_t, t, eps.flatten(1), self.example_members[:, idx]
-        where = (torch.rand(M_all, B, generator=g, device=dev)[own] * self.pool_sizes[:, None]).long()
-        x0 = self.images[self.pools.gather(1, where)]  # [M, B, ...]
-        if cfg.mode == "independent":
-            t = torch.randint(T, (M_all, B), generator=g, device=dev)[own]
-            eps = torch.randn((M_all, B, *shape), generator=g, device=dev)[own]
-            target = eps.flatten(2)
-        else:  # shared_noise
-            t = torch.randint(T, (B,), generator=g, device=dev)
-            eps = torch.randn((B, *shape), generator=g, device=dev)
-            target = eps.flatten(1)
-        return self._noisy(x0, t, eps), t, target, torch.ones(M, B, device=dev)
+        else:
+            where = (torch.rand(M_all, B, generator=g, device=dev)[own] * self.pool_sizes[:, None]).long()
+            index = self.pools.gather(1, where)
+            if cfg.mode == "independent":
+                t = torch.randint(T, (M_all, B), generator=g, device=dev)[own]
+                eps = torch.randn((M_all, B, *shape), generator=g, device=dev)[own]
+            else:  # shared_noise
+                t = torch.randint(T, (B,), generator=g, device=dev)
+                eps = torch.randn((B, *shape), generator=g, device=dev)
+        flip = None
+        if cfg.hflip:
+            flip = torch.rand(index.shape[-1] if cfg.mode == "masked_batch" else (M_all, B), generator=g,
+                              device=dev)
+            flip = (flip if cfg.mode == "masked_batch" else flip[own]) < 0.5
+        return dict(index=index, t=t, eps=eps, flip=flip)
+
+    def _examples(self, draw: dict) -> Tensor:
+        """The clean examples x0 of a draw: from memory, or from disk (prefetched while the
+        previous step computed)."""
+        if self.images is not None:
+            return self.images[draw["index"]]
+        future = draw.pop("x0", None)
+        x0 = future.result() if future is not None else self.data.read(draw["index"].flatten().cpu())
+        return x0.to(self.device, non_blocking=True).view(*draw["index"].shape, *self.ensemble.data_shape)
+
+    def _batch(self, draw: dict):
+        """(x_t [M,B,...], t [M,B] or [B], eps [M,B,D] or [B,D], mask [M,B]) of a draw."""
+        M, B, mode = self.ensemble.n_members, self.config.batch_size, self.config.mode
+        x0, t, eps = self._examples(draw), draw["t"], draw["eps"]
+        if draw["flip"] is not None:
+            flip = draw["flip"].view(*draw["flip"].shape, *([1] * len(self.ensemble.data_shape)))
+            x0 = torch.where(flip, x0.flip(-1), x0)
+        if mode == "masked_batch":
+            x_t = self._noisy(x0, t, eps).expand(M, *eps.shape)
+            return x_t, t, eps.flatten(1), self.example_members[:, draw["index"]]
+        target = eps.flatten(2) if mode == "independent" else eps.flatten(1)
+        return self._noisy(x0, t, eps), t, target, torch.ones(M, B, device=self.device)
+
+    def _next_draw(self) -> dict:
+        """This step's draw. Data on disk: the next step's draw is made now (the generator
+        state before it is kept for checkpoints) and its examples read in the background."""
+        draw = self._pending if self._pending is not None else self._draw()
+        if self.images is None:
+            self._state_before_pending = self.generator.get_state()
+            self._pending = self._draw()
+            self._pending["x0"] = self._reader.submit(self.data.read, self._pending["index"].flatten().cpu())
+        return draw
 
     def _noisy(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         abar = self.alphas_cumprod[t].reshape(*t.shape, *([1] * (eps.dim() - t.dim())))
@@ -167,7 +210,7 @@ class Trainer:
         """One optimisation step of every member; returns the per-member losses [M]."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate(self.step)
-        x_t, t, target, mask = self._batch()
+        x_t, t, target, mask = self._batch(self._next_draw())
         pred = self.ensemble(x_t, t)
         _, per_member = masked_member_mse(pred.flatten(2), target, mask)
         self.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +265,8 @@ class Trainer:
         and the shards are gathered to rank 0 (members in rank order); the other ranks get a
         checkpoint of their own members only, which they must not save."""
         config = dict(train=dataclasses.asdict(self.config), schedule=dict(betas=list(self.schedule.betas)),
-                      data=dict(name=self.data.name, n_examples=len(self.data)))
+                      data=dict(name=self.data.name, n_examples=len(self.data), spec=self.data_spec or self.data.name),
+                      options=self.options)
         def everyone(state):
             state = {k: v.detach().cpu() for k, v in state.items()}
             return distributed.gather_members(state) if self._sharded else state
@@ -235,7 +279,7 @@ class Trainer:
             data_fingerprint=self.data.fingerprint(), step=self.step,
             ema=None if self.ema is None else everyone(self.ema.state_dict()),
             optimizer=distributed.gather_members(optimizer) if self._sharded else optimizer,
-            generator=self.generator.get_state().cpu(),
+            generator=(self.generator.get_state() if self._pending is None else self._state_before_pending).cpu(),
         )
 
     @property
@@ -265,4 +309,5 @@ class Trainer:
             checkpoint.load_state(self.ema, mine(checkpoint.ema))
         if checkpoint.generator is not None:
             self.generator.set_state(checkpoint.generator.to(self.generator.get_state().device))
+            self._pending = None  # drawn again from the restored state
         self.step = checkpoint.step

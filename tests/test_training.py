@@ -35,7 +35,7 @@ def test_members_learn_only_from_their_own_units(mode):
     trainer = make_trainer(mode)
     sees = trainer.code[trainer.unit_of].T.bool()  # [M, n_examples]
     for _ in range(5):
-        x_t, t, target, mask = trainer._batch()
+        x_t, t, target, mask = trainer._batch(trainer._draw())
         if mode == "masked_batch":
             # one shared batch; the mask is exactly "member m trained on this example's unit"
             assert x_t.shape[1] == 16 and t.dim() == 1 and target.dim() == 2
@@ -52,7 +52,7 @@ def test_members_learn_only_from_their_own_units(mode):
 
 def test_gradients_stay_within_each_member():
     trainer = make_trainer()
-    x_t, t, target, mask = trainer._batch()
+    x_t, t, target, mask = trainer._batch(trainer._draw())
     _, per_member = masked_member_mse(trainer.ensemble(x_t, t).flatten(2), target, mask)
     per_member[2].backward()
     for name, p in trainer.ensemble.named_parameters():
