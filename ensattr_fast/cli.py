@@ -144,8 +144,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", help="influence of every unit on the samples, streamed to HDF5")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--results", type=Path, required=True, help="results file holding the samples")
-    p.add_argument("--method", default="first_order,direct,loss",
-                   help="comma-separated: first_order, direct, loss")
+    p.add_argument("--method", default="dtrak,first_order,direct,loss",
+                   help="comma-separated: first_order, direct, loss; gradient methods dtrak and trak "
+                        "(the members' mean), dtrak_includers, dtrak_contrast, trak_includers, trak_contrast")
     p.add_argument("--samples", type=int, default=32, help="rows: the first S samples")
     p.add_argument("--topk", type=int, default=10)
     p.add_argument("--block-rows", type=int, default=64)

@@ -128,11 +128,14 @@ class DiskImages:
         self._file = None
         self._pid: Optional[int] = None
         self._summary: Optional[Tuple[Optional[int], float]] = None
+        self._map = None  # (file bytes, byte offset of each row, bytes per row), or False
+        self._map_pid: Optional[int] = None
         what = f"{self.path}:{dataset}"
         with self._lock:
             ds = self._dataset()
             raw_shape, stored = tuple(int(s) for s in ds.shape), np.dtype(ds.dtype)
         self.layout = _nchw_layout(raw_shape, what)
+        self.raw_shape = raw_shape  # as stored: [n, H, W], [n, C, H, W] or [n, H, W, C]
         _check_dtype(stored, self.scale, what)
         self.stored_dtype = stored
         self.shape: Tuple[int, int, int, int] = _logical_shape(raw_shape, self.layout)
@@ -164,6 +167,7 @@ class DiskImages:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_file"], state["_pid"], state["_lock"] = None, None, None
+        state["_map"], state["_map_pid"] = None, None
         return state
 
     def __setstate__(self, state):
@@ -192,6 +196,37 @@ class DiskImages:
             raw = self._dataset()[selection]
         return _to_float_nchw(raw, self.layout, self.scale)
 
+    def _byte_map(self):
+        """(the file's bytes, the byte offset of each row, bytes per row) when every row lies
+        whole and unfiltered in the file (a contiguous dataset, or chunks of whole rows without
+        compression), else None. Rows are then gathered straight from the mapped file: h5py's
+        reads of scattered rows cost ~30 ns per byte more, and hold the GIL while they run."""
+        if self._map_pid == os.getpid():
+            return self._map or None
+        import h5py
+
+        self._map, self._map_pid = False, os.getpid()
+        with self._lock:
+            ds = self._dataset()
+            dcpl = ds.id.get_create_plist()
+            n, row_bytes = len(ds), int(ds.dtype.itemsize * np.prod(ds.shape[1:], dtype=np.int64))
+            offsets = None
+            if dcpl.get_nfilters() == 0 and dcpl.get_external_count() == 0 and n and row_bytes:
+                if dcpl.get_layout() == h5py.h5d.CONTIGUOUS and ds.id.get_offset() is not None:
+                    offsets = ds.id.get_offset() + np.arange(n, dtype=np.int64) * row_bytes
+                elif dcpl.get_layout() == h5py.h5d.CHUNKED and tuple(ds.chunks[1:]) == tuple(ds.shape[1:]):
+                    per_chunk = ds.chunks[0]
+                    starts = np.full(-(-n // per_chunk), -1, dtype=np.int64)
+                    for i in range(ds.id.get_num_chunks()):
+                        info = ds.id.get_chunk_info(i)
+                        starts[info.chunk_offset[0] // per_chunk] = info.byte_offset
+                    if (starts >= 0).all():  # every chunk written (else some rows are fill values)
+                        rows = np.arange(n, dtype=np.int64)
+                        offsets = starts[rows // per_chunk] + (rows % per_chunk) * row_bytes
+            if offsets is not None:
+                self._map = (np.memmap(self.path, dtype=np.uint8, mode="r"), offsets, row_bytes, np.dtype(ds.dtype))
+        return self._map or None
+
     def read(self, index: Union[Tensor, Sequence[int], np.ndarray]) -> Tensor:
         """float32 [k, C, H, W] of the rows ``index`` (int [k], any order, repeats allowed).
 
@@ -203,7 +238,12 @@ class DiskImages:
         unique, inverse = np.unique(idx, return_inverse=True)
         lo, hi = int(unique[0]), int(unique[-1]) + 1
         row_bytes = max(1, self.nbytes // max(1, len(self)))
-        if (hi - lo) <= 2 * len(unique) or (hi - lo) * row_bytes <= SLAB_BYTES:
+        mapped = self._byte_map()
+        if mapped is not None:
+            data, offsets, size, stored = mapped
+            raw = data[offsets[unique][:, None] + np.arange(size)].view(stored)
+            rows = _to_float_nchw(raw.reshape(len(unique), *self.raw_shape[1:]), self.layout, self.scale)
+        elif (hi - lo) <= 2 * len(unique) or (hi - lo) * row_bytes <= SLAB_BYTES:
             rows = self._rows(slice(lo, hi))[unique - lo]
         else:
             rows = self._rows(unique)

@@ -61,7 +61,7 @@ def run_demo(args) -> dict:
         n = min(args.attribute, args.samples)
         agreement = pipeline.attribute_step(checkpoint, results, n, k=max(10, args.per_sample),
                                             check=args.per_sample, device=args.device)
-        _step(f"influence of all {units.n_units} units on {n} samples (first_order, direct, loss); "
+        _step(f"influence of all {units.n_units} units on {n} samples (dtrak, first_order, direct, loss); "
               f"exact check of each sample's top {args.per_sample}: {agreement}", start)
 
     judge = train_judge(data)

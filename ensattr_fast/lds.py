@@ -57,6 +57,35 @@ def train_references(path: os.PathLike, data: Dataset, unit_of: Tensor, subsets:
     return trainer.checkpoint()
 
 
+def train_full_model(path: os.PathLike, data: Dataset, unit_of: Tensor, n_units: int, config: TrainConfig,
+                     spec: dict, device: str = "cpu", progress: bool = True) -> Checkpoint:
+    """One model of the ensemble's architecture trained on every unit, as D-TRAK attributes
+    with (the baseline of the LDS table), or loaded from ``path`` when a finished run is there."""
+    path = Path(path)
+    ensemble = StackedMLP(1, data.data_shape, hidden=spec["hidden"], blocks=spec["blocks"],
+                          time_dim=spec["time_dim"], seed=config.seed + 7)
+    code = torch.ones(n_units, 1, dtype=torch.uint8)
+    trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(n_units)], NoiseSchedule.linear(),
+                      TrainConfig(**{**config.__dict__, "mode": "independent"}), device, require_exact_ablation=False)
+    if path.exists():
+        trainer.restore(Checkpoint.load(path))
+    if trainer.step < config.steps:
+        trainer.train(checkpoint=path, checkpoint_every=250, progress=progress)
+    return trainer.checkpoint()
+
+
+def dtrak_baseline(model: Checkpoint, data: Dataset, queries: Tensor, unit_of: Tensor, n_units: int,
+                   device: str = "cpu") -> Tensor:
+    """D-TRAK scores [Q, N] of one model trained on all units (10 timesteps, 1,024 dims,
+    lambda 1% of the mean diagonal)."""
+    from .gradients import FeatureSpec, gradient_features, member_scores
+
+    ensemble, schedule = model.build().to(device), NoiseSchedule(tuple(model.config["schedule"]["betas"]))
+    spec = FeatureSpec(kind="dtrak")
+    train = gradient_features(ensemble, schedule, data.read(torch.arange(len(data))), spec)
+    return member_scores(train, gradient_features(ensemble, schedule, queries, spec), unit_of, n_units)[0]
+
+
 def pixel_similarity(queries: Tensor, data: Dataset, unit_of: Tensor, n_units: int,
                      nearest: Optional[int] = None) -> Tensor:
     """[Q, N]: minus the pixel distance from each query to the unit's nearest image; with
@@ -73,9 +102,11 @@ def pixel_similarity(queries: Tensor, data: Dataset, unit_of: Tensor, n_units: i
 def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
               references: os.PathLike, halves: int = 32, seeds: int = 2,
               steps: Optional[int] = None, draws: int = 256, rows: Optional[int] = None,
-              device: str = "cpu", progress: bool = True) -> Dict[str, dict]:
-    """LDS of each influence matrix in ``results`` and of the pixel baseline, per method:
-    mean over queries, its 95% interval, and the number of queries."""
+              device: str = "cpu", progress: bool = True, full_model: Optional[os.PathLike] = None) -> Dict[str, dict]:
+    """LDS of each influence matrix in ``results`` and of the baselines, per method: mean
+    over queries, its 95% interval, and the number of queries. Baselines: pixel similarity,
+    the pixel 10 nearest, and D-TRAK on one model trained on all units (``full_model``, by
+    default beside ``references``; trained there when missing)."""
     checkpoint = Checkpoint.load(checkpoint_path)
     n_units = len(checkpoint.code)
     with open_results(results) as r:
@@ -100,4 +131,8 @@ def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
     for name, nearest in (("pixel_similarity", None), ("pixel_nearest_10", 10)):
         baseline = pixel_similarity(queries, data, unit_of, n_units, nearest).numpy()
         table[name] = lds(baseline, subsets.numpy(), losses)
+    full_model = full_model or Path(references).with_name(Path(references).stem + ".full.pt")
+    model = train_full_model(full_model, data, unit_of, n_units, config, checkpoint.spec, device, progress)
+    table["dtrak_one_model"] = lds(dtrak_baseline(model, data, queries, unit_of, n_units, device).numpy(),
+                                   subsets.numpy(), losses)
     return table

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import codes, distributed
 from .checkpoint import Checkpoint
 from .data import DataError, Dataset, check_images, load_dataset, load_digits
+from .gradients import parse_method
 from .members import Ensemble, StackedMLP, build_ensemble, diffusers_ensemble
 from .sampling import ablate, sample
 from .schedules import NoiseSchedule, Sampler
@@ -379,7 +380,7 @@ def _part_path(results: os.PathLike, rank: int, size: int) -> Path:
 
 
 def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int,
-                   methods: Sequence[str] = ("first_order", "direct", "loss"), k: int = 10,
+                   methods: Sequence[str] = ("dtrak", "first_order", "direct", "loss"), k: int = 10,
                    block_rows: int = 64, block_units: int = 16384, draws: int = 64,
                    check: int = 8, check_method: str = "first_order", device: str = "cpu",
                    progress: bool = True, groups: Optional[dict] = None) -> dict:
@@ -408,9 +409,10 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
     check_images(samples, f"samples in {results}", shape=checkpoint.spec["data_shape"], allow_empty=True)
     for name, units in (groups or {}).items():  # before anything is written
         codes.check_unit_ids(units, len(checkpoint.code), f"group {name!r}")
-    unknown = set(methods) - {"first_order", "direct", "loss"}
+    unknown = {m for m in methods if m not in ("first_order", "direct", "loss") and parse_method(m) is None}
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}: use first_order, direct, loss")
+        raise DataError(f"unknown methods {sorted(unknown)}: use first_order, direct, loss, or a gradient "
+                        f"method: dtrak or trak, alone (the members' mean) or with _includers or _contrast")
     world = distributed.world()
     target = Path(results)
     if world.distributed:
@@ -439,7 +441,8 @@ def _score_rows(checkpoint, checkpoint_path, sampler, seeds, samples, target, me
                 block_units, draws, groups, progress, device) -> None:
     """Statistics of the rows (kept in ``target`` for resumes) and every method's matrix."""
     from .attribution import first_order_grams, group_code, member_losses
-    from .streaming import stream_influence
+    from .gradients import FeatureSpec, combine, gradient_features, member_scores
+    from .streaming import stream_influence, stream_scores
 
     ensemble, schedule = checkpoint.build().to(device), _schedule(checkpoint)
 
@@ -457,11 +460,23 @@ def _score_rows(checkpoint, checkpoint_path, sampler, seeds, samples, target, me
         stats["direct"] = ("first_order", _statistics(target, "gram_direct", lambda: compute("direct")))
     if "loss" in methods:
         stats["loss"] = ("loss", _statistics(target, "losses", lambda: member_losses(ensemble, schedule, samples, draws)))
-    stats = {m: stats[m] for m in methods}
+    stats = {m: stats[m] for m in methods if m in stats}
     spec = dict(rows="samples", sampler=dataclasses.asdict(sampler), draws=draws,
                 checkpoint_hash=file_hash(checkpoint_path))
     stream_influence(target, checkpoint.code, stats, k=k, block_rows=block_rows,
                      block_units=block_units, spec=spec, progress=progress, device=device)
+    gradient = {m: parse_method(m) for m in methods if parse_method(m) is not None}
+    for kind in sorted({kind for kind, _ in gradient.values()}):
+        features = FeatureSpec(kind=kind)
+        data = load_data(checkpoint.config["data"].get("spec", checkpoint.config["data"]["name"]))
+        train = _statistics(target, f"features_{kind}_train", lambda: gradient_features(
+            ensemble, schedule, data.read(torch.arange(len(data))), features, progress=progress))
+        queries = _statistics(target, f"features_{kind}", lambda: gradient_features(ensemble, schedule, samples, features))
+        per_member = member_scores(train, queries, checkpoint.unit_of, len(checkpoint.code))
+        for name, (_, how) in gradient.items():
+            if name.startswith(kind):
+                stream_scores(target, name, combine(per_member, checkpoint.code, how), k, block_rows, block_units,
+                              dict(spec, features=dataclasses.asdict(features), combination=how))
     if groups:
         group_rows = group_code(checkpoint.code, list(groups.values()))
         stream_influence(target, group_rows, {f"{m}_groups": v for m, v in stats.items()}, k=min(k, len(groups)),

@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import h5py
 import numpy as np
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -105,6 +106,7 @@ def _stream_one(stream: InfluenceStream, kind: str, stats: Tensor, code: Tensor,
 
 
 STITCHED = ("influence", "progress", "topk", "statistics")
+PER_RANK = ("statistics/features_dtrak_train", "statistics/features_trak_train")  # whole on every rank
 
 
 def stitch_parts(path: os.PathLike, parts) -> None:
@@ -124,7 +126,8 @@ def stitch_parts(path: os.PathLike, parts) -> None:
             return
         names: list = []
         filled[0].visititems(lambda name, obj: names.append(name)
-                             if isinstance(obj, h5py.Dataset) and name.split("/")[0] in STITCHED else None)
+                             if isinstance(obj, h5py.Dataset) and name.split("/")[0] in STITCHED
+                             and name not in PER_RANK else None)
         with h5py.File(path, "a", libver="latest") as out:
             real = [name for name in names if name in out and not out[name].is_virtual]
             if real:
@@ -149,3 +152,33 @@ def stitch_parts(path: os.PathLike, parts) -> None:
     finally:
         for f in opened:
             f.close()
+
+
+def stream_scores(path: os.PathLike, name: str, scores: Tensor, k: int = 10, block_rows: int = 64,
+                  block_units: int = 16384, spec: Optional[dict] = None) -> InfluenceStream:
+    """Write a matrix computed elsewhere (gradient methods: [K, N]) as ``/influence/<name>``
+    and ``/topk/<name>``, in the blocks and with the done flags of every other method."""
+    recover_after_kill(path) if os.path.exists(path) else None
+    with h5py.File(path, "a", libver="latest") as f:
+        stream = InfluenceStream(f, name, len(scores), scores.shape[1], block_rows, block_units, k,
+                                 dict(spec or {}, kind="precomputed"))
+        f.swmr_mode = True
+        for rb in range(stream.n_row_blocks):
+            rows = stream.row_range(rb)
+            block = scores[rows.start : rows.stop].float()
+            for ub in range(stream.n_unit_blocks):
+                if not stream.is_done(rb, ub):
+                    units = stream.unit_range(ub)
+                    stream.write_block(rb, ub, block[:, units.start : units.stop].numpy())
+            if not stream.topk_done[rb]:
+                top = block.nan_to_num(nan=-float("inf")).topk(min(k, block.shape[1]), dim=1)
+                values = top.values.numpy().copy()
+                indices = top.indices.numpy().copy()
+                empty = ~torch.isfinite(top.values).numpy()
+                values[empty], indices[empty] = np.nan, -1
+                pad = k - values.shape[1]
+                if pad > 0:  # fewer units than k
+                    values = np.pad(values, ((0, 0), (0, pad)), constant_values=np.nan)
+                    indices = np.pad(indices, ((0, 0), (0, pad)), constant_values=-1)
+                stream.write_topk(rb, values, indices)
+    return stream

@@ -43,6 +43,7 @@ def test_attribute_metrics_report_and_lds(run_dir, capsys):
     (d / "groups.json").write_text(json.dumps({f"pair {i}": [2 * i, 2 * i + 1] for i in range(12)}))
     assert main(["attribute", "--checkpoint", str(d / "ensemble.pt"), "--results", str(d / "results.h5"),
                  "--samples", "4", "--block-units", "500", "--draws", "4", "--check", "2",
+                 "--method", "first_order,direct,loss",
                  "--groups", str(d / "groups.json")]) == 0
     with open_results(d / "results.h5") as r:
         assert r.methods == ["direct", "direct_groups", "first_order", "first_order_groups", "loss", "loss_groups"]
@@ -69,7 +70,7 @@ def test_attribute_metrics_report_and_lds(run_dir, capsys):
                  "--references", str(d / "refs.pt"), "--halves", "4", "--seeds", "2", "--steps", "2",
                  "--draws", "3", "--json", str(d / "lds.json")]) == 0
     table = json.loads((d / "lds.json").read_text())
-    assert set(table) == {"first_order", "direct", "loss", "pixel_similarity", "pixel_nearest_10"}
+    assert set(table) == {"first_order", "direct", "loss", "pixel_similarity", "pixel_nearest_10", "dtrak_one_model"}
     assert all(-1 <= row["mean"] <= 1 for row in table.values() if np.isfinite(row["mean"]))
 
 

@@ -440,3 +440,18 @@ def test_dataset_keeps_its_old_api_and_checks_new_fields():
 def dataclasses_frozen_error():
     import dataclasses
     return dataclasses.FrozenInstanceError
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(chunks=(7, 1, 4, 4)), dict(chunks=(7, 1, 2, 4)),
+                                    dict(chunks=(5, 1, 4, 4), compression="gzip")])
+def test_disk_rows_equal_memory_for_every_storage_layout(tmp_path, layout):
+    """Contiguous and whole-row chunked data are gathered from the mapped file, other layouts
+    (partial-row chunks, compression) through h5py: the same values either way."""
+    images = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f.create_dataset("images", data=images.numpy(), **layout)
+    disk = DiskImages(tmp_path / "d.h5")
+    index = torch.tensor([39, 0, 7, 7, 21, 6, 8, 33])
+    assert torch.equal(disk.read(index), images[index])
+    mapped = disk._byte_map() is not None
+    assert mapped == ("compression" not in layout and layout.get("chunks", (0, 1, 4, 4))[1:] == (1, 4, 4))
