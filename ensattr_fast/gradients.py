@@ -47,7 +47,8 @@ from .data import check_images
 from .members import Ensemble, StackedMLP, _StackedLinear
 from .schedules import NoiseSchedule
 
-__all__ = ["FeatureSpec", "CountSketch", "gradient_features", "member_scores", "combine", "COMBINATIONS"]
+__all__ = ["FeatureSpec", "CountSketch", "gradient_features", "dataset_features", "member_scores", "combine",
+           "COMBINATIONS"]
 
 COMBINATIONS = ("mean", "includers", "contrast")
 
@@ -188,6 +189,14 @@ def _generic_features(ensemble, schedule, images, spec, batch, progress) -> Tens
         parts = [grads[k].reshape(len(x) * M, -1) for k in names]
         features[:, start : start + len(x)] = sketch(parts).view(len(x), M, -1).transpose(0, 1).cpu()
     return features
+
+
+def dataset_features(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: FeatureSpec = FeatureSpec(),
+                     progress: bool = False) -> Tensor:
+    """:func:`gradient_features` [M, n, dim] of every image of a :class:`~ensattr_fast.data.Dataset`,
+    read block by block (data on disk is never loaded whole)."""
+    blocks = [gradient_features(ensemble, schedule, block, spec, progress=progress) for block in data.blocks()]
+    return torch.cat(blocks, 1) if blocks else torch.zeros(ensemble.n_members, 0, spec.dim)
 
 
 def member_scores(train: Tensor, queries: Tensor, unit_of: Tensor, n_units: int,

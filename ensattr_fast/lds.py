@@ -78,11 +78,11 @@ def dtrak_baseline(model: Checkpoint, data: Dataset, queries: Tensor, unit_of: T
                    device: str = "cpu") -> Tensor:
     """D-TRAK scores [Q, N] of one model trained on all units (10 timesteps, 1,024 dims,
     lambda 1% of the mean diagonal)."""
-    from .gradients import FeatureSpec, gradient_features, member_scores
+    from .gradients import FeatureSpec, dataset_features, gradient_features, member_scores
 
     ensemble, schedule = model.build().to(device), NoiseSchedule(tuple(model.config["schedule"]["betas"]))
     spec = FeatureSpec(kind="dtrak")
-    train = gradient_features(ensemble, schedule, data.read(torch.arange(len(data))), spec)
+    train = dataset_features(ensemble, schedule, data, spec)
     return member_scores(train, gradient_features(ensemble, schedule, queries, spec), unit_of, n_units)[0]
 
 

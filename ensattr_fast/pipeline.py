@@ -441,7 +441,7 @@ def _score_rows(checkpoint, checkpoint_path, sampler, seeds, samples, target, me
                 block_units, draws, groups, progress, device) -> None:
     """Statistics of the rows (kept in ``target`` for resumes) and every method's matrix."""
     from .attribution import first_order_grams, group_code, member_losses
-    from .gradients import FeatureSpec, combine, gradient_features, member_scores
+    from .gradients import FeatureSpec, combine, dataset_features, gradient_features, member_scores
     from .streaming import stream_influence, stream_scores
 
     ensemble, schedule = checkpoint.build().to(device), _schedule(checkpoint)
@@ -469,8 +469,8 @@ def _score_rows(checkpoint, checkpoint_path, sampler, seeds, samples, target, me
     for kind in sorted({kind for kind, _ in gradient.values()}):
         features = FeatureSpec(kind=kind)
         data = load_data(checkpoint.config["data"].get("spec", checkpoint.config["data"]["name"]))
-        train = _statistics(target, f"features_{kind}_train", lambda: gradient_features(
-            ensemble, schedule, data.read(torch.arange(len(data))), features, progress=progress))
+        train = _statistics(target, f"features_{kind}_train",
+                            lambda: dataset_features(ensemble, schedule, data, features, progress))
         queries = _statistics(target, f"features_{kind}", lambda: gradient_features(ensemble, schedule, samples, features))
         per_member = member_scores(train, queries, checkpoint.unit_of, len(checkpoint.code))
         for name, (_, how) in gradient.items():
