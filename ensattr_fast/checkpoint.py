@@ -62,6 +62,12 @@ class Checkpoint:
     optimizer: Optional[dict] = None
     generator: Optional[Tensor] = None
 
+    @property
+    def data_source(self):
+        """How to load the training data again: the spec its plan stored (a dict), or the
+        built-in data set's name for checkpoints from before specs."""
+        return self.config["data"].get("spec", self.config["data"]["name"])
+
     def build(self, factory: Optional[Callable[[], nn.Module]] = None, use_ema: bool = True) -> Ensemble:
         """The ensemble with its trained weights (the EMA weights when there are some).
 

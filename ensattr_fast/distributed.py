@@ -74,7 +74,7 @@ def shard(n: int, align: int = 1, at: Optional[World] = None) -> range:
     return range(min(n, lo * align), min(n, hi * align))
 
 
-def _comm_device(tensor: Tensor) -> torch.device:
+def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -84,7 +84,7 @@ def gather_rows(local: Tensor, to_all: bool = True) -> Tensor:
     on rank 0 only (the other ranks get their own rows back)."""
     if not world().distributed:
         return local
-    device, size = _comm_device(local), dist.get_world_size()
+    device, size = _comm_device(), dist.get_world_size()
     count = torch.tensor([len(local)], device=device)
     counts = [torch.zeros_like(count) for _ in range(size)]
     dist.all_gather(counts, count)

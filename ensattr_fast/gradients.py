@@ -165,29 +165,25 @@ def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress)
 
 def _generic_features(ensemble, schedule, images, spec, batch, progress) -> Tensor:
     device = next(ensemble.parameters()).device
-    M, shape = ensemble.n_members, ensemble.data_shape
-    t, eps = spec.draws(schedule, shape)
-    t, eps = t.to(device), eps.to(device)
-    abar = schedule.alphas_cumprod.to(device, torch.float32)[t].view(-1, *([1] * len(shape)))
+    M = ensemble.n_members
     params = {k: v.detach() for k, v in ensemble.named_parameters()}
     buffers = {k: v.detach() for k, v in ensemble.named_buffers()}
     names = list(params)
     # every parameter is stacked over members: [M, ...] -> M rows of its per-member size
     sketch = CountSketch([params[k][0].numel() for k in names], spec.dim, spec.seed + 1)
 
-    def f(params, x):  # x [*shape] -> a scalar: the sum over members of each member's f
-        x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps  # [K, *shape]
+    def f(params, x_t, t, eps):  # x_t [K, *shape] -> the sum over members of each member's f
         out = functional_call(ensemble, (params, buffers), (x_t.expand(M, *x_t.shape), t))
         return _value(out, eps, spec.kind).mean(-1).sum()
 
-    per_example = vmap(grad(f), in_dims=(None, 0))
+    per_example = vmap(grad(f), in_dims=(None, 0, None, None))
     features = torch.zeros(M, len(images), spec.dim)
     for start in tqdm(range(0, len(images), batch), disable=None if progress else True,
                       desc=f"{spec.kind} features", unit="batch"):
-        x = images[start : start + batch].to(device, torch.float32)
-        grads = per_example(params, x)  # name -> [b, M, ...]
-        parts = [grads[k].reshape(len(x) * M, -1) for k in names]
-        features[:, start : start + len(x)] = sketch(parts).view(len(x), M, -1).transpose(0, 1).cpu()
+        x_t, t, eps = _noised(images[start : start + batch], spec, schedule, device)
+        grads = per_example(params, x_t, t, eps)  # name -> [b, M, ...]
+        parts = [grads[k].reshape(len(x_t) * M, -1) for k in names]
+        features[:, start : start + len(x_t)] = sketch(parts).view(len(x_t), M, -1).transpose(0, 1).cpu()
     return features
 
 

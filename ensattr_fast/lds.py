@@ -43,30 +43,28 @@ def train_references(path: os.PathLike, data: Dataset, unit_of: Tensor, subsets:
                      progress: bool = True) -> Checkpoint:
     """Train ``seeds`` independent models on each half (members r * seeds + j), or load them
     from ``path`` when a finished run is there."""
-    path = Path(path)
     code = subsets.T.repeat_interleave(seeds, dim=1).to(torch.uint8)  # [N, R * seeds]
-    ensemble = StackedMLP(code.shape[1], data.data_shape, hidden=spec["hidden"], blocks=spec["blocks"],
-                          time_dim=spec["time_dim"], shared_init=False, seed=config.seed)
-    config = TrainConfig(**{**config.__dict__, "mode": "independent"})
-    trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(len(subsets[0]))],
-                      NoiseSchedule.linear(), config, device, require_exact_ablation=False)
-    if path.exists():
-        trainer.restore(Checkpoint.load(path))
-    if trainer.step < config.steps:
-        trainer.train(checkpoint=path, checkpoint_every=250, progress=progress)
-    return trainer.checkpoint()
+    return _train_independent(path, data, unit_of, code, config, spec, config.seed, device, progress)
 
 
 def train_full_model(path: os.PathLike, data: Dataset, unit_of: Tensor, n_units: int, config: TrainConfig,
                      spec: dict, device: str = "cpu", progress: bool = True) -> Checkpoint:
     """One model of the ensemble's architecture trained on every unit, as D-TRAK attributes
     with (the baseline of the LDS table), or loaded from ``path`` when a finished run is there."""
-    path = Path(path)
-    ensemble = StackedMLP(1, data.data_shape, hidden=spec["hidden"], blocks=spec["blocks"],
-                          time_dim=spec["time_dim"], seed=config.seed + 7)
     code = torch.ones(n_units, 1, dtype=torch.uint8)
-    trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(n_units)], NoiseSchedule.linear(),
-                      TrainConfig(**{**config.__dict__, "mode": "independent"}), device, require_exact_ablation=False)
+    return _train_independent(path, data, unit_of, code, config, spec, config.seed + 7, device, progress)
+
+
+def _train_independent(path: os.PathLike, data: Dataset, unit_of: Tensor, code: Tensor, config: TrainConfig,
+                       spec: dict, init_seed: int, device: str, progress: bool) -> Checkpoint:
+    """Independent MLP models of the ensemble's architecture, model m on the units of
+    ``code[:, m]``, trained in ``path`` (or loaded from it when that run is finished)."""
+    path = Path(path)
+    ensemble = StackedMLP(code.shape[1], data.data_shape, hidden=spec["hidden"], blocks=spec["blocks"],
+                          time_dim=spec["time_dim"], shared_init=False, seed=init_seed)
+    config = TrainConfig(**{**config.__dict__, "mode": "independent"})
+    trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(len(code))],
+                      NoiseSchedule.linear(), config, device, require_exact_ablation=False)
     if path.exists():
         trainer.restore(Checkpoint.load(path))
     if trainer.step < config.steps:

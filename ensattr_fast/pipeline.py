@@ -210,7 +210,7 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
                     writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
                                      versions=versions(), checkpoint_hash=spec["checkpoint_hash"],
                                      data_fingerprint=checkpoint.data_fingerprint,
-                                     plan=dict(dataset=checkpoint.config["data"].get("spec", checkpoint.config["data"]["name"])))
+                                     plan=dict(dataset=checkpoint.data_source))
             stream = SampleStream(results, len(seeds), ensemble.data_shape, chunk, spec)
             pending = [(r.start, r.stop) for r in stream.pending()]
         except StoreError as error:
@@ -466,15 +466,15 @@ def _score_rows(checkpoint, checkpoint_path, sampler, seeds, samples, target, me
     stream_influence(target, checkpoint.code, stats, k=k, block_rows=block_rows,
                      block_units=block_units, spec=spec, progress=progress, device=device)
     gradient = {m: parse_method(m) for m in methods if parse_method(m) is not None}
+    data = load_data(checkpoint.data_source) if gradient else None
     for kind in sorted({kind for kind, _ in gradient.values()}):
         features = FeatureSpec(kind=kind)
-        data = load_data(checkpoint.config["data"].get("spec", checkpoint.config["data"]["name"]))
         train = _statistics(target, f"features_{kind}_train",
                             lambda: dataset_features(ensemble, schedule, data, features, progress))
         queries = _statistics(target, f"features_{kind}", lambda: gradient_features(ensemble, schedule, samples, features))
         per_member = member_scores(train, queries, checkpoint.unit_of, len(checkpoint.code))
-        for name, (_, how) in gradient.items():
-            if name.startswith(kind):
+        for name, (of_kind, how) in gradient.items():
+            if of_kind == kind:
                 stream_scores(target, name, combine(per_member, checkpoint.code, how), k, block_rows, block_units,
                               dict(spec, features=dataclasses.asdict(features), combination=how))
     if groups:

@@ -128,11 +128,6 @@ class ResultsWriter:
             _replace(units, "name", np.array(list(unit_names), dtype=object), dtype=h5py.string_dtype())
         self.set_attrs(code_hash=code_hash(code))
 
-    def write_samples(self, images: Tensor, seeds: Sequence[int]) -> None:
-        group = self.file.require_group("samples")
-        _replace(group, "images", images.float().numpy())
-        _replace(group, "seed", np.asarray(seeds, dtype=np.int64))
-
     def write_groups(self, names: Sequence[str], units: Sequence[Sequence[int]]) -> None:
         """Unit sets as CSR: ``/groups/name`` [G], ``/groups/ptr`` [G+1], ``/groups/units``."""
         group = self.file.require_group("groups")
