@@ -28,7 +28,7 @@ _CHILD = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     if what == "ensattr_fast":
-        from ensattr_fast.streaming import stream_influence
+        from ensattr_fast.store import stream_influence
         code = (torch.rand(N, M, generator=g).argsort(1) < M // 2).to(torch.uint8)
         J = torch.randn(S, 64, M, generator=g)
         gram = J.transpose(1, 2) @ J

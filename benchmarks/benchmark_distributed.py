@@ -22,12 +22,13 @@ def _worker(steps: int) -> None:
     import torch
 
     from ensattr_fast import codes, distributed
+    from ensattr_fast.cli import launch
     from ensattr_fast.data import load_digits
     from ensattr_fast.members import StackedMLP
     from ensattr_fast.schedules import NoiseSchedule
     from ensattr_fast.training import TrainConfig, Trainer
 
-    distributed.init_from_env("cpu")
+    launch("cpu")
     data = load_digits()
     units = codes.Units.per_example(len(data))
     code = codes.balanced_constant_weight(len(data), M, seed=0)

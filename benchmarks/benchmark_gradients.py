@@ -12,7 +12,7 @@ import torch
 
 from ensattr_fast import codes
 from ensattr_fast.data import load_digits
-from ensattr_fast.gradients import FeatureSpec, _generic_features, combine, gradient_features, member_scores
+from ensattr_fast.attribution.gradients import FeatureSpec, _generic_features, combine, gradient_features, member_scores
 from ensattr_fast.members import StackedMLP
 from ensattr_fast.schedules import NoiseSchedule
 

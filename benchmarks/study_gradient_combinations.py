@@ -17,9 +17,9 @@ import torch
 
 from ensattr_fast.attribution import member_losses
 from ensattr_fast.checkpoint import Checkpoint
-from ensattr_fast.gradients import combine, member_scores
-from ensattr_fast.lds import reference_subsets
-from ensattr_fast.metrics import lds
+from ensattr_fast.attribution.gradients import combine, member_scores
+from ensattr_fast.evaluation.lds import reference_subsets
+from ensattr_fast.evaluation.metrics import lds
 from ensattr_fast.schedules import NoiseSchedule
 
 

@@ -16,21 +16,22 @@ from pathlib import Path
 
 import torch
 
-from ensattr_fast import code_scores, pipeline
+from ensattr_fast import code_scores
+from ensattr_fast.data import load_data
 from ensattr_fast.attribution import member_losses
 from ensattr_fast.checkpoint import Checkpoint
 from ensattr_fast.cli import main as ensattr
-from ensattr_fast.lds import lds_table
-from ensattr_fast.results import open_results
+from ensattr_fast.evaluation.lds import lds_table
+from ensattr_fast.store import open_results
 from ensattr_fast.training import MODES
 
 
 def self_influence(checkpoint_path: Path, n: int = 100, draws: int = 64) -> float:
     """Share of n training images whose own unit is in the top 10 of their loss scores."""
     checkpoint = Checkpoint.load(checkpoint_path)
-    data = pipeline.load_data("digits")
+    data = load_data("digits")
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:n]
-    losses = member_losses(checkpoint.build(), pipeline._schedule(checkpoint), data.images[idx], draws)
+    losses = member_losses(checkpoint.build(), checkpoint.schedule, data.images[idx], draws)
     top = code_scores(checkpoint.code, losses=losses, k=10).top_indices
     return (top == checkpoint.unit_of[idx][:, None]).any(1).float().mean().item()
 
@@ -61,7 +62,7 @@ def main() -> None:
         print(mode, json.dumps(report[mode]), flush=True)
     for mode in args.modes:
         run = args.out / mode
-        table = lds_table(run / "results.h5", run / "ensemble.pt", pipeline.load_data("digits"),
+        table = lds_table(run / "results.h5", run / "ensemble.pt", load_data("digits"),
                           args.out / "references.pt", args.halves, args.seeds)
         report[mode]["lds"] = {m: {k: v for k, v in row.items() if k != "per_query"} for m, row in table.items()}
         print(mode, "LDS", json.dumps(report[mode]["lds"]), flush=True)

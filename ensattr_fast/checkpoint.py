@@ -18,15 +18,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointError
 from .members import Ensemble, VmapEnsemble, build_ensemble
+from .schedules import NoiseSchedule
 
 __all__ = ["Checkpoint", "CheckpointError"]
 
 FORMAT = "ensattr_fast.checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated, corrupt or of another format."""
 
 
 def _damaged_entry(path: Path) -> Optional[str]:
@@ -67,6 +65,11 @@ class Checkpoint:
         """How to load the training data again: the spec its plan stored (a dict), or the
         built-in data set's name for checkpoints from before specs."""
         return self.config["data"].get("spec", self.config["data"]["name"])
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The noise schedule the members were trained under (and must sample with)."""
+        return NoiseSchedule(tuple(self.config["schedule"]["betas"]))
 
     def build(self, factory: Optional[Callable[[], nn.Module]] = None, use_ema: bool = True) -> Ensemble:
         """The ensemble with its trained weights (the EMA weights when there are some).

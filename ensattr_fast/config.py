@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "read_config", "options_for"]
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be read or names options a step does not have."""
 
 
 def read_config(path: os.PathLike) -> dict:

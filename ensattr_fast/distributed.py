@@ -1,7 +1,8 @@
-"""Running the steps across processes and machines with ``torch.distributed``.
+"""The collectives the steps use across processes and machines (``torch.distributed``); one
+process is the same code with a world of size 1. Joining the process group that ``torchrun``
+describes is the command line's job (:func:`ensattr_fast.cli.launch`).
 
-Launch any ``ensattr`` step with ``torchrun`` (gloo on CPUs, NCCL on GPUs); one process is the
-same code with a world of size 1. The work splits so that the heavy loops exchange nothing:
+The work splits so that the heavy loops exchange nothing:
 
 - **training**: members are sharded (each rank trains its members, batched). Members never
   share gradients, so a training step sends no bytes; a checkpoint gathers the shards to rank
@@ -10,7 +11,7 @@ same code with a world of size 1. The work splits so that the heavy loops exchan
   takes exactly the draws of a one-process run.
 - **sampling and ablation**: every rank holds all members and runs its share of the
   trajectories; the images are gathered once at the end. We chose this over sharding members
-  and all-reducing the weighted eps sums every step (S*D floats per step, DESIGN.md section 4)
+  and all-reducing the weighted eps sums every step (S*D floats per step, docs/method.md)
   because an ensemble fits on one device at every scale of the papers (20 CIFAR-10 UNets of
   35.7M parameters: 2.9 GB in float32), and then trajectories split with no traffic at all.
 - **attribution**: rows (samples) are sharded in whole row blocks; each rank streams its part
@@ -20,14 +21,13 @@ same code with a world of size 1. The work splits so that the heavy loops exchan
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["World", "world", "init_from_env", "shard", "gather_rows", "select_members",
+__all__ = ["World", "world", "shard", "gather_rows", "select_members",
            "gather_members", "barrier", "broadcast_object"]
 
 
@@ -50,20 +50,6 @@ def world() -> World:
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     return World()
-
-
-def init_from_env(device: str = "cpu") -> str:
-    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1) and return the
-    device of this rank: gloo for CPU runs, NCCL and ``cuda:LOCAL_RANK`` for CUDA runs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device
 
 
 def shard(n: int, align: int = 1, at: Optional[World] = None) -> range:

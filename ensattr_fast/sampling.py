@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .codes import CodeError
+from .errors import CodeError
 from .members import Ensemble, PackedLayout
 from .ops import ensemble_step
 from .schedules import NoiseSchedule, Sampler

@@ -17,6 +17,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 __all__ = ["NoiseSchedule", "SamplerStep", "Sampler"]
 
 
@@ -77,11 +79,11 @@ class Sampler:
 
     def __post_init__(self):
         if self.kind not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler kind must be 'ddpm' or 'ddim', got {self.kind!r}")
+            raise ConfigError(f"sampler kind must be 'ddpm' or 'ddim', got {self.kind!r}")
         if self.kind == "ddim" and (self.steps is None or self.steps < 1):
-            raise ValueError(f"DDIM needs steps >= 1, got {self.steps}")
+            raise ConfigError(f"DDIM needs steps >= 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+            raise ConfigError(f"eta must lie in [0, 1], got {self.eta}")
 
     def plan(self, schedule: NoiseSchedule) -> List[SamplerStep]:
         """The steps to run, first (noisiest) to last."""
@@ -115,7 +117,7 @@ def _ddim_steps(schedule: NoiseSchedule, n_steps: int, eta: float) -> List[Sampl
     (possibly clipped) x0_hat, eps' = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), so that
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps' + sigma z."""
     if n_steps > schedule.steps:
-        raise ValueError(f"DDIM steps ({n_steps}) cannot exceed the schedule's {schedule.steps}")
+        raise ConfigError(f"DDIM steps ({n_steps}) cannot exceed the schedule's {schedule.steps}")
     abar = schedule.alphas_cumprod.tolist()
     ratio = schedule.steps // n_steps
     steps = []

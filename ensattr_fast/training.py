@@ -4,7 +4,7 @@ Member m minimises the epsilon-prediction loss over the examples of the units it
 (``code[u, m] = 1``). Each step evaluates all members in one batched call and reduces with the
 fused ``masked_member_mse``; Adam on stacked parameters is exactly per-member Adam.
 
-Modes (DESIGN.md, "Common random numbers"):
+Modes (docs/method.md, "Common random numbers"):
 
 - ``independent``: the seed's way; each member its own initial weights and its own (t, eps).
 - ``shared_noise``: shared initial weights; every step one draw of (t, eps) shared by all
@@ -28,10 +28,11 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, CheckpointError
 from . import distributed
-from .codes import CodeError, validate
+from .checkpoint import Checkpoint
+from .codes import member_pools, validate
 from .data import Dataset
+from .errors import CheckpointError, CodeError, ConfigError, DataError
 from .members import Ensemble
 from .ops import masked_member_mse
 from .schedules import NoiseSchedule
@@ -55,9 +56,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"training mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"training mode must be one of {MODES}, got {self.mode!r}")
         if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"steps >= 0 and batch_size >= 1 needed, got {self.steps}, {self.batch_size}")
+            raise ConfigError(f"steps >= 0 and batch_size >= 1 needed, got {self.steps}, {self.batch_size}")
 
     def learning_rate(self, step: int) -> float:
         if step < self.warmup:
@@ -65,19 +66,6 @@ class TrainConfig:
         progress = (step - self.warmup) / max(1, self.steps - self.warmup)
         cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return self.lr * (self.lr_final_fraction + (1 - self.lr_final_fraction) * cosine)
-
-
-def member_pools(code: Tensor, unit_of: Tensor) -> tuple[Tensor, Tensor]:
-    """Examples each member trains on: padded indices [M, max_pool] and pool sizes [M]."""
-    sees = code[unit_of].bool().T  # [M, n_examples]
-    sizes = sees.sum(1)
-    empty = (sizes == 0).nonzero()
-    if len(empty):
-        raise CodeError(f"member {empty[0].item()} trains on no example")
-    pools = torch.zeros(len(sizes), int(sizes.max()), dtype=torch.long)
-    for m, row in enumerate(sees):
-        pools[m, : sizes[m]] = row.nonzero().squeeze(1)
-    return pools, sizes
 
 
 class Trainer:
@@ -110,15 +98,16 @@ class Trainer:
         if members is None and code.shape[1] != ensemble.n_members:
             raise CodeError(f"the code has {code.shape[1]} members but the ensemble {ensemble.n_members}")
         self.members = range(code.shape[1]) if members is None else members
+        self._sharded = len(self.members) != code.shape[1]
         if len(self.members) != ensemble.n_members or self.members.stop > code.shape[1]:
             raise CodeError(f"the ensemble holds {ensemble.n_members} members but is given members "
                             f"{self.members.start}..{self.members.stop - 1} of a code of {code.shape[1]}")
         if len(unit_of) != len(data):
-            raise CodeError(f"unit_of maps {len(unit_of)} examples but the data has {len(data)}")
+            raise DataError(f"unit_of maps {len(unit_of)} examples but the data has {len(data)}")
         if len(unit_of) and (unit_of.min() < 0 or unit_of.max() >= len(code)):
             raise CodeError(f"unit ids must lie in [0, {len(code)}), got {unit_of.min().item()}..{unit_of.max().item()}")
         if tuple(data.data_shape) != tuple(ensemble.data_shape):
-            raise CodeError(f"the data has shape {data.data_shape} but the ensemble expects {ensemble.data_shape}")
+            raise DataError(f"the data has shape {data.data_shape} but the ensemble expects {ensemble.data_shape}")
         self.device = torch.device(device)
         self.ensemble = ensemble.to(self.device)
         self.data, self.code, self.unit_of, self.unit_names = data, code, unit_of, list(unit_names)
@@ -282,23 +271,20 @@ class Trainer:
             generator=(self.generator.get_state() if self._pending is None else self._state_before_pending).cpu(),
         )
 
-    @property
-    def _sharded(self) -> bool:
-        return len(self.members) != self.code.shape[1]
-
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``: weights, optimiser, EMA, RNG and step."""
         if checkpoint.data_fingerprint != self.data.fingerprint():
-            raise CodeError("the checkpoint was trained on other data (fingerprint mismatch)")
+            raise DataError("the checkpoint was trained on other data (fingerprint mismatch)")
         if not torch.equal(checkpoint.code, self.code.cpu()):
             raise CodeError("the checkpoint was trained under another code")
         ours = dict(self.ensemble.spec(), n_members=self.code.shape[1])
         differ = sorted(k for k in set(ours) | set(checkpoint.spec)
                         if k not in ("seed", "shared_init") and ours.get(k) != checkpoint.spec.get(k))
         if differ:
-            raise CheckpointError("the checkpoint holds another architecture ("
-                                  + ", ".join(f"{k} {checkpoint.spec.get(k)} there, {ours.get(k)} here" for k in differ)
-                                  + "): resume with the same --hidden and --blocks")
+            detail = ", ".join(f"{k} {checkpoint.spec.get(k)} there, {ours.get(k)} here" for k in differ)
+            raise CheckpointError(f"the checkpoint holds another architecture ({detail}): resume with the same "
+                                  "--arch, --hidden, --blocks and --width")
+
         def mine(state):
             return distributed.select_members(state, self.members) if self._sharded else state
 

@@ -6,6 +6,7 @@ import torch
 from ensattr_fast import codes
 from ensattr_fast.checkpoint import Checkpoint, CheckpointError
 from ensattr_fast.data import Dataset
+from ensattr_fast.errors import ConfigError, DataError
 from ensattr_fast.members import StackedMLP, UNetMember, VmapEnsemble
 from ensattr_fast.ops import masked_member_mse
 from ensattr_fast.schedules import NoiseSchedule
@@ -124,11 +125,11 @@ def test_trainer_rejects_mismatched_inputs():
     units = codes.Units.per_example(len(data))
     code = codes.balanced_constant_weight(len(data), 6, seed=1)
     ensemble = StackedMLP(6, (1, 5, 5), hidden=8, blocks=1)
-    with pytest.raises(codes.CodeError, match=r"data has shape \(1, 4, 4\) but the ensemble expects \(1, 5, 5\)"):
+    with pytest.raises(DataError, match=r"data has shape \(1, 4, 4\) but the ensemble expects \(1, 5, 5\)"):
         Trainer(ensemble, data, code, units.unit_of, units.names, SCHEDULE, TrainConfig())
     with pytest.raises(codes.CodeError, match="code has 6 members but the ensemble 4"):
         Trainer(StackedMLP(4, (1, 4, 4)), data, code, units.unit_of, units.names, SCHEDULE, TrainConfig())
     with pytest.raises(codes.CodeError, match=r"unit ids must lie in \[0, 16\)"):
         Trainer(StackedMLP(6, (1, 4, 4)), data, code, units.unit_of + 1, units.names, SCHEDULE, TrainConfig())
-    with pytest.raises(ValueError, match="training mode must be one of"):
+    with pytest.raises(ConfigError, match="training mode must be one of"):
         TrainConfig(mode="solo")

@@ -1,0 +1,123 @@
+"""The linear datamodeling score (LDS) of every influence matrix in a results file.
+
+Reference models train on R random halves of the units, each half with several seeds. They
+are just another ensemble, with a random code (column r: the units of half r), so the batched
+trainer trains all of them together. Each query's diffusion loss under each reference model,
+with fixed (t, eps) draws and averaged over a half's seeds, is then compared (Spearman, per
+query) with the loss an influence matrix predicts for the half: minus the sum of the scores of
+its units. Two pixel nearest-neighbour baselines are scored the same way: minus the distance
+from the query to the unit's nearest image (``pixel_similarity``), and 1 for the query's 10
+nearest units, 0 elsewhere (``pixel_nearest_10``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..attribution import member_losses
+from ..attribution.baselines import pixel_similarity
+from ..checkpoint import Checkpoint
+from ..data import Dataset
+from ..members import build_ensemble
+from ..schedules import NoiseSchedule
+from ..store import open_results
+from ..training import TrainConfig, Trainer
+from .metrics import lds
+
+__all__ = ["reference_subsets", "train_references", "train_full_model", "dtrak_baseline", "lds_table"]
+
+
+def reference_subsets(n_units: int, halves: int, seed: int = 0) -> Tensor:
+    """bool [R, N]: R independent random halves (N // 2 units each) of the units."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(halves, n_units, generator=g).argsort(1)
+    return order < n_units // 2
+
+
+def train_references(path: os.PathLike, data: Dataset, unit_of: Tensor, subsets: Tensor,
+                     seeds: int, config: TrainConfig, spec: dict, device: str = "cpu",
+                     progress: bool = True) -> Checkpoint:
+    """Train ``seeds`` independent models on each half (members r * seeds + j), or load them
+    from ``path`` when a finished run is there."""
+    code = subsets.T.repeat_interleave(seeds, dim=1).to(torch.uint8)  # [N, R * seeds]
+    return _train_independent(path, data, unit_of, code, config, spec, config.seed, device, progress)
+
+
+def train_full_model(path: os.PathLike, data: Dataset, unit_of: Tensor, n_units: int, config: TrainConfig,
+                     spec: dict, device: str = "cpu", progress: bool = True) -> Checkpoint:
+    """One model of the ensemble's architecture trained on every unit, as D-TRAK attributes
+    with (the baseline of the LDS table), or loaded from ``path`` when a finished run is there."""
+    code = torch.ones(n_units, 1, dtype=torch.uint8)
+    return _train_independent(path, data, unit_of, code, config, spec, config.seed + 7, device, progress)
+
+
+def _train_independent(path: os.PathLike, data: Dataset, unit_of: Tensor, code: Tensor, config: TrainConfig,
+                       spec: dict, init_seed: int, device: str, progress: bool) -> Checkpoint:
+    """Independent models of the ensemble's architecture (``spec``, a checkpoint's), model m
+    on the units of ``code[:, m]``, trained in ``path`` (or loaded from it when that run is
+    finished)."""
+    path = Path(path)
+    ensemble = build_ensemble(dict(spec, n_members=code.shape[1], shared_init=False, seed=init_seed))
+    config = TrainConfig(**{**config.__dict__, "mode": "independent"})
+    trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(len(code))],
+                      NoiseSchedule.linear(), config, device, require_exact_ablation=False)
+    if path.exists():
+        trainer.restore(Checkpoint.load(path))
+    if trainer.step < config.steps:
+        trainer.train(checkpoint=path, checkpoint_every=250, progress=progress)
+    return trainer.checkpoint()
+
+
+def dtrak_baseline(model: Checkpoint, data: Dataset, queries: Tensor, unit_of: Tensor, n_units: int,
+                   device: str = "cpu") -> Tensor:
+    """D-TRAK scores [Q, N] of one model trained on all units (10 timesteps, 1,024 dims,
+    lambda 1% of the mean diagonal)."""
+    from ..attribution.gradients import FeatureSpec, dataset_features, gradient_features, member_scores
+
+    ensemble, schedule = model.build().to(device), model.schedule
+    spec = FeatureSpec(kind="dtrak")
+    train = dataset_features(ensemble, schedule, data, spec)
+    return member_scores(train, gradient_features(ensemble, schedule, queries, spec), unit_of, n_units)[0]
+
+
+def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
+              references: os.PathLike, halves: int = 32, seeds: int = 2,
+              steps: Optional[int] = None, draws: int = 256, rows: Optional[int] = None,
+              device: str = "cpu", progress: bool = True, full_model: Optional[os.PathLike] = None) -> Dict[str, dict]:
+    """LDS of each influence matrix in ``results`` and of the baselines, per method: mean
+    over queries, its 95% interval, and the number of queries. Baselines: pixel similarity,
+    the pixel 10 nearest, and D-TRAK on one model trained on all units (``full_model``, by
+    default beside ``references``; trained there when missing)."""
+    checkpoint = Checkpoint.load(checkpoint_path)
+    n_units = len(checkpoint.code)
+    with open_results(results) as r:
+        # matrices over units only: unit-set (``_groups``) matrices have other columns
+        methods = [m for m in r.methods if r.influence(m).shape[1] == n_units]
+        n = r.influence(methods[0]).shape[0] if methods else 0
+        n = n if rows is None else min(rows, n)
+        queries = torch.from_numpy(r.samples[:n])
+        influence = {m: r.influence(m)[:n, :] for m in methods}
+        unit_of = torch.from_numpy(r.unit_of[()])
+    subsets = reference_subsets(n_units, halves, seed=checkpoint.config["train"]["seed"] + 1)
+    config = TrainConfig(**checkpoint.config["train"])
+    if steps is not None:
+        config.steps = steps
+    refs = train_references(references, data, unit_of, subsets, seeds, config, checkpoint.spec,
+                            device, progress)
+    ensemble = refs.build().to(device)
+    losses = member_losses(ensemble, refs.schedule, queries, draws=draws, seed=12345)
+    losses = losses.view(n, halves, seeds).mean(-1).numpy()  # [Q, R]
+    table = {m: lds(v, subsets.numpy(), losses) for m, v in influence.items()}
+    for name, nearest in (("pixel_similarity", None), ("pixel_nearest_10", 10)):
+        baseline = pixel_similarity(queries, data, unit_of, n_units, nearest).numpy()
+        table[name] = lds(baseline, subsets.numpy(), losses)
+    full_model = full_model or Path(references).with_name(Path(references).stem + ".full.pt")
+    model = train_full_model(full_model, data, unit_of, n_units, config, checkpoint.spec, device, progress)
+    table["dtrak_one_model"] = lds(dtrak_baseline(model, data, queries, unit_of, n_units, device).numpy(),
+                                   subsets.numpy(), losses)
+    return table

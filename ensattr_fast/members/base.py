@@ -1,0 +1,90 @@
+"""What every ensemble is: M denoisers evaluated in one call, each on its own batch, and the
+packed layout that ablated sampling feeds them."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding [..., dim] of integer timesteps t [...]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+class PackedLayout:
+    """Where each packed row [P] sits in a padded member batch [M, n_max].
+
+    Packed rows are grouped by member: ``counts[m]`` consecutive rows for member m. Padding to
+    a multiple of 8 rows keeps matrix products off the small-batch kernels whose rounding
+    differs, so a trajectory's member output does not depend on what else is in the batch.
+    """
+
+    def __init__(self, counts: Tensor):
+        self.counts = counts.cpu()
+        self.n_members = len(self.counts)
+        self.n_packed = int(self.counts.sum())
+        largest = int(self.counts.max()) if self.n_members else 0
+        self.n_max = max(8, 8 * math.ceil(largest / 8))
+        self.member = torch.repeat_interleave(torch.arange(self.n_members), self.counts)
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        self.position = torch.arange(self.n_packed) - starts[self.member]
+        self._on_device: dict = {}
+
+    def _index(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """(member, position) on ``device``, copied there once per sampling run."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.member.to(device), self.position.to(device))
+        return self._on_device[device]
+
+    def pad(self, packed: Tensor) -> Tensor:
+        out = packed.new_zeros((self.n_members, self.n_max, *packed.shape[1:]))
+        out[self._index(packed.device)] = packed
+        return out
+
+    def unpad(self, padded: Tensor) -> Tensor:
+        return padded[self._index(padded.device)]
+
+
+class Ensemble(nn.Module):
+    """Base class: ``n_members`` denoisers over data of shape ``data_shape``."""
+
+    n_members: int
+    data_shape: Tuple[int, ...]
+
+    def spec(self) -> dict:
+        """JSON-able description from which :func:`build_ensemble` rebuilds the architecture."""
+        raise NotImplementedError
+
+    def forward_packed(self, x_packed: Tensor, t: int, layout: PackedLayout) -> Tensor:
+        """Member outputs for packed rows x_packed [P, *data_shape], all at timestep t."""
+        padded = layout.pad(x_packed)
+        steps = torch.full(padded.shape[:2], t, dtype=torch.long, device=x_packed.device)
+        return layout.unpad(self(padded, steps))
+
+    def parameters_per_member(self) -> int:
+        return sum(p.numel() for p in self.parameters()) // self.n_members
+
+    def select(self, members: range) -> "Ensemble":
+        """A new ensemble of the members ``members`` (a shard for one rank of a distributed
+        run): every parameter and buffer is stacked over members along dim 0."""
+        part = _select_module(self, members)
+        part.n_members = len(members)
+        return part
+
+
+def _select_module(module: nn.Module, members: range) -> nn.Module:
+    """A copy of ``module`` whose member-stacked parameters and buffers keep ``members``."""
+    part = copy.copy(module)
+    part._modules = {k: _select_module(v, members) for k, v in module._modules.items()}
+    part._parameters = {k: nn.Parameter(v.detach()[members.start : members.stop].clone(), v.requires_grad)
+                        for k, v in module._parameters.items()}
+    part._buffers = {k: v[members.start : members.stop].clone() for k, v in module._buffers.items()}
+    return part

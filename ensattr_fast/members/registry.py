@@ -1,0 +1,90 @@
+"""The member architectures, by name: how to build a new ensemble of each from the options a
+user gives (``--arch``, ``--hidden`` ...), and how to rebuild one from the spec a checkpoint
+stores. A new architecture is one :class:`Architecture` entry in :data:`ARCHITECTURES`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional, Sequence
+
+from ..errors import ArchitectureError
+from .base import Ensemble
+from .diffusers_unet import diffusers_ensemble
+from .mlp import StackedMLP
+from .unet import UNetMember
+from .vmap import VmapEnsemble
+
+__all__ = ["MemberOptions", "Architecture", "ARCHITECTURES", "build_members", "build_ensemble"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberOptions:
+    """What a user chooses about the members: the architecture and its sizes."""
+
+    arch: str = "mlp"
+    hidden: int = 256  # mlp: width
+    blocks: int = 3  # mlp: residual blocks
+    width: int = 32  # unet: channels
+    unet_config: Optional[dict] = None  # diffusers: UNet2DModel arguments (shape from the data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    description: str
+    spec: Callable[[MemberOptions, Sequence[int]], dict]  # options, data shape -> spec of one member
+    rebuild: Callable[[dict], Ensemble]  # a full spec (with kind, n_members ...) -> the ensemble
+
+
+def _unet(spec: dict) -> Ensemble:
+    args = {k: v for k, v in spec.items() if k != "kind"}
+    unet_args = {k: args.pop(k) for k in ("width", "time_dim") if k in args}
+    channels = args["data_shape"][0]
+    return VmapEnsemble(lambda: UNetMember(channels, **unet_args), spec=spec, **args)
+
+
+def _diffusers_spec(options: MemberOptions, data_shape: Sequence[int]) -> dict:
+    C, H, W = data_shape
+    config = dict(options.unet_config or {})
+    for key, value in (("sample_size", H), ("in_channels", C), ("out_channels", C)):
+        given = config.setdefault(key, value)
+        height_width = key == "sample_size" and isinstance(given, (list, tuple)) and list(given) == [H, W]
+        if given != value and not height_width:
+            raise ArchitectureError(f"the UNet config has {key} = {given} but the data {value}")
+    return dict(config=config)
+
+
+ARCHITECTURES: Dict[str, Architecture] = {
+    "mlp": Architecture(
+        "residual MLP, weights stacked over members (the demo's)",
+        lambda o, shape: dict(hidden=o.hidden, blocks=o.blocks),
+        lambda spec: StackedMLP(**{k: v for k, v in spec.items() if k != "kind"})),
+    "unet": Architecture(
+        "the built-in small UNet, vmapped over members",
+        lambda o, shape: dict(width=o.width),
+        _unet),
+    "diffusers": Architecture(
+        "a diffusers UNet2DModel of --unet-config",
+        _diffusers_spec,
+        lambda spec: diffusers_ensemble(spec["config"], spec["n_members"], spec.get("shared_init", False),
+                                        spec.get("seed", 0))),
+}
+
+
+def _architecture(name) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ArchitectureError(f"member architecture must be one of {tuple(ARCHITECTURES)}, got {name!r}")
+    return ARCHITECTURES[name]
+
+
+def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[int], shared_init: bool,
+                  seed: int) -> Ensemble:
+    """A new ensemble of ``n_members`` members of ``options.arch`` for data of ``data_shape``
+    [C, H, W], sharing initial weights when ``shared_init`` (all drawn from ``seed``)."""
+    own = _architecture(options.arch).spec(options, data_shape)
+    return build_ensemble(dict(kind=options.arch, n_members=n_members, data_shape=list(data_shape), **own,
+                               shared_init=shared_init, seed=seed))
+
+
+def build_ensemble(spec: dict) -> Ensemble:
+    """Rebuild an ensemble of a built-in architecture from :meth:`Ensemble.spec`."""
+    return _architecture(spec.get("kind")).rebuild(spec)

@@ -1,0 +1,31 @@
+"""``ensattr plan``: the code (which member trains on which unit) and the units, in a plan file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .. import codes
+from ..data import load_data, units_for
+from ..store import ResultsWriter, versions
+from ._files import refuse_overwrite
+
+__all__ = ["make_plan"]
+
+
+def make_plan(path: os.PathLike, dataset, unit_kind: str, members: int, design: str = "auto",
+              excluders: int = 2, seed: int = 0, overwrite: bool = False) -> codes.CodeStats:
+    """Write the code and the units to an HDF5 plan file (same layout as a results file).
+    ``dataset``: a built-in name or a spec (see :func:`ensattr_fast.data.data_spec`), stored in
+    the plan so that every later step reloads the same data."""
+    refuse_overwrite(path, overwrite)
+    data = load_data(dataset)
+    units = units_for(data, unit_kind)
+    code, used = codes.plan(units, members, seed=seed, design=design, excluders_per_group=excluders)
+    stats = codes.statistics(code)
+    with ResultsWriter(path, "w") as writer:
+        writer.write_code(code, units.unit_of, units.names)
+        writer.set_attrs(plan=dict(dataset=dataset, units=unit_kind, members=members, design=used,
+                                   excluders=excluders, seed=seed),
+                         code_statistics=dataclasses.asdict(stats), versions=versions())
+    return stats

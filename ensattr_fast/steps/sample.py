@@ -1,0 +1,70 @@
+"""``ensattr sample``: full-ensemble samples into a new results file, chunk by chunk."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..checkpoint import Checkpoint
+from ..errors import DataError, StoreError
+from ..sampling import sample
+from ..schedules import Sampler
+from ..store import ResultsWriter, SampleStream, file_hash, versions
+from ._files import refuse_overwrite
+
+__all__ = ["sample_step"]
+
+
+def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Sequence[int],
+                sampler: Sampler, device: str = "cpu", overwrite: bool = False, resume: bool = False,
+                chunk: int = 256) -> None:
+    """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance).
+
+    Samples are written ``chunk`` at a time with done flags: ``resume`` continues a run that
+    was killed. Distributed, every rank holds all members and runs its share of each chunk.
+    """
+    if not len(seeds):
+        raise DataError("no seeds to sample: give --seeds N (N >= 1), A:B or a,b,c")
+    if not resume:
+        refuse_overwrite(results, overwrite)
+    checkpoint = Checkpoint.load(checkpoint_path)
+    ensemble = checkpoint.build().to(device)
+    seeds = [int(s) for s in seeds]
+    spec = json.loads(json.dumps(dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
+                                      sampler=dataclasses.asdict(sampler))))  # as stored: tuples become lists
+    stream, pending = None, None
+    if distributed.world().main:
+        try:
+            fresh = not (resume and Path(results).exists())
+            if fresh:
+                with ResultsWriter(results, "w") as writer:
+                    writer.write_code(checkpoint.code, checkpoint.unit_of, checkpoint.unit_names)
+                    writer.write_seeds(seeds)
+                    writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
+                                     versions=versions(), checkpoint_hash=spec["checkpoint_hash"],
+                                     data_fingerprint=checkpoint.data_fingerprint,
+                                     plan=dict(dataset=checkpoint.data_source))
+            stream = SampleStream(results, len(seeds), ensemble.data_shape, chunk, spec)
+            pending = [(r.start, r.stop) for r in stream.pending()]
+        except StoreError as error:
+            pending = str(error)
+    pending = distributed.broadcast_object(pending)
+    if isinstance(pending, str):  # rank 0 refused the file: every rank stops with its reason
+        raise StoreError(pending)
+    try:
+        for start, stop in tqdm(pending, desc="sampling", unit="chunk", disable=None if stream else True):
+            mine = distributed.shard(stop - start)
+            images = sample(ensemble, checkpoint.schedule, sampler, seeds[start + mine.start : start + mine.stop])
+            images = distributed.gather_rows(images).cpu()
+            if stream is not None:
+                stream.write(range(start, stop), images.float().numpy())
+    finally:
+        if stream is not None:
+            stream.close()
+    distributed.barrier()

@@ -1,0 +1,160 @@
+"""Writing results and plan files, and the checks every reader and writer shares: the
+code hash that ties a file to its ensemble, file hashes, versions, and a reader that turns a
+damaged file into one :class:`StoreError`. The layout these files follow is the contract in
+docs/results-format.md.
+
+Attributes are JSON, parsed with ``json.loads``, never evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._version import __version__
+from ..errors import StoreError
+
+__all__ = ["ResultsWriter", "StoreError", "code_hash", "file_hash", "read_hdf5", "versions", "check_code",
+           "cached_statistic"]
+
+
+def code_hash(code: Tensor) -> str:
+    array = np.ascontiguousarray(code.numpy().astype(np.uint8))
+    return hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
+
+
+def file_hash(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    return {"ensattr_fast": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
+            "numpy": np.__version__}
+
+
+@contextlib.contextmanager
+def read_hdf5(path: os.PathLike, what: str = "results file") -> Iterator[h5py.File]:
+    """``with read_hdf5(path) as f:`` reads a results (or plan) file. A file that is missing,
+    truncated or not HDF5, or that lacks a dataset or attribute the block reads, raises one
+    :class:`StoreError` naming the file, not an OSError or a KeyError."""
+    try:
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise StoreError(f"{what} {path} cannot be read ({error}); it is missing, truncated or not HDF5") from None
+    try:
+        with file:
+            yield file
+    except (KeyError, OSError, json.JSONDecodeError) as error:
+        detail = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise StoreError(f"{what} {path} is incomplete or damaged ({detail}); is it the file "
+                         "`ensattr sample` wrote?") from None
+
+
+def check_code(file: h5py.File, code: Tensor, against: str = "this one", required: bool = False) -> None:
+    """Refuse a file whose results belong to another ensemble than ``code`` (of ``against``:
+    the checkpoint it is used with); with ``required``, also one that names no ensemble."""
+    stored = file.attrs.get("code_hash")
+    if stored is None:
+        if required:
+            raise StoreError(f"{file.filename} records no code hash; is it the file `ensattr sample` wrote?")
+        return
+    if json.loads(stored) != code_hash(code):
+        raise StoreError(f"{file.filename} holds results of another ensemble than {against} (code hash "
+                         f"{json.loads(stored)[:12]}, {against} {code_hash(code)[:12]}); write to a new file")
+
+
+def cached_statistic(path: os.PathLike, name: str, compute) -> Tensor:
+    """``/statistics/<name>`` of ``path``: read when a run before this one stored it, else
+    computed by ``compute()`` and stored as float32, so that a resumed run scores the very
+    numbers an uninterrupted one does."""
+    with h5py.File(path, "r") as f:
+        if f"statistics/{name}" in f:
+            return torch.from_numpy(f[f"statistics/{name}"][()])
+    value = compute().float().numpy()
+    with ResultsWriter(path, "a") as writer:
+        writer.write_statistic(name, value)
+    return torch.from_numpy(value)
+
+
+def _replace(group: h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
+    if name in group:
+        del group[name]
+    return group.create_dataset(name, data=data, **kwargs)
+
+
+class ResultsWriter:
+    """Writes one run's results file. Opening an existing file keeps what it holds."""
+
+    def __init__(self, path: os.PathLike, mode: str = "a"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.file = h5py.File(self.path, mode, libver="latest")
+        except OSError as error:
+            raise StoreError(f"results file {self.path} cannot be opened: {error}") from None
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def set_attrs(self, **attrs) -> None:
+        """Root attributes, each stored as a JSON string."""
+        for key, value in attrs.items():
+            self.file.attrs[key] = json.dumps(value)
+
+    def check_code(self, code: Tensor) -> None:
+        """Refuse to mix results of two ensembles in one file."""
+        check_code(self.file, code)
+
+    def write_code(self, code: Tensor, unit_of: Tensor, unit_names: Optional[Sequence[str]] = None) -> None:
+        self.check_code(code)
+        _replace(self.file, "code", code.numpy().astype(np.uint8))
+        units = self.file.require_group("units")
+        _replace(units, "of_example", unit_of.numpy().astype(np.int64))
+        if unit_names is not None:
+            _replace(units, "name", np.array(list(unit_names), dtype=object), dtype=h5py.string_dtype())
+        self.set_attrs(code_hash=code_hash(code))
+
+    def write_seeds(self, seeds: Sequence[int]) -> None:
+        """``/samples/seed`` int64 [S]: the seed that replays each sample."""
+        self.file.require_group("samples").create_dataset("seed", data=np.asarray(seeds, np.int64))
+
+    def write_statistic(self, name: str, value: np.ndarray) -> None:
+        """``/statistics/<name>``: what a method's scores were computed from, kept for resumes."""
+        self.file.require_group("statistics").create_dataset(name, data=value)
+
+    def write_groups(self, names: Sequence[str], units: Sequence[Sequence[int]]) -> None:
+        """Unit sets as CSR: ``/groups/name`` [G], ``/groups/ptr`` [G+1], ``/groups/units``."""
+        group = self.file.require_group("groups")
+        _replace(group, "name", np.array([str(n) for n in names], dtype=object), dtype=h5py.string_dtype())
+        _replace(group, "ptr", np.cumsum([0] + [len(u) for u in units]).astype(np.int64))
+        _replace(group, "units", np.concatenate([np.asarray(u, np.int64) for u in units]) if units else np.zeros(0, np.int64))
+
+    def write_counterfactuals(self, units: Tensor, images: Tensor, distance: Tensor, **extra: Tensor) -> None:
+        """``units`` [S, K], ``images`` [S, K, C, H, W], ``distance`` [S, K]; ``extra``: more
+        [S, K] arrays to store beside them (for example predicted distances)."""
+        group = self.file.require_group("counterfactuals")
+        _replace(group, "units", units.numpy().astype(np.int64))
+        _replace(group, "images", images.float().numpy())
+        _replace(group, "distance", distance.float().numpy())
+        for name, value in extra.items():
+            _replace(group, name, value.float().numpy())

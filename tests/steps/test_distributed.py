@@ -1,0 +1,95 @@
+"""Distributed runs (torchrun, gloo): the demo configuration on 2 ranks gives the 1-rank run's
+checkpoint, samples, counterfactuals and influence; and the pieces they are built from."""
+
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ensattr_fast import distributed
+from ensattr_fast.checkpoint import Checkpoint
+from ensattr_fast.members import StackedMLP
+
+# the demo's configuration (16 members, one unit per digit image, MLP of width 256 with 3
+# blocks, shared_noise, DDIM with eta 0), with fewer steps
+TRAIN = ["--steps", "12", "--batch-size", "64", "--checkpoint-every", "5"]
+SAMPLE = ["--seeds", "5", "--sampling-steps", "12"]
+ATTRIBUTE = ["--samples", "5", "--method", "first_order,loss", "--block-rows", "2", "--draws", "8", "--check", "2"]
+
+
+def ensattr(ranks: int, *args: str) -> None:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command = (launch if ranks > 1 else [sys.executable]) + ["-m", "ensattr_fast", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("distributed")
+    ensattr(1, "plan", "--out", str(d / "plan.h5"), "--members", "16")
+    for ranks in (1, 2):
+        ckpt, results = str(d / f"ensemble{ranks}.pt"), str(d / f"results{ranks}.h5")
+        ensattr(ranks, "train", "--plan", str(d / "plan.h5"), "--out", ckpt, *TRAIN)
+        ensattr(ranks, "sample", "--checkpoint", ckpt, "--out", results, *SAMPLE)
+        ensattr(ranks, "attribute", "--checkpoint", ckpt, "--results", results, *ATTRIBUTE)
+    return d
+
+
+def test_two_ranks_train_the_same_members(runs):
+    one, two = Checkpoint.load(runs / "ensemble1.pt"), Checkpoint.load(runs / "ensemble2.pt")
+    assert one.spec == two.spec and one.step == two.step == 12
+    # bit for bit: members are independent, so sharding them changes no reduction
+    for state in ("ensemble", "ema"):
+        for key, value in getattr(one, state).items():
+            assert torch.equal(getattr(two, state)[key], value), key
+    for a, b in zip(one.optimizer["state"].values(), two.optimizer["state"].values()):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert torch.equal(one.generator, two.generator)
+
+
+def test_two_ranks_sample_and_attribute_like_one(runs):
+    with h5py.File(runs / "results1.h5", "r") as one, h5py.File(runs / "results2.h5", "r") as two:
+        for name in ("samples/images", "counterfactuals/units", "counterfactuals/images"):
+            assert np.array_equal(one[name][()], two[name][()]), name
+        for method in ("first_order", "loss"):
+            assert two[f"influence/{method}"].is_virtual  # stitched from the ranks' parts
+            for name in (f"influence/{method}", f"topk/{method}/index", f"topk/{method}/score", f"progress/{method}"):
+                assert np.array_equal(one[name][()], two[name][()], equal_nan=True), name
+    parts = sorted(p.name for p in (runs / "results2.h5.parts").iterdir())
+    assert parts == ["rank0-of-2.h5", "rank1-of-2.h5"]
+
+
+def test_results_of_a_distributed_run_read_from_anywhere(runs, tmp_path, monkeypatch):
+    """The stitched file names its parts relative to itself: readers in another directory,
+    with nothing but h5py, see one matrix."""
+    from ensattr_fast.store import open_results
+
+    monkeypatch.chdir(tmp_path)
+    with open_results(runs / "results2.h5") as r:
+        view = r.influence("first_order")
+        assert view.shape == (5, 1797) and view.complete and np.isfinite(view[:, :]).all()
+
+
+def test_select_and_gather_members_round_trip():
+    ensemble = StackedMLP(5, (1, 8, 8), hidden=16, blocks=1, seed=3)
+    x, t = torch.randn(5, 2, 1, 8, 8), torch.randint(1000, (5, 2))
+    part = ensemble.select(range(1, 4))
+    assert part.n_members == 3 and part.spec()["n_members"] == 3
+    torch.testing.assert_close(part(x[1:4], t[1:4]), ensemble(x, t)[1:4], rtol=0, atol=0)
+    state = ensemble.state_dict()
+    shards = [distributed.select_members(state, r) for r in (range(0, 2), range(2, 5))]
+    for key, value in state.items():
+        assert torch.equal(torch.cat([s[key] for s in shards]), value)
+
+
+@pytest.mark.parametrize("n,align,size", [(10, 1, 3), (10, 4, 2), (3, 4, 2), (0, 1, 2), (17, 2, 4)])
+def test_shards_cover_the_rows_once_in_whole_blocks(n, align, size):
+    shards = [distributed.shard(n, align, distributed.World(rank, size)) for rank in range(size)]
+    assert [i for s in shards for i in s] == list(range(n))
+    assert all(s.start % align == 0 for s in shards if len(s))
