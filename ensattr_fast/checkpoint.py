@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import tempfile
 import zipfile
 from pathlib import Path
@@ -128,7 +129,11 @@ class Checkpoint:
             damaged = _damaged_entry(path)
             if damaged is None:
                 payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated zip, bad pickle, foreign object
+        except pickle.UnpicklingError:  # weights_only refused an object that could run code
+            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain "
+                                  "values; ensattr_fast never loads those, since loading them can run "
+                                  "code. It is not an ensattr_fast checkpoint.") from None
+        except Exception as error:  # truncated zip, foreign object
             raise CheckpointError(
                 f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is "
                 "truncated, corrupt, or not an ensattr_fast checkpoint"

@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 
 from . import distributed, steps
+from .attribution.methods import parse_methods
 from .data import data_spec
 from .errors import EnsattrError
+from .files import atomic_output, check_output
 from .options import member_options, parse, sampler, train_config
 from .store import ResultsWriter
 
@@ -49,11 +51,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = parse(argv)
     except EnsattrError as error:
-        return _error("", error)
+        return _error(getattr(error, "prog", "ensattr").removeprefix("ensattr").strip(), error)
     try:
         return _run(args)
     except EnsattrError as error:
         return _error(args.command, error)
+    except OSError as error:  # a full disk, a read-only folder, a file taken away
+        where = f": {error.filename}" if getattr(error, "filename", None) else ""
+        return _error(args.command, OSError(f"{error.strerror or error}{where}"))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -86,7 +91,7 @@ def _record_options(args) -> None:
 def _demo(args) -> None:
     steps.run_demo(args.out, train_config(args), sampler(args), member_options(args), units=args.units,
                    n_members=args.members, samples=args.samples, attribute=args.attribute,
-                   per_sample=args.per_sample, device=args.device)
+                   per_sample=args.per_sample, device=args.device, overwrite=args.overwrite)
 
 
 def _plan(args) -> None:
@@ -99,7 +104,7 @@ def _plan(args) -> None:
 
 def _train(args) -> None:
     steps.train(args.plan, args.out, train_config(args), member_options(args), args.device,
-                args.checkpoint_every, args.resume, options=_options(args))
+                args.checkpoint_every, args.resume, options=_options(args), overwrite=args.overwrite)
     print(f"checkpoint written to {args.out}")
 
 
@@ -110,43 +115,58 @@ def _sample(args) -> None:
 
 
 def _ablate(args) -> None:
-    units = [int(u) for u in args.units.split(",")] if args.units else None
     start = time.perf_counter()
-    _, distances, evaluations = steps.ablate_step(args.checkpoint, args.results, units, args.device,
-                                                  nearest=args.nearest, samples=args.samples)
+    _, distances, evaluations = steps.ablate_step(args.checkpoint, args.results, args.units, args.device,
+                                                  nearest=args.nearest, samples=args.samples,
+                                                  overwrite=args.overwrite)
     print(f"{distances.numel()} counterfactuals written to {args.results} in {time.perf_counter() - start:.1f} s "
           f"({evaluations:,} member evaluations); mean distance {distances.mean():.3f}")
 
 
 def _attribute(args) -> None:
-    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    methods = [m.name for m in parse_methods(args.method)]
     check_by = args.check_by or ("first_order" if "first_order" in methods else methods[0])
     agreement = steps.attribute_step(
         args.checkpoint, args.results, args.samples, methods, args.topk, args.block_rows, args.block_units,
         args.draws, args.check, check_by, args.device,
-        groups=steps.read_groups(args.groups) if args.groups else None)
+        groups=steps.read_groups(args.groups) if args.groups else None, overwrite=args.overwrite)
     print(f"influence written to {args.results}; agreement with exact ablation: {json.dumps(agreement)}")
 
 
+def _json_output(args, inputs: dict):
+    """Check ``--json`` before the step runs; returns a writer of it for after."""
+    if args.json is None:
+        return lambda payload: None
+    check_output(args.json, "--json", args.overwrite, inputs=inputs)
+
+    def write(payload) -> None:
+        with atomic_output(args.json) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
+
+    return write
+
+
 def _metrics(args) -> None:
+    write = _json_output(args, {"--results": args.results, "--checkpoint": args.checkpoint})
     found = steps.metrics_step(args.results, args.checkpoint, args.samples, args.device)
     print(json.dumps(found, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(found, indent=2))
+    write(found)
 
 
 def _lds(args) -> None:
+    write = _json_output(args, {"--results": args.results, "--checkpoint": args.checkpoint,
+                                "--references": args.references})
     table = steps.lds_step(args.results, args.checkpoint, args.references, args.halves, args.seeds, args.steps,
                            args.draws, args.samples, args.device)
     print(f"{'method':<26} {'LDS':>7} {'95% interval':>18} {'queries':>8}")
     for method, row in sorted(table.items(), key=lambda kv: -np.nan_to_num(kv[1]["mean"], nan=-9)):
         print(f"{method:<26} {row['mean']:7.3f} {row['low']:8.3f} .. {row['high']:6.3f} {row['n']:8d}")
-    if args.json:
-        args.json.write_text(json.dumps({m: {k: v for k, v in row.items()} for m, row in table.items()}, indent=2))
+    write(table)
 
 
 def _report(args) -> None:
-    steps.report_step(args.results, args.out, args.rows, dataset=data_spec(args.data) if args.data else None)
+    steps.report_step(args.results, args.out, args.rows, dataset=data_spec(args.data) if args.data else None,
+                      overwrite=args.overwrite)
     print(f"report written to {args.out}")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Dict, Set
 
 from .errors import ConfigError
 
@@ -48,14 +49,23 @@ def read_config(path: os.PathLike) -> dict:
     raise ConfigError(f"config file {path}: use .toml, .yaml or .yml")
 
 
-def options_for(config: dict, command: str, known: set, path: os.PathLike = "config") -> dict:
-    """The options of ``command`` in ``config``: top-level keys it knows, then its own table
-    (where an unknown key is an error: it would otherwise be silently ignored)."""
-    steps_tables = {k for k, v in config.items() if isinstance(v, dict)}
+def options_for(config: dict, command: str, known: Dict[str, Set[str]], path: os.PathLike = "config") -> dict:
+    """The options of ``command`` in ``config`` (``known``: the options of every step, by
+    step): top-level keys it has, then its own table. A top-level key that no step has, a
+    table that names no step, and a key of a step's table that the step does not have are
+    errors: they would otherwise be silently ignored."""
+    tables = {k for k, v in config.items() if isinstance(v, dict)}
+    strange = sorted(tables - set(known))
+    if strange:
+        raise ConfigError(f"{path}: [{strange[0]}] is not a step ({', '.join(sorted(known))})")
+    everywhere = set().union(*known.values())
+    unknown = sorted(k for k in config if k not in tables and k.replace("-", "_") not in everywhere)
+    if unknown:
+        raise ConfigError(f"{path}: no step takes the option {unknown[0]!r}")
     values = {k.replace("-", "_"): v for k, v in config.items()
-              if k not in steps_tables and k.replace("-", "_") in known}
+              if k not in tables and k.replace("-", "_") in known[command]}
     own = config.get(command, {})
-    unknown = sorted(k for k in own if k.replace("-", "_") not in known)
+    unknown = sorted(k for k in own if k.replace("-", "_") not in known[command])
     if unknown:
         raise ConfigError(f"{path}: [{command}] has options that `ensattr {command}` does not take: {', '.join(unknown)}")
     values.update({k.replace("-", "_"): v for k, v in own.items()})

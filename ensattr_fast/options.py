@@ -12,7 +12,9 @@ from typing import List, Optional
 from .attribution.methods import DEFAULT_METHODS, METHODS
 from .config import options_for, read_config
 from .data import UNIT_KINDS
+from .errors import ConfigError
 from .members import ARCHITECTURES, MemberOptions
+from .option_types import SEED_LIMIT, _device, _float, _int, _Parser, _seeds, _units, _width
 from .schedules import Sampler
 from .training import MODES, TrainConfig
 
@@ -26,37 +28,28 @@ Under ``torchrun`` (``torchrun --nproc_per_node 2 -m ensattr_fast train ...``) `
 :mod:`ensattr_fast.distributed`); rank 0 writes the files and prints."""
 
 
-def _seeds(text: str) -> List[int]:
-    """``256`` (seeds 0..255), ``100:164`` (a range) or ``1,5,9`` (a list)."""
-    if ":" in text:
-        start, stop = (int(v) for v in text.split(":"))
-        return list(range(start, stop))
-    if "," in text:
-        return [int(v) for v in text.split(",")]
-    return list(range(int(text)))
-
-
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimisation steps")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--steps", type=_int(1), default=TrainConfig.steps, help="optimisation steps")
+    p.add_argument("--batch-size", type=_int(1, 2**20), default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=_float(0, 10, low_open=True), default=TrainConfig.lr)
     p.add_argument("--mode", choices=MODES, default=TrainConfig.mode,
                    help="independent members, shared (t, eps) draws, or one masked batch")
-    p.add_argument("--ema", type=float, default=TrainConfig.ema_decay, help="EMA decay (0: none)")
+    p.add_argument("--ema", type=_float(0, 1, high_open=True), default=TrainConfig.ema_decay,
+                   help="EMA decay (0: none)")
     p.add_argument("--arch", choices=list(ARCHITECTURES), default=MemberOptions.arch,
                    help="members: " + "; ".join(f"{name}, {a.description}" for name, a in ARCHITECTURES.items()))
-    p.add_argument("--hidden", type=int, default=MemberOptions.hidden, help="width of the MLP members")
-    p.add_argument("--blocks", type=int, default=MemberOptions.blocks, help="residual blocks of the MLP members")
-    p.add_argument("--width", type=int, default=MemberOptions.width, help="channels of the built-in UNet members")
+    p.add_argument("--hidden", type=_int(1, 2**16), default=MemberOptions.hidden, help="width of the MLP members")
+    p.add_argument("--blocks", type=_int(0, 256), default=MemberOptions.blocks, help="residual blocks of the MLP members")
+    p.add_argument("--width", type=_width, default=MemberOptions.width, help="channels of the built-in UNet members")
     p.add_argument("--unet-config", type=Path, help="diffusers: JSON file of UNet2DModel arguments")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int(0, SEED_LIMIT - 1), default=0)
     p.add_argument("--hflip", action="store_true", help="random horizontal flips of the training images")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    p.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic, 1: DDPM-like)")
+    p.add_argument("--sampling-steps", type=_int(1, 1000), default=50, help="DDIM steps")
+    p.add_argument("--eta", type=_float(0, 1), default=0.0, help="DDIM stochasticity (0: deterministic, 1: DDPM-like)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1]")
 
 
@@ -71,24 +64,32 @@ def sampler(args) -> Sampler:
 
 
 def member_options(args) -> MemberOptions:
-    unet_config = json.loads(args.unet_config.read_text()) if args.unet_config else None
+    unet_config = None
+    if args.unet_config:
+        try:
+            unet_config = json.loads(args.unet_config.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--unet-config {args.unet_config} cannot be read as JSON: {error}") from None
+        if not isinstance(unet_config, dict):
+            raise ConfigError(f"--unet-config {args.unet_config} must hold an object of UNet2DModel arguments")
     return MemberOptions(arch=args.arch, hidden=args.hidden, blocks=args.blocks, width=args.width,
                          unet_config=unet_config)
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="ensattr", description=DESCRIPTION)
-    sub = top.add_subparsers(dest="command", required=True)
+    top = _Parser(prog="ensattr", description=DESCRIPTION)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="train, sample, ablate and report on the embedded digits")
     p.add_argument("--out", type=Path, default=Path("demo"))
     p.add_argument("--units", choices=["example", "class"], default="example")
-    p.add_argument("--members", type=int, default=None, help="16 (example units), 20 (class)")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--attribute", type=int, default=32,
+    p.add_argument("--members", type=_int(2, 4096), default=None, help="16 (example units), 20 (class)")
+    p.add_argument("--samples", type=_int(1), default=256)
+    p.add_argument("--attribute", type=_int(1), default=32,
                    help="samples whose influence rows and exact checks are computed (example units)")
-    p.add_argument("--per-sample", type=int, default=8, help="top units ablated exactly per sample")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--per-sample", type=_int(1, 4096), default=8, help="top units ablated exactly per sample")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
     _add_train_args(p)
     _add_sampler_args(p)
     p.set_defaults(steps=3500, lr=3e-3)
@@ -101,88 +102,95 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--units", choices=list(UNIT_KINDS), default="example",
                    help="one unit per example, per label, or per group (folder or --metadata)")
     p.add_argument("--metadata", help="CSV (columns example, group) or JSON giving each example's group")
-    p.add_argument("--resolution", type=int, default=32, help="image folders: side in pixels")
+    p.add_argument("--resolution", type=_int(1, 16384), default=32, help="image folders: side in pixels")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="image folders: grayscale or RGB")
     p.add_argument("--fit", choices=["crop", "resize"], default="crop",
                    help="image folders: centre-crop after resizing the short side, or resize")
     p.add_argument("--key", default="images", help="arrays and HDF5: the images' key or dataset")
-    p.add_argument("--memory-budget", type=float, default=2.0,
+    p.add_argument("--memory-budget", type=_float(0, 2**20, low_open=True), default=2.0,
                    help="HDF5: GiB above which the images stay on disk and are read per batch")
     p.add_argument("--no-scale", action="store_true",
                    help="arrays and HDF5: take values as they are (latents) instead of checking [-1, 1]")
-    p.add_argument("--members", type=int, default=16)
+    p.add_argument("--members", type=_int(1, 4096), default=16)
     p.add_argument("--design", choices=["auto", "balanced", "random", "sparse"], default="auto")
-    p.add_argument("--excluders", type=int, default=2, help="excluders per group (sparse)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--excluders", type=_int(1, 4096), default=2, help="excluders per group (sparse)")
+    p.add_argument("--seed", type=_int(0, SEED_LIMIT - 1), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("train", help="train every member of a planned ensemble at once")
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="checkpoint file")
-    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--checkpoint-every", type=_int(0), default=250, help="steps (0: at the end only)")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", type=_device, default="cpu")
     _add_train_args(p)
 
     p = sub.add_parser("sample", help="full-ensemble samples into a new results file")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="results file (HDF5)")
     p.add_argument("--seeds", type=_seeds, default=_seeds("64"), help="N, A:B or a,b,c")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sampling into --out")
-    p.add_argument("--chunk", type=int, default=256, help="samples written (and flagged done) at a time")
+    p.add_argument("--chunk", type=_int(1), default=256, help="samples written (and flagged done) at a time")
     _add_sampler_args(p)
 
     p = sub.add_parser("ablate", help="exact counterfactuals of the samples in a results file")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--results", type=Path, required=True)
-    p.add_argument("--units", help="units to ablate for every sample, e.g. '3,17,250'")
-    p.add_argument("--nearest", type=int, default=4, help="else: the k pixel-nearest units")
-    p.add_argument("--samples", type=int, default=None, help="first S samples (default all)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--units", type=_units, help="units to ablate for every sample, e.g. '3,17,250'")
+    p.add_argument("--nearest", type=_int(1, 4096), default=4, help="else: the k pixel-nearest units")
+    p.add_argument("--samples", type=_int(1), default=None, help="first S samples (default all)")
+    p.add_argument("--overwrite", action="store_true", help="replace counterfactuals already in --results")
+    p.add_argument("--device", type=_device, default="cpu")
 
     p = sub.add_parser("attribute", help="influence of every unit on the samples, streamed to HDF5")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--results", type=Path, required=True, help="results file holding the samples")
     p.add_argument("--method", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: " + ", ".join(METHODS))
-    p.add_argument("--samples", type=int, default=32, help="rows: the first S samples")
-    p.add_argument("--topk", type=int, default=10)
-    p.add_argument("--block-rows", type=int, default=64)
-    p.add_argument("--block-units", type=int, default=16384)
-    p.add_argument("--draws", type=int, default=64, help="shared (t, eps) draws per loss")
-    p.add_argument("--check", type=int, default=8, help="exact ablation of each sample's top units (0: none)")
+    p.add_argument("--samples", type=_int(1), default=32, help="rows: the first S samples")
+    p.add_argument("--topk", type=_int(1, 2**20), default=10)
+    p.add_argument("--block-rows", type=_int(1, 2**20), default=64)
+    p.add_argument("--block-units", type=_int(1, 2**24), default=16384)
+    p.add_argument("--draws", type=_int(1, 2**20), default=64, help="shared (t, eps) draws per loss")
+    p.add_argument("--check", type=_int(0, 4096), default=8, help="exact ablation of each sample's top units (0: none)")
     p.add_argument("--groups", default=None,
                    help="also score unit sets, from a JSON file {name: [units]}")
     p.add_argument("--check-by", default=None,
                    help="method whose top units are checked (default: first_order when computed)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let the exact check replace counterfactuals of `ensattr ablate` in --results")
+    p.add_argument("--device", type=_device, default="cpu")
 
     p = sub.add_parser("metrics", help="validity metrics of a results file")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--checkpoint", type=Path, help="also run the false-attribution protocol")
-    p.add_argument("--samples", type=int, default=32, help="samples for false attribution")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--samples", type=_int(1), default=32, help="samples for false attribution")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--json", type=Path, help="also write them here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json")
 
     p = sub.add_parser("lds", help="linear datamodeling score of every influence matrix")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--references", type=Path, required=True,
                    help="checkpoint of the reference models (trained here if missing)")
-    p.add_argument("--halves", type=int, default=32, help="random halves of the units (R)")
-    p.add_argument("--seeds", type=int, default=2, help="models per half, averaged")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the ensemble's)")
-    p.add_argument("--draws", type=int, default=256, help="fixed (t, eps) draws per loss")
-    p.add_argument("--samples", type=int, default=None, help="first S rows (default: all)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--halves", type=_int(1, 4096), default=32, help="random halves of the units (R)")
+    p.add_argument("--seeds", type=_int(1, 64), default=2, help="models per half, averaged")
+    p.add_argument("--steps", type=_int(1), default=None, help="training steps (default: the ensemble's)")
+    p.add_argument("--draws", type=_int(1, 2**20), default=256, help="fixed (t, eps) draws per loss")
+    p.add_argument("--samples", type=_int(1), default=None, help="first S rows (default: all)")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--json", type=Path, help="also write the table here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json")
 
     p = sub.add_parser("report", help="a PNG of samples beside their counterfactuals")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--rows", type=_int(1, 4096), default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--data", default=None,
                    help="the training data (as given to `ensattr plan --data`), for a results file that "
                         "does not record it")
@@ -192,7 +200,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    """Flags over ``--config FILE`` over the defaults."""
+    """Flags over ``--config FILE`` over the defaults. A config value goes through the same
+    type and range as its flag; booleans must be true or false."""
     top = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     steps = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -200,17 +209,27 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
     path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if command is not None and path is not None:
+        every = {name: {a.dest for a in step._actions} - {"help", "config"} for name, step in steps.items()}
         step = steps[command]
         actions = {a.dest: a for a in step._actions}
-        values = options_for(read_config(path), command, set(actions) - {"help", "config"}, path)
-        for dest, value in values.items():
-            action = actions[dest]
-            if isinstance(value, list):  # seeds = [1, 5, 9]
-                value = ",".join(str(v) for v in value)
-            if action.type is not None and not isinstance(value, (str, bool)):
-                value = str(value)  # argparse converts string defaults with the option's type
-            action.required = False
-            step.set_defaults(**{dest: value})
+        for dest, value in options_for(read_config(path), command, every, path).items():
+            step.set_defaults(**{dest: _config_value(actions[dest], value, command, path)})
+            actions[dest].required = False
     return top.parse_args(argv)
 
 
+def _config_value(action: argparse.Action, value, command: str, path) -> object:
+    """What ``set_defaults`` takes for a config value: argparse converts string defaults with
+    the option's type (and so checks them); flags take booleans only."""
+    flag = f"{path}: {command}.{action.dest.replace('_', '-')}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or isinstance(value, dict):
+        raise ConfigError(f"{flag} takes a value like its flag --{action.dest.replace('_', '-')}, got {value!r}")
+    if isinstance(value, list):  # seeds = [1, 5, 9], method = ["loss", "dtrak"]
+        value = ",".join(str(v) for v in value)
+    if action.choices is not None and value not in action.choices and str(value) not in map(str, action.choices):
+        raise ConfigError(f"{flag} must be one of {list(action.choices)}, got {value!r}")
+    return value if isinstance(value, str) else str(value)

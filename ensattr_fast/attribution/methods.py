@@ -81,6 +81,8 @@ def parse_methods(methods: Union[str, Iterable[str]]) -> List[Method]:
     unknown = sorted({n for n in names if n not in METHODS})
     if unknown:
         raise MethodError(f"unknown methods {unknown}: use {', '.join(METHODS)}")
+    if not names:
+        raise MethodError(f"no method given: use one or more of {', '.join(METHODS)}")
     return [METHODS[n] for n in names]
 
 

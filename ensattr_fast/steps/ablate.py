@@ -14,7 +14,10 @@ from ..attribution.baselines import nearest_units
 from ..checkpoint import Checkpoint
 from ..data import check_images, load_data
 from ..sampling import ablate
-from ..store import ResultsWriter, count_samples, read_sampler, read_samples, read_unit_of
+from ..errors import StoreError
+from ..store import (ResultsWriter, count_samples, counterfactuals_written_by, read_sampler, read_samples,
+                     read_unit_of, recover_after_kill)
+from ._rules import on_writer, writer_lock
 
 __all__ = ["ablate_step"]
 
@@ -22,15 +25,31 @@ __all__ = ["ablate_step"]
 def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike,
                 units: Union[Tensor, Sequence[int], None] = None, device: str = "cpu",
                 max_trajectories: int = 4096, *, nearest: int = 4, samples: Optional[int] = None,
-                **extra: Tensor):
+                overwrite: bool = False, written_by: str = "ablate", **extra: Tensor):
     """Exact counterfactuals: sample i re-run without unit ``units[i, k]`` for each k.
 
     ``units``: int [S, K] (-1: none) for the first S samples; or a list of units ablated from
     each of the first ``samples`` samples (default all); or None for each sample's ``nearest``
     training units in pixels. Uses the sampler recorded in ``results`` (the same noise and
     steps as the samples); ``extra``: more [S, K] arrays stored beside the counterfactuals.
+    Counterfactuals already in the file are replaced (as a whole) only with ``overwrite``.
     Returns (images [S, K, ...], distances [S, K], member evaluations).
     """
+    with writer_lock(results, "results file"):
+        on_writer(lambda: _check_replace(results, overwrite, written_by))
+        return _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, samples, written_by,
+                       extra)
+
+
+def _check_replace(results: os.PathLike, overwrite: bool, written_by: str) -> None:
+    recover_after_kill(results)
+    before = counterfactuals_written_by(results)
+    if before is not None and not overwrite and not before == written_by == "attribute":
+        raise StoreError(f"{results} already holds counterfactuals (of `ensattr {before}`); pass --overwrite "
+                         "to replace them, or work on a copy")
+
+
+def _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, samples, written_by, extra):
     checkpoint = Checkpoint.load(checkpoint_path)
     if not isinstance(units, Tensor) or units.dim() != 2:
         n = count_samples(results) if samples is None else min(samples, count_samples(results))
@@ -50,7 +69,7 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike,
     if distributed.world().main:
         with ResultsWriter(results, "a") as writer:
             writer.check_code(checkpoint.code)
-            writer.write_counterfactuals(units, counterfactuals, distances, **extra)
+            writer.write_counterfactuals(units, counterfactuals, distances, written_by, **extra)
     distributed.barrier()
     return counterfactuals, distances, evaluations
 

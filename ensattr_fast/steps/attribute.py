@@ -24,7 +24,9 @@ from ..errors import DataError
 from ..evaluation.metrics import agreement
 from ..schedules import Sampler
 from ..store import (ResultsWriter, cached_statistic, code_hash, count_samples, file_hash, open_results,
-                     part_path, read_sampler, read_samples, stitch_parts, stream_influence, stream_scores)
+                     part_path, read_sampler, read_samples, recover_after_kill, stitch_parts, stream_influence,
+                     stream_scores)
+from ._rules import on_writer, writer_lock
 from .ablate import ablate_step
 
 __all__ = ["attribute_step", "exact_check", "read_groups"]
@@ -52,7 +54,8 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
                    methods: Sequence[str] = DEFAULT_METHODS, k: int = 10,
                    block_rows: int = 64, block_units: int = 16384, draws: int = 64,
                    check: int = 8, check_method: str = "first_order", device: str = "cpu",
-                   progress: bool = True, groups: Optional[Dict[str, List[int]]] = None) -> dict:
+                   progress: bool = True, groups: Optional[Dict[str, List[int]]] = None,
+                   overwrite: bool = False) -> dict:
     """Influence of every unit on the first ``rows`` samples of ``results``, streamed to it;
     then the exact check of each sample's top-``check`` units by ``check_method``.
 
@@ -63,7 +66,19 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
     Distributed (torchrun): rank r scores its share of the rows, in whole row blocks, into its
     part file ``<results>.parts/rank<r>-of-<W>.h5``; rank 0 then stitches the parts into
     ``results`` with virtual datasets, so that readers see one matrix per method.
+
+    A run killed at any moment is resumed by the same call: blocks on disk are kept. The exact
+    check replaces the counterfactuals of an earlier check, those of ``ensattr ablate`` only
+    with ``overwrite``.
     """
+    with writer_lock(results, "results file"):
+        on_writer(lambda: recover_after_kill(results))
+        return _attribute(checkpoint_path, results, rows, methods, k, block_rows, block_units, draws, check,
+                          check_method, device, progress, groups, overwrite)
+
+
+def _attribute(checkpoint_path, results, rows, methods, k, block_rows, block_units, draws, check, check_method,
+               device, progress, groups, overwrite) -> dict:
     checkpoint = Checkpoint.load(checkpoint_path)
     chosen = parse_methods(methods)
     rows = min(rows, count_samples(results))
@@ -92,7 +107,8 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
         distributed.barrier()
     if not check:
         return {}
-    return exact_check(checkpoint_path, results, rows, check, check_method, [m.name for m in chosen], device)
+    return exact_check(checkpoint_path, results, rows, check, check_method, [m.name for m in chosen], device,
+                       overwrite)
 
 
 def _score_rows(checkpoint: Checkpoint, checkpoint_path: os.PathLike, sampler: Sampler, seeds: List[int],
@@ -142,7 +158,7 @@ def _score_rows(checkpoint: Checkpoint, checkpoint_path: os.PathLike, sampler: S
 
 
 def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, check: int,
-                check_method: str, methods: Sequence[str], device: str = "cpu") -> dict:
+                check_method: str, methods: Sequence[str], device: str = "cpu", overwrite: bool = False) -> dict:
     """Ablate each sample's top-``check`` units by ``check_method`` exactly; store the true
     distances beside every method's scores of those units and the agreement metrics of the
     methods whose scores predict distances."""
@@ -152,8 +168,8 @@ def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, c
         for method in methods:
             block = r.influence(method)[:rows, :]
             predicted[method] = torch.from_numpy(np.take_along_axis(block, units.clamp_min(0).numpy(), 1))
-    _, distances, _ = ablate_step(checkpoint_path, results, units, device,
-                                  **{f"predicted_{m}": v for m, v in predicted.items()})
+    _, distances, _ = ablate_step(checkpoint_path, results, units, device, overwrite=overwrite,
+                                  written_by="attribute", **{f"predicted_{m}": v for m, v in predicted.items()})
     metrics = {m: agreement(predicted[m].numpy(), distances.numpy())
                for m in methods if get_method(m).predicts_distance}
     if distributed.world().main:

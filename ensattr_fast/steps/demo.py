@@ -19,6 +19,7 @@ import torch
 
 from ..data import load_data
 from ..evaluation.judge import train_judge
+from ..files import check_output
 from ..members import MemberOptions
 from ..schedules import Sampler
 from ..store import ResultsWriter, open_results, read_plan
@@ -41,20 +42,22 @@ def _step(name: str, start: float) -> float:
 
 def run_demo(out: Path, config: TrainConfig, sampler: Sampler, members: MemberOptions = MemberOptions(),
              units: str = "example", n_members: Optional[int] = None, samples: int = 256, attribute: int = 32,
-             per_sample: int = 8, device: str = "cpu") -> dict:
+             per_sample: int = 8, device: str = "cpu", overwrite: bool = False) -> dict:
     """Every step on the digits under ``out``; returns the sample-quality figures (and, for
-    class units, how often each ablated ensemble still draws its removed class)."""
+    class units, how often each ablated ensemble still draws its removed class). Files of an
+    earlier demo in ``out`` are replaced only with ``overwrite``."""
     start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     by_class = units == "class"
     n_members = n_members or (20 if by_class else 16)
     plan, checkpoint, results = out / "plan.h5", out / "ensemble.pt", out / "results.h5"
+    for path in (plan, checkpoint, results, out / "report.png"):
+        check_output(path, "--out", overwrite)
 
     stats = make_plan(plan, "digits", units, n_members, design="sparse" if by_class else "balanced",
                       excluders=2, seed=config.seed, overwrite=True)
     _step(f"plan: {stats}", start)
-    train(plan, checkpoint, config, members, device)
+    train(plan, checkpoint, config, members, device, overwrite=True)
     _step(f"trained {n_members} members for {config.steps} steps -> {checkpoint}", start)
     sample_step(checkpoint, results, range(samples), sampler, device, overwrite=True)
     with open_results(results) as r:
@@ -84,7 +87,7 @@ def run_demo(out: Path, config: TrainConfig, sampler: Sampler, members: MemberOp
         ]
     with ResultsWriter(results, "a") as writer:
         writer.set_attrs(quality=quality)
-    report_step(results, out / "report.png")
+    report_step(results, out / "report.png", overwrite=True)
     _step(f"report -> {out / 'report.png'}", start)
     print(f"sample quality: {quality['relative_confident']:.2f} of the held-out real digits' share "
           f"of confident labels; class shares {[round(s, 3) for s in quality['class_shares']]}")

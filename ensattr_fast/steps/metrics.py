@@ -15,7 +15,8 @@ from ..checkpoint import Checkpoint
 from ..data import load_data
 from ..evaluation.metrics import agreement, counterfactual_radius, mean_interval
 from ..sampling import ablate
-from ..store import ResultsWriter, open_results, read_sampler
+from ..files import writing
+from ..store import ResultsWriter, open_results, read_sampler, recover_after_kill
 
 __all__ = ["metrics_step"]
 
@@ -26,6 +27,12 @@ def metrics_step(results: os.PathLike, checkpoint_path: Optional[os.PathLike] = 
                  samples: int = 32, device: str = "cpu", seed: int = 0) -> dict:
     """Counterfactual radius and agreement from the file; with a checkpoint, also the false
     attribution rate (ABC protocol, see :mod:`ensattr_fast.evaluation.metrics`)."""
+    with writing(results, "results file"):
+        recover_after_kill(results)
+        return _metrics(results, checkpoint_path, samples, device, seed)
+
+
+def _metrics(results, checkpoint_path, samples, device, seed) -> dict:
     found: dict = {}
     checkpoint = None if checkpoint_path is None else Checkpoint.load(checkpoint_path)
     with open_results(results) as r:

@@ -8,7 +8,7 @@ import os
 from .. import codes
 from ..data import load_data, units_for
 from ..store import ResultsWriter, versions
-from ._files import refuse_overwrite
+from ..files import atomic_output, check_output, writing
 
 __all__ = ["make_plan"]
 
@@ -18,12 +18,13 @@ def make_plan(path: os.PathLike, dataset, unit_kind: str, members: int, design: 
     """Write the code and the units to an HDF5 plan file (same layout as a results file).
     ``dataset``: a built-in name or a spec (see :func:`ensattr_fast.data.data_spec`), stored in
     the plan so that every later step reloads the same data."""
-    refuse_overwrite(path, overwrite)
+    sources = dataset if isinstance(dataset, dict) else {}
+    check_output(path, "--out", overwrite, inputs={"--data": sources.get("path"), "--metadata": sources.get("metadata")})
     data = load_data(dataset)
     units = units_for(data, unit_kind)
     code, used = codes.plan(units, members, seed=seed, design=design, excluders_per_group=excluders)
     stats = codes.statistics(code)
-    with ResultsWriter(path, "w") as writer:
+    with writing(path, "plan file"), atomic_output(path) as tmp, ResultsWriter(tmp, "w") as writer:
         writer.write_code(code, units.unit_of, units.names)
         writer.set_attrs(plan=dict(dataset=dataset, units=unit_kind, members=members, design=used,
                                    excluders=excluders, seed=seed),

@@ -9,9 +9,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..data import load_data
+from ..errors import ConfigError
+from ..files import atomic_output, check_output
 from ..store import open_results, read_dataset
 
 __all__ = ["report_step"]
@@ -27,7 +30,7 @@ def _decoded(decode: Callable[[Tensor], Tensor], x, dims: int) -> np.ndarray:
 
 
 def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8,
-                decode: Optional[Callable[[Tensor], Tensor]] = None, dataset=None) -> None:
+                decode: Optional[Callable[[Tensor], Tensor]] = None, dataset=None, overwrite: bool = False) -> None:
     """A PNG of samples beside their counterfactuals and the removed units' images, with the
     predicted first-order distance of each and the distribution of all first-order scores.
 
@@ -36,6 +39,11 @@ def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8,
     training data (a name or spec) for a results file that does not record it."""
     from ..figures import counterfactual_figure
 
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(out).suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(f"--out {out}: a report is a picture; end the name with one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
+    check_output(out, "--out", overwrite, inputs={"--results": results})
     dataset = dataset if dataset is not None else read_dataset(results)
     with open_results(results) as r:
         samples = r.samples[:rows]
@@ -55,8 +63,9 @@ def report_step(results: os.PathLike, out: os.PathLike, rows: int = 8,
     if decode is not None:
         dims = len(data.data_shape)
         samples, images, unit_images = (_decoded(decode, x, dims) for x in (samples, images, unit_images))
-    counterfactual_figure(out, samples, images, units, distances, unit_images=unit_images,
-                          unit_names=names, scores=scores, score_name="pred",
-                          score_distribution=distribution, rows=rows,
-                          title=f"{Path(results).name}: each sample, its exact counterfactual without a unit "
-                                "(d: true distance, pred: first-order), and the unit below")
+    with atomic_output(out) as tmp:
+        counterfactual_figure(tmp, samples, images, units, distances, unit_images=unit_images,
+                              unit_names=names, scores=scores, score_name="pred",
+                              score_distribution=distribution, rows=rows,
+                              title=f"{Path(results).name}: each sample, its exact counterfactual without a "
+                                    "unit (d: true distance, pred: first-order), and the unit below")

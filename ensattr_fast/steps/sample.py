@@ -16,7 +16,8 @@ from ..errors import DataError, StoreError
 from ..sampling import sample
 from ..schedules import Sampler
 from ..store import ResultsWriter, SampleStream, file_hash, versions
-from ._files import refuse_overwrite
+from ..files import check_output
+from ._rules import on_writer, writer_lock
 
 __all__ = ["sample_step"]
 
@@ -31,13 +32,19 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
     """
     if not len(seeds):
         raise DataError("no seeds to sample: give --seeds N (N >= 1), A:B or a,b,c")
-    if not resume:
-        refuse_overwrite(results, overwrite)
+    on_writer(lambda: check_output(results, "--out", overwrite, inputs={"--checkpoint": checkpoint_path},
+                                   resume=resume))
     checkpoint = Checkpoint.load(checkpoint_path)
+    sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
     ensemble = checkpoint.build().to(device)
     seeds = [int(s) for s in seeds]
     spec = json.loads(json.dumps(dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
                                       sampler=dataclasses.asdict(sampler))))  # as stored: tuples become lists
+    with writer_lock(results, "results file"):
+        _sample_into(results, checkpoint, checkpoint_path, ensemble, seeds, sampler, resume, chunk, spec)
+
+
+def _sample_into(results, checkpoint, checkpoint_path, ensemble, seeds, sampler, resume, chunk, spec) -> None:
     stream, pending = None, None
     if distributed.world().main:
         try:

@@ -11,20 +11,24 @@ from .. import distributed
 from ..checkpoint import Checkpoint
 from ..data import load_data
 from ..errors import CodeError, DataError
+from ..files import check_output
 from ..members import MemberOptions, build_members
 from ..schedules import NoiseSchedule
 from ..store import read_plan
 from ..training import TrainConfig, Trainer
+from ._rules import on_writer, writer_lock
 
 __all__ = ["train"]
 
 
 def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig,
           members: MemberOptions = MemberOptions(), device: str = "cpu", checkpoint_every: int = 0,
-          resume: bool = False, progress: bool = True, options: Optional[dict] = None) -> None:
+          resume: bool = False, progress: bool = True, options: Optional[dict] = None,
+          overwrite: bool = False) -> None:
     """Train the planned ensemble into the checkpoint ``out``; resume from it when asked and
-    it exists. ``options``: the command's options, kept in the checkpoint. Distributed, each
-    rank trains its share of the members."""
+    it exists, replace it only when told to ``overwrite``. ``options``: the command's options,
+    kept in the checkpoint. Distributed, each rank trains its share of the members."""
+    on_writer(lambda: check_output(out, "--out", overwrite, inputs={"--plan": plan_path}, resume=resume))
     dataset, code, units = read_plan(plan_path)
     data = load_data(dataset)
     if len(units.unit_of) != len(data):
@@ -37,6 +41,7 @@ def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig,
     trainer = Trainer(ensemble.select(shard), data, code, units.unit_of, units.names,
                       NoiseSchedule.linear(), config, device, members=shard, data_spec=dataset)
     trainer.options = options
-    if resume and Path(out).exists():
-        trainer.restore(Checkpoint.load(out))
-    trainer.train(checkpoint=Path(out), checkpoint_every=checkpoint_every, progress=progress)
+    with writer_lock(out, "checkpoint"):
+        if resume and Path(out).exists():
+            trainer.restore(Checkpoint.load(out))
+        trainer.train(checkpoint=Path(out), checkpoint_every=checkpoint_every, progress=progress)

@@ -7,22 +7,21 @@ import json
 import os
 from typing import List, Optional, Tuple
 
-import h5py
 import torch
 from torch import Tensor
 
 from .. import codes
 from ..errors import StoreError
 from ..schedules import Sampler
-from .writer import check_code, read_hdf5
+from .writer import check_code, open_for_reading, read_hdf5
 
-__all__ = ["read_plan", "read_samples", "read_unit_of", "count_samples", "read_sampler", "read_dataset"]
+__all__ = ["read_plan", "read_samples", "read_unit_of", "count_samples", "counterfactuals_written_by", "read_sampler", "read_dataset"]
 
 
 def read_plan(path: os.PathLike):
     """(dataset spec, code, units) from a plan or results file."""
     try:
-        with h5py.File(path, "r") as f:
+        with open_for_reading(path) as f:
             plan = json.loads(f.attrs["plan"])
             code = torch.from_numpy(f["code"][()])
             unit_of = torch.from_numpy(f["units/of_example"][()])
@@ -75,3 +74,13 @@ def read_dataset(path: os.PathLike):
                          "with the data set the ensemble was trained on (digits, or what `ensattr plan "
                          "--data` was given)")
     return plan["dataset"]
+
+
+def counterfactuals_written_by(path: os.PathLike) -> Optional[str]:
+    """The step that wrote the counterfactuals of a results file (``ablate`` or ``attribute``),
+    or None when it holds none."""
+    with read_hdf5(path) as f:
+        if "counterfactuals" not in f:
+            return None
+        default = "attribute" if "checked_by" in f.attrs else "ablate"  # files from before the attribute
+        return json.loads(f["counterfactuals"].attrs.get("written_by", json.dumps(default)))

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from .writer import check_code
+from .writer import check_code, open_for_reading
 
 __all__ = ["open_results", "Results", "InfluenceView"]
 
@@ -37,12 +37,7 @@ def open_results(path: os.PathLike) -> "Results":
     retries its reads for ever.
     """
     try:
-        try:
-            file = h5py.File(path, "r")
-        except OSError as error:
-            if "already open for write" not in str(error):
-                raise
-            file = h5py.File(path, "r", swmr=True)
+        file = open_for_reading(path)
     except OSError as error:
         raise StoreError(f"results file {path} cannot be read ({error}); it is missing, truncated "
                          "or not HDF5") from None

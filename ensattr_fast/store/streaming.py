@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 
 from ..errors import StoreError
 from ..ops import code_scores
-from .streams import InfluenceStream, recover_after_kill
+from ..files import writing
+from .recovery import open_for_appending
+from .streams import InfluenceStream
 from .writer import code_hash
 
 __all__ = ["stream_influence", "stream_scores", "stitch_parts", "part_path"]
@@ -53,10 +55,9 @@ def stream_influence(
     for name, (kind, stats) in methods.items():
         if kind not in KINDS:
             raise ValueError(f"method {name!r}: kind must be one of {KINDS}, got {kind!r}")
-    recover_after_kill(path) if os.path.exists(path) else None
     spec = dict(spec or {}, code_hash=code_hash(code))
     code_dev = code.to(device)
-    with h5py.File(path, "a", libver="latest") as f:
+    with writing(path, "results file"), open_for_appending(path) as f:
         streams = {
             name: InfluenceStream(f, name, len(stats), len(code), block_rows, block_units, k,
                                   dict(spec, kind=kind))
@@ -136,7 +137,7 @@ def stitch_parts(path: os.PathLike, parts) -> None:
         filled[0].visititems(lambda name, obj: names.append(name)
                              if isinstance(obj, h5py.Dataset) and name.split("/")[0] in STITCHED
                              and name not in PER_RANK else None)
-        with h5py.File(path, "a", libver="latest") as out:
+        with writing(path, "results file"), open_for_appending(path) as out:
             real = [name for name in names if name in out and not out[name].is_virtual]
             if real:
                 raise StoreError(f"{path} already holds /{real[0]} from a one-process run; resume it on one "
@@ -166,8 +167,7 @@ def stream_scores(path: os.PathLike, name: str, scores: Tensor, k: int = 10, blo
                   block_units: int = 16384, spec: Optional[dict] = None) -> InfluenceStream:
     """Write a matrix computed elsewhere (gradient methods: [K, N]) as ``/influence/<name>``
     and ``/topk/<name>``, in the blocks and with the done flags of every other method."""
-    recover_after_kill(path) if os.path.exists(path) else None
-    with h5py.File(path, "a", libver="latest") as f:
+    with writing(path, "results file"), open_for_appending(path) as f:
         stream = InfluenceStream(f, name, len(scores), scores.shape[1], block_rows, block_units, k,
                                  dict(spec or {}, kind="precomputed"))
         f.swmr_mode = True

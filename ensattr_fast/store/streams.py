@@ -1,10 +1,11 @@
 """Datasets written block by block with a done flag per block, so that a killed writer leaves
 a sound file that a resumed run, or a reader, trusts exactly where flagged: the influence
 matrices (:class:`InfluenceStream`) and the samples (:class:`SampleStream`), and the recovery
-of a file whose writer was killed (:func:`recover_after_kill`)."""
+of a file whose writer was killed (:mod:`.recovery`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,8 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+from ..files import writing
+from .recovery import open_for_appending
 
 _FILL = np.float32(np.nan)
 
@@ -52,7 +55,7 @@ class InfluenceStream:
         name = f"influence/{method}"
         if name in file:
             stored = json.loads(file[name].attrs["spec"])
-            if stored != spec:
+            if stored != canonical(spec):
                 raise StoreError(
                     f"{file.filename} already holds /{name} from another run ({_differences(stored, spec)}); "
                     "write to a new file or delete that dataset"
@@ -60,7 +63,7 @@ class InfluenceStream:
         else:
             chunks = (min(rows, block_rows, 64), min(units, block_units, 8192))
             dataset = _create_early(file.require_group("influence"), method, (rows, units), chunks, "f4", _FILL)
-            dataset.attrs["spec"] = json.dumps(spec)
+            dataset.attrs["spec"] = json.dumps(canonical(spec))
             progress = file.require_group("progress")
             progress.create_dataset(method, data=np.zeros((self.n_row_blocks, self.n_unit_blocks), np.uint8))
             progress.create_dataset(method + "_topk", data=np.zeros(self.n_row_blocks, np.uint8))
@@ -103,34 +106,15 @@ class InfluenceStream:
         self.topk_done.flush()
 
 
+def canonical(spec: dict) -> dict:
+    """A spec as JSON stores it (tuples as lists, keys in order): what two specs are compared as."""
+    return json.loads(json.dumps(spec, sort_keys=True))
+
+
 def _differences(stored: dict, wanted: dict) -> str:
+    wanted = canonical(wanted)
     keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
     return "; ".join(f"{k}: stored {stored.get(k)!r}, now {wanted.get(k)!r}" for k in keys[:4])
-
-
-def recover_after_kill(path: os.PathLike) -> bool:
-    """Make a file left by a killed writer writable again; True if it had to.
-
-    HDF5 marks a file open for writing in its superblock and refuses to open it again until
-    the mark is cleared. Every block on disk is either flagged done or not, so the contents are
-    sound: they are copied (object by object, inside HDF5, not through memory) into a fresh
-    file that replaces the old one.
-    """
-    path = Path(path)
-    try:
-        h5py.File(path, "a", libver="latest").close()
-        return False
-    except OSError as error:
-        if "already open for write" not in str(error):
-            raise StoreError(f"results file {path} cannot be opened: {error}") from None
-    tmp = path.with_name(path.name + ".recover")
-    with h5py.File(path, "r", swmr=True) as source, h5py.File(tmp, "w", libver="latest") as target:
-        for key, value in source.attrs.items():
-            target.attrs[key] = value
-        for name in source:
-            source.copy(source[name], target, name=name)
-    os.replace(tmp, path)
-    return True
 
 
 # ------------------------------------------------------------------------ streamed samples
@@ -148,13 +132,17 @@ class SampleStream:
     def __init__(self, path: os.PathLike, n: int, shape: Sequence[int], chunk: int, spec: dict):
         self.path, self.n, self.chunk = Path(path), n, max(1, chunk)
         self.n_chunks = -(-n // self.chunk)
-        if self.path.exists():
-            recover_after_kill(self.path)
-        self.file = h5py.File(self.path, "a", libver="latest")
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(writing(self.path, "results file"))
+        try:
+            self.file = open_for_appending(self.path)
+        except BaseException:
+            self._lock.close()
+            raise
         try:
             if "progress/samples" in self.file:
                 stored = json.loads(self.file["progress/samples"].attrs["spec"])
-                if stored != spec:
+                if stored != canonical(spec):
                     raise StoreError(f"{self.path} holds samples of another run ({_differences(stored, spec)}); "
                                      "write to a new file or pass --overwrite")
             elif "samples/seed" not in self.file or "samples/images" in self.file:
@@ -165,11 +153,11 @@ class SampleStream:
                 group = self.file.require_group("samples")
                 _create_early(group, "images", (n, *shape), (min(n, self.chunk), *shape), "f4", _FILL)
                 flags = self.file.require_group("progress").create_dataset("samples", data=np.zeros(self.n_chunks, np.uint8))
-                flags.attrs["spec"] = json.dumps(spec)
+                flags.attrs["spec"] = json.dumps(canonical(spec))
             self.images, self.flags = self.file["samples/images"], self.file["progress/samples"]
             self.file.swmr_mode = True
         except BaseException:
-            self.file.close()
+            self.close()
             raise
 
     def pending(self) -> list:
@@ -186,3 +174,4 @@ class SampleStream:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+        self._lock.close()

@@ -22,6 +22,8 @@ from torch import Tensor
 
 from .._version import __version__
 from ..errors import StoreError
+from ..files import writing
+from .recovery import open_for_appending
 
 __all__ = ["ResultsWriter", "StoreError", "code_hash", "file_hash", "read_hdf5", "versions", "check_code",
            "cached_statistic"]
@@ -51,7 +53,7 @@ def read_hdf5(path: os.PathLike, what: str = "results file") -> Iterator[h5py.Fi
     truncated or not HDF5, or that lacks a dataset or attribute the block reads, raises one
     :class:`StoreError` naming the file, not an OSError or a KeyError."""
     try:
-        file = h5py.File(path, "r")
+        file = open_for_reading(path)
     except OSError as error:
         raise StoreError(f"{what} {path} cannot be read ({error}); it is missing, truncated or not HDF5") from None
     try:
@@ -61,6 +63,18 @@ def read_hdf5(path: os.PathLike, what: str = "results file") -> Iterator[h5py.Fi
         detail = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise StoreError(f"{what} {path} is incomplete or damaged ({detail}); is it the file "
                          "`ensattr sample` wrote?") from None
+
+
+def open_for_reading(path: os.PathLike) -> h5py.File:
+    """``path`` open read-only; in SWMR mode when a writer holds it (or was killed holding it).
+    Only then: an SWMR reader does not check a file's length, and on a truncated file it
+    retries its reads for ever."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        if "already open for write" not in str(error):
+            raise
+        return h5py.File(path, "r", swmr=True)
 
 
 def check_code(file: h5py.File, code: Tensor, against: str = "this one", required: bool = False) -> None:
@@ -80,7 +94,7 @@ def cached_statistic(path: os.PathLike, name: str, compute) -> Tensor:
     """``/statistics/<name>`` of ``path``: read when a run before this one stored it, else
     computed by ``compute()`` and stored as float32, so that a resumed run scores the very
     numbers an uninterrupted one does."""
-    with h5py.File(path, "r") as f:
+    with open_for_reading(path) as f:
         if f"statistics/{name}" in f:
             return torch.from_numpy(f[f"statistics/{name}"][()])
     value = compute().float().numpy()
@@ -101,10 +115,18 @@ class ResultsWriter:
     def __init__(self, path: os.PathLike, mode: str = "a"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(writing(self.path, "results file"))
         try:
-            self.file = h5py.File(self.path, mode, libver="latest")
+            if mode == "w" and self.path.exists():
+                self.path.unlink()  # readers of the old file keep reading it; a new file takes the name
+            self.file = open_for_appending(self.path) if mode == "a" else h5py.File(self.path, mode, libver="latest")
         except OSError as error:
+            self._lock.close()
             raise StoreError(f"results file {self.path} cannot be opened: {error}") from None
+        except BaseException:
+            self._lock.close()
+            raise
 
     def __enter__(self) -> "ResultsWriter":
         return self
@@ -115,6 +137,7 @@ class ResultsWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+        self._lock.close()
 
     def set_attrs(self, **attrs) -> None:
         """Root attributes, each stored as a JSON string."""
@@ -149,12 +172,21 @@ class ResultsWriter:
         _replace(group, "ptr", np.cumsum([0] + [len(u) for u in units]).astype(np.int64))
         _replace(group, "units", np.concatenate([np.asarray(u, np.int64) for u in units]) if units else np.zeros(0, np.int64))
 
-    def write_counterfactuals(self, units: Tensor, images: Tensor, distance: Tensor, **extra: Tensor) -> None:
+    def write_counterfactuals(self, units: Tensor, images: Tensor, distance: Tensor, written_by: str = "ablate",
+                              **extra: Tensor) -> None:
         """``units`` [S, K], ``images`` [S, K, C, H, W], ``distance`` [S, K]; ``extra``: more
-        [S, K] arrays to store beside them (for example predicted distances)."""
-        group = self.file.require_group("counterfactuals")
-        _replace(group, "units", units.numpy().astype(np.int64))
-        _replace(group, "images", images.float().numpy())
-        _replace(group, "distance", distance.float().numpy())
+        [S, K] arrays to store beside them (for example predicted distances). The group
+        replaces any earlier one as a whole (written aside, then moved in its place), so no
+        array of an earlier run survives beside these."""
+        if "counterfactuals.new" in self.file:  # left by a run killed before the move
+            del self.file["counterfactuals.new"]
+        fresh = self.file.create_group("counterfactuals.new")
+        fresh.create_dataset("units", data=units.numpy().astype(np.int64))
+        fresh.create_dataset("images", data=images.float().numpy())
+        fresh.create_dataset("distance", data=distance.float().numpy())
         for name, value in extra.items():
-            _replace(group, name, value.float().numpy())
+            fresh.create_dataset(name, data=value.float().numpy())
+        fresh.attrs["written_by"] = json.dumps(written_by)
+        if "counterfactuals" in self.file:
+            del self.file["counterfactuals"]
+        self.file.move("counterfactuals.new", "counterfactuals")

@@ -47,7 +47,7 @@ def test_group_folders_train_sample_ablate_and_attribute(folder, tmp_path):
                  "--sampling-steps", "8"]) == 0
     assert main(["ablate", "--checkpoint", str(ckpt), "--results", str(results), "--units", "3,7"]) == 0
     assert main(["attribute", "--checkpoint", str(ckpt), "--results", str(results), "--samples", "4",
-                 "--method", "first_order,loss", "--draws", "8", "--check", "2"]) == 0
+                 "--method", "first_order,loss", "--draws", "8", "--check", "2", "--overwrite"]) == 0
     with h5py.File(results, "r") as f:
         names = [n.decode() for n in f["units/name"][()]]
         assert names == GROUPS  # unit names travel from the folders into the results

@@ -100,10 +100,12 @@ def fails(capsys, argv, *keep) -> str:
 
 # the steps that read a results file r, with the checkpoint ensemble.pt of directory d
 COMMANDS = {
-    "ablate": lambda d, r: ["ablate", "--checkpoint", d / "ensemble.pt", "--results", r, "--units", 1],
-    "ablate --nearest": lambda d, r: ["ablate", "--checkpoint", d / "ensemble.pt", "--results", r, "--nearest", 1],
+    "ablate": lambda d, r: ["ablate", "--checkpoint", d / "ensemble.pt", "--results", r, "--units", 1,
+                            "--overwrite"],
+    "ablate --nearest": lambda d, r: ["ablate", "--checkpoint", d / "ensemble.pt", "--results", r, "--nearest", 1,
+                                      "--overwrite"],
     "attribute": lambda d, r: ["attribute", "--checkpoint", d / "ensemble.pt", "--results", r, "--samples", 2,
-                               "--draws", 2, "--check", 1],
+                               "--draws", 2, "--check", 1, "--overwrite"],
     "metrics": lambda d, r: ["metrics", "--results", r, "--checkpoint", d / "ensemble.pt"],
     "report": lambda d, r: ["report", "--results", r, "--out", d / "report.png"],
     "lds": lambda d, r: ["lds", "--checkpoint", d / "ensemble.pt", "--results", r,
@@ -191,7 +193,7 @@ def test_results_with_nan_samples_are_refused(files, capsys, command):
 
 def test_plan_of_another_number_of_examples_is_refused(files, capsys):
     write_plan(files / "short.h5", codes.balanced_constant_weight(30, 8, seed=0), torch.arange(30))
-    err = fails(capsys, ["train", "--plan", files / "short.h5", "--out", files / "ensemble.pt", *TRAIN],
+    err = fails(capsys, ["train", "--plan", files / "short.h5", "--out", files / "fresh.pt", *TRAIN],
                 files / "short.h5", files / "ensemble.pt")
     assert "the plan maps 30 examples but toy has 40" in err
 
@@ -200,7 +202,7 @@ def test_results_whose_units_do_not_fit_the_data_set_are_refused(files, capsys):
     results = files / "results.h5"
     edit_dataset(results, "units/of_example", np.arange(30, dtype=np.int64))
     err = fails(capsys, ["ablate", "--checkpoint", files / "ensemble.pt", "--results", results,
-                         "--nearest", 1], results)
+                         "--nearest", 1, "--overwrite"], results)
     assert "the units map 30 examples but toy has 40" in err
 
 
@@ -234,7 +236,7 @@ def test_plans_without_excluders_or_includers_are_refused(files, capsys, edit, m
     code = codes.balanced_constant_weight(N, 8, seed=0)
     edit(code)
     write_plan(files / "bad.h5", code, torch.arange(N))
-    err = fails(capsys, ["train", "--plan", files / "bad.h5", "--out", files / "ensemble.pt", *TRAIN],
+    err = fails(capsys, ["train", "--plan", files / "bad.h5", "--out", files / "fresh.pt", *TRAIN],
                 files / "bad.h5", files / "ensemble.pt")
     assert message in err
 
@@ -284,7 +286,7 @@ def test_damaged_checkpoints_are_refused(files, capsys, how, message, command):
     checkpoint, results = files / "ensemble.pt", files / "results.h5"
     _damage_checkpoint(checkpoint, how)
     argv = {"sample": ["sample", "--checkpoint", checkpoint, "--out", results, "--overwrite", "--seeds", 2],
-            "ablate": ["ablate", "--checkpoint", checkpoint, "--results", results, "--units", 1],
+            "ablate": ["ablate", "--checkpoint", checkpoint, "--results", results, "--units", 1, "--overwrite"],
             "train --resume": ["train", "--plan", files / "plan.h5", "--out", checkpoint, "--resume", *TRAIN]}
     err = fails(capsys, argv[command], checkpoint, results)
     assert message in err
@@ -312,9 +314,7 @@ def test_damaged_results_files_are_refused(run, files, capsys, how, command):
     if how == "a plan file":
         assert any(phrase in err for phrase in ("has no /samples", "is incomplete or damaged",
                                                 "holds no interrupted sampling to resume")), err
-    elif command == "sample --resume":  # opens the file to append
-        assert f"{results} cannot be opened" in err
-    else:
+    else:  # sample --resume too, which opens the file to append
         assert f"{results} cannot be read" in err and "missing, truncated or not HDF5" in err
     assert not (files / "report.png").exists() and not (files / "refs.pt").exists()
 
@@ -323,7 +323,7 @@ def test_damaged_results_files_are_refused(run, files, capsys, how, command):
 def test_damaged_plan_files_are_refused(files, capsys, how, run):
     plan = files / "plan.h5"
     _damage_hdf5(plan, how, run)
-    err = fails(capsys, ["train", "--plan", plan, "--out", files / "ensemble.pt", *TRAIN], plan, files / "ensemble.pt")
+    err = fails(capsys, ["train", "--plan", plan, "--out", files / "fresh.pt", *TRAIN], plan, files / "ensemble.pt")
     assert "is not a readable plan file" in err
 
 
@@ -379,7 +379,7 @@ def test_sampling_no_seeds_is_refused(files, capsys):
 def test_ablating_units_out_of_range_is_refused(files, capsys, units):
     results = files / "results.h5"
     err = fails(capsys, ["ablate", "--checkpoint", files / "ensemble.pt", "--results", results,
-                         f"--units={units}"], results)
+                         f"--units={units}", "--overwrite"], results)
     bad = [u for u in units.split(",") if not 0 <= int(u) < N][0]
     assert f"unit {bad} is out of range, the code has 40 units" in err
 
@@ -402,7 +402,7 @@ def test_example_units_out_of_range_are_refused(files, capsys):
     unit_of = torch.arange(N)
     unit_of[4] = N  # one past the last unit
     write_plan(files / "bad.h5", codes.balanced_constant_weight(N, 8, seed=0), unit_of)
-    err = fails(capsys, ["train", "--plan", files / "bad.h5", "--out", files / "ensemble.pt", *TRAIN],
+    err = fails(capsys, ["train", "--plan", files / "bad.h5", "--out", files / "fresh.pt", *TRAIN],
                 files / "bad.h5", files / "ensemble.pt")
     assert "units/of_example" in err and "unit 40 is out of range, the code has 40 units" in err
 

@@ -43,7 +43,7 @@ def test_attribute_metrics_report_and_lds(run_dir, capsys):
     (d / "groups.json").write_text(json.dumps({f"pair {i}": [2 * i, 2 * i + 1] for i in range(12)}))
     assert main(["attribute", "--checkpoint", str(d / "ensemble.pt"), "--results", str(d / "results.h5"),
                  "--samples", "4", "--block-units", "500", "--draws", "4", "--check", "2",
-                 "--method", "first_order,direct,loss",
+                 "--method", "first_order,direct,loss", "--overwrite",  # the check replaces ablate's
                  "--groups", str(d / "groups.json")]) == 0
     with open_results(d / "results.h5") as r:
         assert r.methods == ["direct", "direct_groups", "first_order", "first_order_groups", "loss", "loss_groups"]

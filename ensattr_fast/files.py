@@ -1,0 +1,161 @@
+"""The rules every file the package writes keeps: one writer at a time, outputs that appear
+whole or not at all, no output written over an existing file or over an input unless asked.
+
+- :func:`writing`: an exclusive lock held for as long as a process writes a file (an OS lock
+  on ``<file>.lock`` beside it, holding the writer's process id); a second writer is refused
+  with that id. The kernel drops the lock when its process dies, so a killed writer never
+  blocks the next run. Re-entrant within one process.
+- :func:`atomic_output`: write to a temporary name in the same folder, then rename.
+- :func:`check_output`: refuse an existing output (unless ``overwrite``), an output that is one
+  of the command's inputs, and a folder that cannot be written, before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from .errors import StoreError
+
+__all__ = ["writing", "holds", "holder", "atomic_output", "check_output", "same_file", "open_elsewhere"]
+
+_held: Dict[str, List] = {}  # real path of a locked file -> [lock file descriptor, depth]
+
+
+def _lock_path(path: os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _key(path: os.PathLike) -> str:
+    return os.path.realpath(path)
+
+
+def holder(path: os.PathLike) -> Optional[str]:
+    """Who holds the write lock of ``path`` ("process 123 (ensattr attribute) on host"), or None."""
+    try:
+        return _lock_path(path).read_text().strip() or "another process"
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def writing(path: os.PathLike, what: str = "file") -> Iterator[None]:
+    """Hold the exclusive write lock of ``path`` for the ``with`` block, or raise
+    :class:`StoreError` naming the process that holds it."""
+    key = _key(path)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    lock = _lock_path(path)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise StoreError(f"{what} {path} cannot be written: {error.strerror} ({lock})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise StoreError(f"{what} {path} is being written by {holder(path)}; wait for it to finish, "
+                             "or write elsewhere") from None
+        try:  # the lock file may have been removed by the writer before us: lock the one on disk
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    command = " ".join(["ensattr", *sys.argv[1:2]]) if sys.argv and "ensattr" in sys.argv[0] else "python"
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} ({command}) on {socket.gethostname()}\n".encode())
+    _held[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            del _held[key]
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            os.close(fd)
+
+
+def holds(path: os.PathLike) -> bool:
+    """Whether this process holds the write lock of ``path``."""
+    return _key(path) in _held
+
+
+def open_elsewhere(path: os.PathLike, writable: bool = False) -> List[int]:
+    """Process ids of the other processes of this machine that have ``path`` open (for
+    writing, with ``writable``), from Linux's ``/proc/<pid>/fd``; empty where it cannot be read."""
+    target = _key(path)
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) != target:
+                    continue
+                flags = (proc / "fdinfo" / fd.name).read_text().split("flags:")[1].split()[0]
+                if not writable or int(flags, 8) & os.O_ACCMODE != os.O_RDONLY:
+                    found.append(int(proc.name))
+                    break
+    return found
+
+
+def same_file(a: os.PathLike, b: os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(path: os.PathLike, option: str, overwrite: bool = False,
+                 inputs: Optional[Dict[str, os.PathLike]] = None, resume: Optional[bool] = None) -> None:
+    """Refuse, before any work, an output ``path`` (given as ``option``) that exists (unless
+    ``overwrite``, or ``resume`` for a step that continues an output; None: the step cannot),
+    that is one of ``inputs`` (what -> path), or whose folder cannot be written."""
+    for name, given in (inputs or {}).items():
+        if given is not None and same_file(path, given):
+            raise StoreError(f"{option} {path} is also the {name} this step reads; write elsewhere")
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not (overwrite or resume):
+        flags = "--overwrite to replace it" + (" or --resume to continue it" if resume is not None else "")
+        raise StoreError(f"{option} {path} exists; pass {flags}, or write elsewhere")
+    folder = path.absolute().parent
+    while not folder.exists():  # the folders an output needs are made when it is written
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise StoreError(f"{option} {path}: {folder} is not a folder this process can write to")
+
+
+@contextlib.contextmanager
+def atomic_output(path: os.PathLike) -> Iterator[Path]:
+    """``with atomic_output(path) as tmp:`` write ``tmp``; it becomes ``path`` (renamed, after
+    an fsync) only when the block ends without an error, else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
+                               suffix=f".tmp{path.suffix}")  # the real suffix last: writers infer formats
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

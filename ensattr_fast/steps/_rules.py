@@ -1,0 +1,30 @@
+"""What every step does before it writes: the checks of its outputs run on the rank that
+writes them, and every rank stops with the same error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+from .. import distributed, errors
+from ..files import writing
+
+
+def on_writer(check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 only (it alone writes the files) and raise its error, if any,
+    on every rank."""
+    refused = None
+    if distributed.world().main:
+        try:
+            check()
+        except errors.EnsattrError as error:
+            refused = (type(error).__name__, str(error))
+    refused = distributed.broadcast_object(refused)
+    if refused is not None:
+        raise getattr(errors, refused[0])(refused[1])
+
+
+def writer_lock(path: os.PathLike, what: str):
+    """The write lock of ``path`` on rank 0 (the rank that writes it); nothing elsewhere."""
+    return writing(path, what) if distributed.world().main else contextlib.nullcontext()
