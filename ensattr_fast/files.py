@@ -59,6 +59,7 @@ def writing(path: os.PathLike, what: str = "file") -> Iterator[None]:
             _held[key][1] -= 1
         return
     lock = _lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)  # an output's folder (inputs are checked before)
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

@@ -28,3 +28,10 @@ def on_writer(check: Callable[[], None]) -> None:
 def writer_lock(path: os.PathLike, what: str):
     """The write lock of ``path`` on rank 0 (the rank that writes it); nothing elsewhere."""
     return writing(path, what) if distributed.world().main else contextlib.nullcontext()
+
+
+def existing(results: os.PathLike) -> None:
+    """Refuse a results file to add to that is not there (before a lock would make its folder)."""
+    if not os.path.isfile(results):
+        raise errors.StoreError(f"results file {results} cannot be read (no such file); it is missing, truncated "
+                                "or not HDF5")

@@ -17,7 +17,7 @@ from ..sampling import ablate
 from ..errors import StoreError
 from ..store import (ResultsWriter, count_samples, counterfactuals_written_by, read_sampler, read_samples,
                      read_unit_of, recover_after_kill)
-from ._rules import on_writer, writer_lock
+from ._rules import existing, on_writer, writer_lock
 
 __all__ = ["ablate_step"]
 
@@ -35,6 +35,7 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike,
     Counterfactuals already in the file are replaced (as a whole) only with ``overwrite``.
     Returns (images [S, K, ...], distances [S, K], member evaluations).
     """
+    existing(results)
     with writer_lock(results, "results file"):
         on_writer(lambda: _check_replace(results, overwrite, written_by))
         return _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, samples, written_by,

@@ -26,7 +26,7 @@ from ..schedules import Sampler
 from ..store import (ResultsWriter, cached_statistic, code_hash, count_samples, file_hash, open_results,
                      part_path, read_sampler, read_samples, recover_after_kill, stitch_parts, stream_influence,
                      stream_scores)
-from ._rules import on_writer, writer_lock
+from ._rules import existing, on_writer, writer_lock
 from .ablate import ablate_step
 
 __all__ = ["attribute_step", "exact_check", "read_groups"]
@@ -71,6 +71,7 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
     check replaces the counterfactuals of an earlier check, those of ``ensattr ablate`` only
     with ``overwrite``.
     """
+    existing(results)
     with writer_lock(results, "results file"):
         on_writer(lambda: recover_after_kill(results))
         return _attribute(checkpoint_path, results, rows, methods, k, block_rows, block_units, draws, check,

@@ -16,6 +16,7 @@ from ..data import load_data
 from ..evaluation.metrics import agreement, counterfactual_radius, mean_interval
 from ..sampling import ablate
 from ..files import writing
+from ._rules import existing
 from ..store import ResultsWriter, open_results, read_sampler, recover_after_kill
 
 __all__ = ["metrics_step"]
@@ -27,6 +28,7 @@ def metrics_step(results: os.PathLike, checkpoint_path: Optional[os.PathLike] = 
                  samples: int = 32, device: str = "cpu", seed: int = 0) -> dict:
     """Counterfactual radius and agreement from the file; with a checkpoint, also the false
     attribution rate (ABC protocol, see :mod:`ensattr_fast.evaluation.metrics`)."""
+    existing(results)
     with writing(results, "results file"):
         recover_after_kill(results)
         return _metrics(results, checkpoint_path, samples, device, seed)

@@ -239,3 +239,14 @@ def test_a_pickle_that_could_run_code_is_refused_in_our_words(tmp_path, capsys, 
     assert "holds Python objects other than tensors and plain values; ensattr_fast never loads those" in err
     assert "weights_only" not in err and "trust" not in err  # no hint to load it unsafely
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "r.h5").exists()
+
+
+def test_outputs_go_into_folders_that_do_not_exist_yet(files):
+    new = files / "new" / "deeper"
+    assert ensattr("plan", "--out", new / "plan.h5", "--data", files / "toy.npy", "--members", 8) == 0
+    assert ensattr("train", "--plan", new / "plan.h5", "--out", new / "a" / "e.pt", "--steps", 1, "--hidden", 8,
+                   "--blocks", 1) == 0
+    assert ensattr("sample", "--checkpoint", new / "a" / "e.pt", "--out", new / "b" / "r.h5", "--seeds", 1,
+                   "--sampling-steps", 2) == 0
+    assert ensattr("metrics", "--results", new / "b" / "r.h5", "--json", new / "c" / "m.json") == 0
+    assert sorted(p.name for p in new.rglob("*") if p.is_file()) == ["e.pt", "m.json", "plan.h5", "r.h5"]
