@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional
 
 from .errors import StoreError
 
-__all__ = ["writing", "holds", "holder", "atomic_output", "check_output", "same_file", "open_elsewhere"]
+__all__ = ["writing", "holder", "atomic_output", "check_output", "same_file", "open_elsewhere"]
 
 _held: Dict[str, List] = {}  # real path of a locked file -> [lock file descriptor, depth]
 
@@ -92,11 +92,6 @@ def writing(path: os.PathLike, what: str = "file") -> Iterator[None]:
             with contextlib.suppress(OSError):
                 lock.unlink()
             os.close(fd)
-
-
-def holds(path: os.PathLike) -> bool:
-    """Whether this process holds the write lock of ``path``."""
-    return _key(path) in _held
 
 
 def open_elsewhere(path: os.PathLike, writable: bool = False) -> List[int]:
