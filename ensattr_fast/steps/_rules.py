@@ -9,6 +9,7 @@ from typing import Callable
 
 from .. import distributed, errors
 from ..files import writing
+from ..store import unreadable
 
 
 def on_writer(check: Callable[[], None]) -> None:
@@ -33,5 +34,4 @@ def writer_lock(path: os.PathLike, what: str):
 def existing(results: os.PathLike) -> None:
     """Refuse a results file to add to that is not there (before a lock would make its folder)."""
     if not os.path.isfile(results):
-        raise errors.StoreError(f"results file {results} cannot be read (no such file); it is missing, truncated "
-                                "or not HDF5")
+        raise unreadable(results, "no such file")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -38,13 +37,13 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
     ensemble = checkpoint.build().to(device)
     seeds = [int(s) for s in seeds]
-    spec = json.loads(json.dumps(dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
-                                      sampler=dataclasses.asdict(sampler))))  # as stored: tuples become lists
+    spec = dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
+                sampler=dataclasses.asdict(sampler))  # compared in canonical JSON by SampleStream
     with writer_lock(results, "results file"):
-        _sample_into(results, checkpoint, checkpoint_path, ensemble, seeds, sampler, resume, chunk, spec)
+        _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec)
 
 
-def _sample_into(results, checkpoint, checkpoint_path, ensemble, seeds, sampler, resume, chunk, spec) -> None:
+def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec) -> None:
     stream, pending = None, None
     if distributed.world().main:
         try:

@@ -13,11 +13,11 @@ from ..errors import StoreError
 from .reads import count_samples, counterfactuals_written_by, read_dataset, read_plan, read_sampler, read_samples, read_unit_of
 from .results import InfluenceView, Results, open_results
 from .streaming import part_path, stitch_parts, stream_influence, stream_scores
-from .recovery import recover_after_kill
+from .recovery import recover_after_kill, unreadable
 from .streams import InfluenceStream, SampleStream
 from .writer import ResultsWriter, cached_statistic, check_code, code_hash, file_hash, read_hdf5, versions
 
 __all__ = ["StoreError", "ResultsWriter", "open_results", "Results", "InfluenceView", "InfluenceStream",
            "SampleStream", "recover_after_kill", "stream_influence", "stream_scores", "stitch_parts",
            "part_path", "counterfactuals_written_by", "read_plan", "read_samples", "read_unit_of", "count_samples", "read_sampler",
-           "read_dataset", "cached_statistic", "check_code", "code_hash", "file_hash", "read_hdf5", "versions"]
+           "read_dataset", "unreadable", "cached_statistic", "check_code", "code_hash", "file_hash", "read_hdf5", "versions"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import StoreError
 from ..files import open_elsewhere, writing
 
-__all__ = ["recover_after_kill", "open_for_appending"]
+__all__ = ["recover_after_kill", "open_for_appending", "unreadable"]
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
@@ -74,6 +74,11 @@ def _clear_consistency_flags(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def unreadable(path: os.PathLike, detail, what: str = "results file") -> StoreError:
+    """The one error for a file that HDF5 cannot open."""
+    return StoreError(f"{what} {path} cannot be read ({detail}); it is missing, truncated or not HDF5")
+
+
 def _marked_open(path: Path) -> bool:
     """Whether the superblock says a writer has the file open (read from the bytes, without
     opening the file through HDF5, so that readers elsewhere are never locked out)."""
@@ -105,5 +110,4 @@ def open_for_appending(path: os.PathLike):
     try:
         return h5py.File(path, "a", libver="latest")
     except OSError as error:
-        raise StoreError(f"results file {path} cannot be read ({error}); it is missing, truncated or "
-                         "not HDF5") from None
+        raise unreadable(path, error) from None

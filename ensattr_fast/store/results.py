@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+from .recovery import unreadable
 from .writer import check_code, open_for_reading
 
 __all__ = ["open_results", "Results", "InfluenceView"]
@@ -39,8 +40,7 @@ def open_results(path: os.PathLike) -> "Results":
     try:
         file = open_for_reading(path)
     except OSError as error:
-        raise StoreError(f"results file {path} cannot be read ({error}); it is missing, truncated "
-                         "or not HDF5") from None
+        raise unreadable(path, error) from None
     return Results(file)
 
 

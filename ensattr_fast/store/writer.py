@@ -23,7 +23,7 @@ from torch import Tensor
 from .._version import __version__
 from ..errors import StoreError
 from ..files import writing
-from .recovery import open_for_appending
+from .recovery import open_for_appending, unreadable
 
 __all__ = ["ResultsWriter", "StoreError", "code_hash", "file_hash", "read_hdf5", "versions", "check_code",
            "cached_statistic"]
@@ -55,7 +55,7 @@ def read_hdf5(path: os.PathLike, what: str = "results file") -> Iterator[h5py.Fi
     try:
         file = open_for_reading(path)
     except OSError as error:
-        raise StoreError(f"{what} {path} cannot be read ({error}); it is missing, truncated or not HDF5") from None
+        raise unreadable(path, error, what) from None
     try:
         with file:
             yield file
