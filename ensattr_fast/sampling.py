@@ -25,7 +25,7 @@ from .members import Ensemble, PackedLayout
 from .ops import ensemble_step
 from .schedules import NoiseSchedule, Sampler
 
-__all__ = ["ablation_weights", "seeded_normal", "run_trajectories", "sample", "ablate", "Trajectories"]
+__all__ = ["ablation_weights", "seeded_normal", "run_trajectories", "sample", "ablate", "replay", "Trajectories"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -178,8 +178,25 @@ def ablate(
     else:
         K = len(unit_sets)
         weights = ablation_weights(code, unit_sets)[None].expand(S, K, -1)
-    # trajectories ordered sample-major so that a chunk holds whole samples
-    chunk = max(1, (max_trajectories or S * K) // max(K, 1))
+    result = replay(ensemble, schedule, sampler, seeds, weights, max_trajectories)
+    if not per_sample:
+        result.images = result.images.transpose(0, 1)
+    return result
+
+
+def replay(
+    ensemble: Ensemble,
+    schedule: NoiseSchedule,
+    sampler: Sampler,
+    seeds: Sequence[int],
+    weights: Tensor,
+    max_trajectories: Optional[int] = None,
+) -> Trajectories:
+    """Seed i replayed under each of its K member weightings ``weights[i]`` [S, K, M]: images
+    [S, K, *data_shape]. Work is split into chunks of whole samples, at most
+    ``max_trajectories`` trajectories each (at least one sample)."""
+    S, K = weights.shape[:2]
+    chunk = max(1, (max_trajectories or S * K) // max(K, 1))  # sample-major: a chunk holds whole samples
     images, evaluations, padded = [], 0, 0
     for start in range(0, S, chunk):
         w = weights[start : start + chunk]
@@ -192,4 +209,4 @@ def ablate(
         evaluations += result.member_evaluations
         padded += result.padded_evaluations
     out = torch.cat(images) if images else torch.zeros(0, K, *ensemble.data_shape)
-    return Trajectories(out if per_sample else out.transpose(0, 1), evaluations, padded)
+    return Trajectories(out, evaluations, padded)

@@ -22,8 +22,12 @@ is therefore min(d, M - d) for Hamming distance d: :func:`statistics` reports bo
 
 from ..errors import CodeError
 from .checks import check_unit_ids, group_code, statistics, validate
-from .designs import balanced_constant_weight, plan, random_constant_weight, sparse_exclusion
+from .clusters import kmeans
+from .designs import balanced_constant_weight, design_reason, plan, random_constant_weight, sparse_exclusion
+from .phantoms import ablation_weights_of_rows, free_phantom_rows, phantom_rows
 from .units import CodeStats, Units, member_pools
 
 __all__ = ["CodeError", "CodeStats", "Units", "random_constant_weight", "balanced_constant_weight",
-           "sparse_exclusion", "plan", "validate", "check_unit_ids", "statistics", "group_code", "member_pools"]
+           "sparse_exclusion", "plan", "design_reason", "kmeans", "validate", "check_unit_ids", "statistics",
+           "group_code", "member_pools",
+           "phantom_rows", "free_phantom_rows", "ablation_weights_of_rows"]

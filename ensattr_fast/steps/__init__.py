@@ -5,7 +5,7 @@ only through :mod:`ensattr_fast.store`. The command line calls them; so can a us
 plan -> train -> sample -> attribute / ablate -> metrics, lds, report; ``demo`` chains them.
 """
 
-from .ablate import ablate_step
+from .ablate import Floor, ablate_step
 from .attribute import attribute_step, exact_check, read_groups
 from .demo import run_demo
 from .lds import lds_step
@@ -15,5 +15,5 @@ from .report import report_step
 from .sample import sample_step
 from .train import train
 
-__all__ = ["make_plan", "train", "sample_step", "ablate_step", "attribute_step", "exact_check", "read_groups",
+__all__ = ["make_plan", "train", "sample_step", "ablate_step", "Floor", "attribute_step", "exact_check", "read_groups",
            "metrics_step", "lds_step", "report_step", "run_demo"]

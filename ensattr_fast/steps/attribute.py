@@ -27,7 +27,8 @@ from ..store import (ResultsWriter, cached_statistic, code_hash, count_samples, 
                      part_path, read_sampler, read_samples, recover_after_kill, stitch_parts, stream_influence,
                      stream_scores)
 from ._rules import existing, on_writer, writer_lock
-from .ablate import ablate_step
+from ._floors import certify, score_floors
+from .ablate import Floor, ablate_step
 
 __all__ = ["attribute_step", "exact_check", "read_groups"]
 
@@ -106,6 +107,9 @@ def _attribute(checkpoint_path, results, rows, methods, k, block_rows, block_uni
         if world.main:
             stitch_parts(results, [part_path(results, r, world.size) for r in range(world.size)])
         distributed.barrier()
+    if world.main:
+        score_floors(results, checkpoint.code, chosen)
+    distributed.barrier()
     if not check:
         return {}
     return exact_check(checkpoint_path, results, rows, check, check_method, [m.name for m in chosen], device,
@@ -164,16 +168,20 @@ def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, c
     distances beside every method's scores of those units and the agreement metrics of the
     methods whose scores predict distances."""
     with open_results(results) as r:
+        n_units = r.code.shape[0]  # the checked units were chosen among all of them
         units = torch.from_numpy(r.topk(check_method)[0][:rows, :check])
         predicted = {}
         for method in methods:
             block = r.influence(method)[:rows, :]
-            predicted[method] = torch.from_numpy(np.take_along_axis(block, units.clamp_min(0).numpy(), 1))
+            taken = np.take_along_axis(block, units.clamp_min(0).numpy(), 1)
+            predicted[method] = torch.from_numpy(np.where(units.numpy() >= 0, taken, np.nan))  # -1: no unit
     _, distances, _ = ablate_step(checkpoint_path, results, units, device, overwrite=overwrite,
-                                  written_by="attribute", **{f"predicted_{m}": v for m, v in predicted.items()})
+                                  written_by="attribute", floor=Floor(tests=n_units),
+                                  **{f"predicted_{m}": v for m, v in predicted.items()})
     metrics = {m: agreement(predicted[m].numpy(), distances.numpy())
                for m in methods if get_method(m).predicts_distance}
     if distributed.world().main:
+        certify(results, get_method(check_method), rows)
         with ResultsWriter(results, "a") as writer:
             writer.set_attrs(agreement=metrics, checked_by=check_method)
     distributed.barrier()

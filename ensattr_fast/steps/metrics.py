@@ -4,8 +4,12 @@ attribution rate of the ABC protocol."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Optional
+
+import numpy as np
 
 import torch
 
@@ -34,6 +38,29 @@ def metrics_step(results: os.PathLike, checkpoint_path: Optional[os.PathLike] = 
         return _metrics(results, checkpoint_path, samples, device, seed)
 
 
+def _exact_significance(arrays: dict, attrs) -> dict:
+    """How many exact counterfactuals stand above their samples' noise floor."""
+    if "floor_distance" not in arrays:
+        return {}
+    valid = arrays["units"] >= 0
+    floor = arrays["floor_distance"]
+    meta = json.loads(attrs["floor"])
+    return {"exact_significance": {
+        "pairs": int(valid.sum()), "significant": int(arrays["significant"][valid].sum()),
+        "share_significant": float(arrays["significant"][valid].mean()) if valid.any() else math.nan,
+        "floor_median": float(np.median(floor)) if floor.size else math.nan,
+        "effect_median": float(np.nanmedian(arrays["distance"][valid])) if valid.any() else math.nan,
+        "mean_z": float(np.nanmean(arrays["zscore"][valid])) if valid.any() else math.nan, **meta}}
+
+
+def _score_significance(judged: dict) -> dict:
+    """How many units of each row stand above the row's phantom floor, at the file's FDR."""
+    return {"rows": int(len(judged["n_significant"])),
+            "units_significant_per_row": mean_interval(judged["n_significant"].astype(float)),
+            "top1_significant": float(judged["significant"][:, 0].mean()) if judged["significant"].size else math.nan,
+            **judged["meta"]}
+
+
 def _metrics(results, checkpoint_path, samples, device, seed) -> dict:
     found: dict = {}
     checkpoint = None if checkpoint_path is None else Checkpoint.load(checkpoint_path)
@@ -44,10 +71,19 @@ def _metrics(results, checkpoint_path, samples, device, seed) -> dict:
             arrays = r.counterfactual_arrays(images=False)
             radius = counterfactual_radius(arrays["distance"])
             found["counterfactual_radius"] = mean_interval(radius) | {"per_sample": radius.tolist()}
+            found |= _exact_significance(arrays, r.counterfactuals.attrs)
             for name, predicted in arrays.items():
                 method = METHODS.get(name[len(_PREDICTED):]) if name.startswith(_PREDICTED) else None
                 if method is not None and method.predicts_distance:
                     found[f"agreement_{method.name}"] = agreement(predicted, arrays["distance"])
+        for method in r.methods:
+            judged = r.significance(method)
+            if judged is not None:
+                found[f"significance_{method}"] = _score_significance(judged)
+        certificate = r.certificate()
+        if certificate is not None:
+            found["certificate"] = {"radius": mean_interval(certificate["radius"]),
+                                    "bound": mean_interval(certificate["bound"]), **certificate["meta"]}
         seeds = r.seeds[:samples].tolist()
         images = torch.from_numpy(r.samples[:samples])
         unit_of = torch.from_numpy(r.unit_of[()])

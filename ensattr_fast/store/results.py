@@ -27,7 +27,8 @@ from .writer import check_code, open_for_reading
 __all__ = ["open_results", "Results", "InfluenceView"]
 
 _WRITTEN_BY = {"code": "ensattr plan or sample", "units": "ensattr plan or sample",
-               "counterfactuals": "ensattr ablate or attribute", "topk": "ensattr attribute"}
+               "counterfactuals": "ensattr ablate or attribute", "topk": "ensattr attribute",
+               "statistics": "ensattr attribute"}
 
 
 def open_results(path: os.PathLike) -> "Results":
@@ -162,7 +163,31 @@ class Results:
             raise StoreError(f"{self.file.filename} has no influence matrix {method!r} (has: {self.methods})")
         return InfluenceView(self.file, method)
 
+    def statistic(self, name: str) -> np.ndarray:
+        """``/statistics/<name>``: what a method's scores were computed from (``gram_exact``
+        [K, M, M], ``losses`` [K, M], ...)."""
+        return self._get(f"statistics/{name}")[()]
+
+    def significance(self, method: str) -> Optional[Dict[str, np.ndarray]]:
+        """The noise floor of a method's rows and the significance of its top units, or None:
+        ``floor`` [K, P] (the scores of P phantom rows), ``pvalue``, ``zscore``, ``qvalue``,
+        ``significant`` [K, k] aligned with :meth:`topk`, ``n_significant`` [K]; ``meta``."""
+        if f"significance/{method}" not in self.file:
+            return None
+        group = self.file[f"significance/{method}"]
+        return {name: group[name][()] for name in group} | {"meta": json.loads(group.attrs["floor"])}
+
     def topk(self, method: str) -> Tuple[h5py.Dataset, h5py.Dataset]:
         """(unit index [K, k], score [K, k]) of the highest-scoring units per row."""
         group = self._get(f"topk/{method}")
         return group["index"], group["score"]
+
+    def certificate(self) -> Optional[Dict[str, np.ndarray]]:
+        """The arrays under /certificate (``radius``, ``bound``, ``floor_p95``, ``checked``, [S])
+        and its parsed ``certificate`` attribute under ``meta``; None for a file without one."""
+        if "certificate" not in self.file:
+            return None
+        group = self.file["certificate"]
+        out = {name: group[name][()] for name in group if isinstance(group[name], h5py.Dataset)}
+        out["meta"] = json.loads(group.attrs.get("certificate", "{}"))
+        return out

@@ -165,6 +165,27 @@ class ResultsWriter:
         """``/statistics/<name>``: what a method's scores were computed from, kept for resumes."""
         self.file.require_group("statistics").create_dataset(name, data=value)
 
+    def write_certificate(self, arrays: dict, meta: dict) -> None:
+        """``/certificate``: per sample [S] ``radius``, ``bound``, ``floor_p95``, ``checked``,
+        with ``meta`` as its ``certificate`` attribute; replaces an earlier one whole."""
+        if "certificate" in self.file:
+            del self.file["certificate"]
+        group = self.file.create_group("certificate")
+        for name, value in arrays.items():
+            group.create_dataset(name, data=value)
+        group.attrs["certificate"] = json.dumps(meta)
+
+    def write_significance(self, method: str, arrays: dict, meta: dict) -> None:
+        """``/significance/<method>``: the floor of a score matrix's rows [R, P] and the
+        p-values, q-values and flags of its top units [R, k] (aligned with ``/topk/<method>``)."""
+        group = self.file.require_group("significance")
+        if method in group:
+            del group[method]
+        fresh = group.create_group(method)
+        for name, value in arrays.items():
+            fresh.create_dataset(name, data=value)
+        fresh.attrs["floor"] = json.dumps(meta)
+
     def write_groups(self, names: Sequence[str], units: Sequence[Sequence[int]]) -> None:
         """Unit sets as CSR: ``/groups/name`` [G], ``/groups/ptr`` [G+1], ``/groups/units``."""
         group = self.file.require_group("groups")
@@ -173,11 +194,14 @@ class ResultsWriter:
         _replace(group, "units", np.concatenate([np.asarray(u, np.int64) for u in units]) if units else np.zeros(0, np.int64))
 
     def write_counterfactuals(self, units: Tensor, images: Tensor, distance: Tensor, written_by: str = "ablate",
-                              **extra: Tensor) -> None:
+                              floor: Optional[dict] = None, **extra: Tensor) -> None:
         """``units`` [S, K], ``images`` [S, K, C, H, W], ``distance`` [S, K]; ``extra``: more
-        [S, K] arrays to store beside them (for example predicted distances). The group
-        replaces any earlier one as a whole (written aside, then moved in its place), so no
-        array of an earlier run survives beside these."""
+        [S, K] arrays to store beside them (for example predicted distances); ``floor``: the
+        noise floor and significance, numpy arrays stored as they are (``floor_distance``
+        [S, P], ``floor_code`` [P, M], ``pvalue``, ``zscore``, ``qvalue``, ``significant``
+        [S, K]) and ``attrs`` (the group's ``floor`` attribute). The group replaces any earlier
+        one as a whole (written aside, then moved in its place), so no array of an earlier run
+        survives beside these."""
         if "counterfactuals.new" in self.file:  # left by a run killed before the move
             del self.file["counterfactuals.new"]
         fresh = self.file.create_group("counterfactuals.new")
@@ -186,6 +210,11 @@ class ResultsWriter:
         fresh.create_dataset("distance", data=distance.float().numpy())
         for name, value in extra.items():
             fresh.create_dataset(name, data=value.float().numpy())
+        if floor is not None:
+            floor = dict(floor)
+            fresh.attrs["floor"] = json.dumps(floor.pop("attrs"))
+            for name, value in floor.items():
+                fresh.create_dataset(name, data=value)
         fresh.attrs["written_by"] = json.dumps(written_by)
         if "counterfactuals" in self.file:
             del self.file["counterfactuals"]

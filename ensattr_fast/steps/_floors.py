@@ -1,0 +1,108 @@
+"""The noise floor of ``ensattr attribute``'s answers: the significance of every code-based
+score against phantom rows, and each sample's copy certificate.
+
+- Scores. A unit's first-order or loss score depends on it only through its code row, so the
+  floor of a row (sample) is the scores of P phantom rows (rows of the design's kind that
+  belong to no unit) from the same statistic, one ``code_scores`` call. Every unit's score gets
+  an empirical p-value against that floor, Benjamini-Hochberg runs over all N units of the
+  row, and the top units' p, z and q are stored beside ``/topk/<method>``.
+- Certificate. The exact check ablates each sample's top units by first order, which predicts
+  the distance a unit's removal moves the sample. The largest exact distance among them is the
+  counterfactual radius; the first-order scores of every unchecked unit, scaled by the largest
+  exact / predicted ratio seen among the checked ones, bound the rest. ``bound`` is the r in
+  "no one training unit moves this sample by more than r": exact when every unit was checked
+  (``exhaustive``), first order's word for the unchecked units otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import codes
+from ..attribution.methods import Method
+from ..evaluation.significance import benjamini_hochberg, empirical_pvalues
+from ..ops import code_scores
+from ..store import ResultsWriter, open_results
+
+__all__ = ["score_floors", "certify", "SCORE_PHANTOMS"]
+
+#: phantom rows scored per row: cheap (one code_scores call), and p-values resolve to 1e-3
+SCORE_PHANTOMS = 1024
+_BLOCK = 64
+
+
+def score_floors(results: os.PathLike, code: torch.Tensor, methods: Sequence[Method], alpha: float = 0.05,
+                 phantoms: int = SCORE_PHANTOMS, seed: int = 0) -> None:
+    """``/significance/<method>`` for every code-based method (first order, direct, loss) of
+    ``methods`` in ``results``."""
+    rows = codes.phantom_rows(code, min(phantoms, codes.free_phantom_rows(code)), seed)
+    found = {}
+    with open_results(results) as r:
+        for method in methods:
+            if method.scorer == "gradient" or method.name not in r.methods or not len(rows):
+                continue
+            statistic = torch.from_numpy(r.statistic(method.statistic))
+            key = "gram" if method.scorer == "first_order" else "losses"
+            floor = code_scores(rows, **{key: statistic.double()}).scores.float().numpy()  # [R, P]
+            index = r.topk(method.name)[0][()]
+            found[method.name] = _judge(r.influence(method.name), floor, index, alpha)
+    meta = dict(phantoms=len(rows), alpha=alpha, seed=seed, tests=len(code),
+                kind="code rows of the design's weights that no unit has")
+    with ResultsWriter(results, "a") as writer:
+        for name, arrays in found.items():
+            writer.write_significance(name, arrays, meta)
+
+
+def _judge(view, floor: np.ndarray, index: np.ndarray, alpha: float) -> dict:
+    """p, z, q of the top units ``index`` [R, k] of a lazy influence matrix [R, N], BH over N."""
+    out = {name: np.full(index.shape, np.nan, np.float32) for name in ("pvalue", "zscore", "qvalue")}
+    n_significant = np.zeros(len(index), np.int64)
+    for start in range(0, len(index), _BLOCK):
+        block = slice(start, start + _BLOCK)
+        p, z = empirical_pvalues(view[block, :], floor[block])
+        q = benjamini_hochberg(p)
+        n_significant[block] = (np.nan_to_num(q, nan=1.0) <= alpha).sum(1)
+        top = np.clip(index[block], 0, None)
+        for name, value in (("pvalue", p), ("zscore", z), ("qvalue", q)):
+            out[name][block] = np.where(index[block] >= 0, np.take_along_axis(value, top, 1), np.nan)
+    significant = (np.nan_to_num(out["qvalue"], nan=1.0) <= alpha).astype(np.uint8)
+    return dict(out, significant=significant, n_significant=n_significant, floor=floor)
+
+
+def certify(results: os.PathLike, check_method: Method, rows: int) -> dict:
+    """``/certificate`` of the first ``rows`` samples from the exact check in ``results``;
+    returns the mean radius and bound."""
+    with open_results(results) as r:
+        cf = r.counterfactual_arrays(rows, images=False)
+        units, exact = cf["units"], cf["distance"].astype(np.float64)
+        view = r.influence(check_method.name)
+        scores = view[:rows, :].astype(np.float64)
+    n_units = scores.shape[1]
+    radius = np.nanmax(np.where(units >= 0, exact, np.nan), 1, initial=0.0)
+    unchecked = scores.copy()
+    np.put_along_axis(unchecked, np.clip(units, 0, None), np.nan, 1)
+    if check_method.predicts_distance:
+        predicted = np.take_along_axis(scores, np.clip(units, 0, None), 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where((units >= 0) & (predicted > 0), exact / predicted, np.nan)
+        scale = np.fmax(np.nanmax(np.where(np.isfinite(ratio), ratio, -np.inf), 1, initial=1.0), 1.0)
+        rest = np.nanmax(np.where(np.isfinite(unchecked), unchecked, -np.inf), 1, initial=0.0)
+        bound = np.maximum(radius, scale * rest)
+    else:
+        bound = np.full(len(radius), np.nan)
+    floor = cf.get("floor_distance")
+    p95 = np.percentile(floor, 95, axis=1) if floor is not None and floor.shape[1] else np.full(len(radius), np.nan)
+    checked = (units >= 0).sum(1)
+    exhaustive = bool((checked >= n_units).all())
+    meta = dict(method=check_method.name, units=n_units, exhaustive=exhaustive,
+                bound="exact" if exhaustive else "exact for the checked units, first order scaled by the "
+                                                   "largest exact/predicted ratio for the rest")
+    with ResultsWriter(results, "a") as writer:
+        writer.write_certificate(dict(radius=radius.astype(np.float32), bound=bound.astype(np.float32),
+                                      floor_p95=p95.astype(np.float32), checked=checked.astype(np.int64)), meta)
+    return dict(radius=float(np.mean(radius)), bound=float(np.nanmean(bound)) if np.isfinite(bound).any() else None,
+                exhaustive=exhaustive)

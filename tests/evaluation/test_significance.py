@@ -1,0 +1,147 @@
+"""The noise floor: phantom rows, p-values and Benjamini-Hochberg against references, the exact
+floor against a brute-force replay of each phantom, and the copy certificate against exhaustive
+exact ablation on a tiny ensemble."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from ensattr_fast import codes
+from ensattr_fast.checkpoint import Checkpoint
+from ensattr_fast.errors import CodeError
+from ensattr_fast.evaluation.significance import benjamini_hochberg, empirical_pvalues, significance
+from ensattr_fast.members import MemberOptions
+from ensattr_fast.sampling import ablate, run_trajectories
+from ensattr_fast.schedules import Sampler
+from ensattr_fast.steps import Floor, ablate_step, attribute_step, make_plan, sample_step, train
+from ensattr_fast.store import open_results, read_sampler
+from ensattr_fast.training import TrainConfig
+
+
+def test_phantom_rows_are_of_the_codes_kind_and_belong_to_no_unit():
+    code = codes.balanced_constant_weight(50, 8, seed=0)
+    rows = codes.phantom_rows(code, 20, seed=3)
+    assert rows.shape == (20, 8) and (rows.sum(1) == 4).all()
+    taken = {tuple(r) for r in code.tolist()}
+    assert not {tuple(r) for r in rows.tolist()} & taken
+    assert len({tuple(r) for r in rows.tolist()}) == 20
+    assert torch.equal(rows, codes.phantom_rows(code, 20, seed=3))
+    assert codes.free_phantom_rows(code) == 70 - 50
+    with pytest.raises(CodeError, match="20 rows of its kind free"):
+        codes.phantom_rows(code, 21)
+    sparse = codes.sparse_exclusion(10, 20, 2)
+    excluders = (codes.phantom_rows(sparse, 40, seed=1) == 0).sum(1)
+    assert (excluders == 2).all()  # sub-ensembles of the design's own size
+
+
+def test_empirical_pvalues_count_the_floor():
+    rng = np.random.default_rng(0)
+    floor = rng.lognormal(0, 0.3, (4, 50))
+    effects = np.concatenate([np.quantile(floor, [0.1, 0.5, 0.9], axis=1).T, 10 * floor.max(1, keepdims=True)], 1)
+    p, z = empirical_pvalues(effects, floor)
+    brute = (1 + (floor[:, None, :] >= effects[:, :, None]).sum(-1)) / 51
+    np.testing.assert_allclose(p[:, :3], brute[:, :3])
+    assert (p[:, 3] < 1 / 51).all() and (p[:, 3] > 0).all()  # beyond the floor: the fitted tail
+    np.testing.assert_allclose(z, (effects - floor.mean(1, keepdims=True)) / floor.std(1, ddof=1, keepdims=True))
+    p_plain, _ = empirical_pvalues(effects, floor, tail=False)
+    np.testing.assert_allclose(p_plain, brute)
+    p, z = empirical_pvalues(np.array([[np.nan, 1.0]]), np.ones((1, 0)))
+    assert np.isnan(p).all() and np.isnan(z).all()
+
+
+def test_benjamini_hochberg_matches_scipy():
+    p = np.random.default_rng(1).random((5, 40)) ** 3
+    np.testing.assert_allclose(benjamini_hochberg(p), stats.false_discovery_control(p, axis=-1))
+    padded = np.concatenate([p, np.ones((5, 60))], 1)  # untested units count as p = 1
+    np.testing.assert_allclose(benjamini_hochberg(p, tests=100), stats.false_discovery_control(padded, axis=-1)[:, :40])
+    with_nan = p.copy()
+    with_nan[:, ::3] = np.nan
+    q = benjamini_hochberg(with_nan)
+    assert np.isnan(q[:, ::3]).all()
+    keep = np.isfinite(with_nan[0])
+    np.testing.assert_allclose(q[0, keep], stats.false_discovery_control(with_nan[0, keep]))
+    judged = significance(p[:, :3], np.random.default_rng(2).random((5, 20)), alpha=0.05)
+    assert set(judged) == {"pvalue", "zscore", "qvalue", "significant"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Six members on eight units (images of the digits), trained briefly, four samples."""
+    d = tmp_path_factory.mktemp("floor")
+    from ensattr_fast.data import load_digits
+
+    images = load_digits().images[:8].numpy()
+    np.save(d / "eight.npy", images)
+    from ensattr_fast.data import data_spec
+
+    make_plan(d / "plan.h5", data_spec(str(d / "eight.npy")), "example", 6, design="balanced")
+    train(d / "plan.h5", d / "ensemble.pt", TrainConfig(steps=30, batch_size=8, lr=3e-3, mode="independent"),
+          MemberOptions(hidden=32, blocks=1), progress=False)
+    sample_step(d / "ensemble.pt", d / "results.h5", range(4), Sampler("ddim", 6, 1.0))
+    return d
+
+
+def test_exact_floor_equals_each_phantom_replayed_alone(tiny, tmp_path):
+    results = tmp_path / "r.h5"
+    results.write_bytes((tiny / "results.h5").read_bytes())
+    ablate_step(tiny / "ensemble.pt", results, [0, 5], floor=Floor(phantoms=5))
+    checkpoint = Checkpoint.load(tiny / "ensemble.pt")
+    ensemble, sampler = checkpoint.build(), read_sampler(results)
+    with open_results(results) as r:
+        cf = r.counterfactual_arrays(images=False)
+        samples = torch.from_numpy(r.samples[()])
+    phantoms = torch.from_numpy(cf["floor_code"])
+    assert phantoms.shape == (5, 6)
+    for j, row in enumerate(phantoms):
+        weights = codes.ablation_weights_of_rows(row[None]).expand(4, -1)
+        alone = run_trajectories(ensemble, checkpoint.schedule, sampler, range(4), weights, torch.arange(4)).images
+        np.testing.assert_allclose(cf["floor_distance"][:, j], (alone - samples).flatten(1).norm(dim=1).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    judged = significance(cf["distance"], cf["floor_distance"], tests=2)
+    np.testing.assert_allclose(cf["pvalue"], judged["pvalue"])
+    np.testing.assert_allclose(cf["qvalue"], judged["qvalue"])
+
+
+def test_certificate_against_exhaustive_exact_ablation(tiny, tmp_path):
+    checkpoint = Checkpoint.load(tiny / "ensemble.pt")
+    ensemble, n_units = checkpoint.build(), len(checkpoint.code)
+    with open_results(tiny / "results.h5") as r:
+        samples, sampler = torch.from_numpy(r.samples[()]), read_sampler(tiny / "results.h5")
+    every = ablate(ensemble, checkpoint.schedule, sampler, checkpoint.code, range(4), [[u] for u in range(n_units)])
+    truth = (every.images - samples[None]).flatten(2).norm(dim=-1).max(0).values.numpy()  # [S]
+    for check in (n_units, 3):
+        results = tmp_path / f"r{check}.h5"
+        results.write_bytes((tiny / "results.h5").read_bytes())
+        attribute_step(tiny / "ensemble.pt", results, 4, methods=["first_order"], k=n_units, check=check,
+                       progress=False)
+        with open_results(results) as r:
+            certificate = r.certificate()
+        if check == n_units:
+            assert certificate["meta"]["exhaustive"]
+            np.testing.assert_allclose(certificate["radius"], truth, rtol=1e-5)
+            np.testing.assert_allclose(certificate["bound"], truth, rtol=1e-5)
+        else:
+            assert not certificate["meta"]["exhaustive"] and (certificate["checked"] == 3).all()
+            assert (certificate["radius"] <= truth + 1e-6).all()
+            assert (certificate["bound"] >= certificate["radius"]).all()
+
+
+def test_score_floor_is_stored_beside_the_top_units(tiny, tmp_path):
+    results = tmp_path / "r.h5"
+    results.write_bytes((tiny / "results.h5").read_bytes())
+    attribute_step(tiny / "ensemble.pt", results, 4, methods=["first_order", "loss"], k=4, check=0, progress=False)
+    code = Checkpoint.load(tiny / "ensemble.pt").code
+    with open_results(results) as r:
+        for method in ("first_order", "loss"):
+            judged = r.significance(method)
+            assert judged["floor"].shape == (4, codes.free_phantom_rows(code))
+            index = r.topk(method)[0][()]
+            scores = np.take_along_axis(np.asarray(r.influence(method)), index, 1)
+            p, _ = empirical_pvalues(np.asarray(r.influence(method)), judged["floor"])
+            np.testing.assert_allclose(judged["pvalue"], np.take_along_axis(p, index, 1), rtol=1e-6)
+            assert judged["meta"]["tests"] == len(code)
+            assert np.isfinite(scores).all()
+    with h5py.File(results, "r") as f:  # plain h5py reads it too
+        assert f["significance/first_order/qvalue"].shape == (4, 4)
