@@ -111,3 +111,22 @@ def _units(text) -> List[int]:
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"unit ids are comma-separated integers, e.g. 3,17,250: {error}") from None
     return units
+
+
+def _unit_kind(kinds):
+    """One of ``kinds`` (``example``, ``class``, ``group``), or ``clusters:K`` with an integer
+    K >= 2 (written back as ``clusters:K``, the form plans store)."""
+    fixed = [kind for kind in kinds if ":" not in kind]
+
+    def parse(text) -> str:
+        text = str(text).strip()
+        if text in fixed:
+            return text
+        name, colon, count = text.partition(":")
+        if name == "clusters" and colon:
+            try:
+                return f"clusters:{_int(2, BIG)(count)}"
+            except argparse.ArgumentTypeError as error:
+                raise argparse.ArgumentTypeError(f"clusters:K takes a number of clusters K: {error}") from None
+        raise argparse.ArgumentTypeError(f"must be {', '.join(fixed)} or clusters:K (K >= 2), got {text!r}")
+    return parse

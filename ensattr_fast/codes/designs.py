@@ -165,6 +165,11 @@ def sparse_exclusion(n_groups: int, n_members: int, excluders_per_group: int = 1
     return code
 
 
+#: what the plan reports for each design
+DESIGN_NAMES = {"balanced": "balanced constant weight", "random": "random constant weight",
+                "sparse": "sparse exclusion"}
+
+
 def plan(
     units: Units, n_members: int, seed: int = 0, design: str = "auto", excluders_per_group: int = 2
 ) -> Tuple[torch.Tensor, str]:
@@ -173,10 +178,10 @@ def plan(
     ``design``: ``balanced`` / ``random`` (constant weight), ``sparse`` (exclusion), or
     ``auto``: sparse exclusion when units are few and large (fewer units than 4 M, or the
     largest unit above 5% of the data), constant weight (balanced) otherwise.
+    :func:`design_reason` says why, in a sentence.
     """
     if design == "auto":
-        few = units.n_units < 4 * n_members
-        large = units.n_units and units.sizes.max().item() > 0.05 * len(units.unit_of)
+        few, large = _few_and_large(units, n_members)
         design = "sparse" if few or large else "balanced"
     if design == "balanced":
         code = balanced_constant_weight(units.n_units, n_members, seed)
@@ -188,3 +193,32 @@ def plan(
         raise CodeError(f"unknown design {design!r}: use auto, balanced, random or sparse")
     validate(code)
     return code, design
+
+
+def _few_and_large(units: Units, n_members: int) -> Tuple[bool, bool]:
+    """The auto rule's two tests: fewer units than 4 M; the largest unit above 5% of the data."""
+    few = units.n_units < 4 * n_members
+    large = bool(units.n_units) and units.sizes.max().item() > 0.05 * len(units.unit_of)
+    return few, large
+
+
+def design_reason(units: Units, code: torch.Tensor, design: str, asked: str = "auto") -> str:
+    """One sentence: the design ``design`` that :func:`plan` used for ``units`` (code uint8
+    [N, M]), why (the auto rule's test that decided, or ``asked``, the design requested), and
+    the smallest share of the data a member sees (for sparse exclusion the reason it fits few
+    large units: members that see almost everything model nearly the same distribution)."""
+    n_examples, n_members = len(units.unit_of), code.shape[1]
+    mean = n_examples / max(1, units.n_units)
+    what = f"{units.n_units} units of {mean:.3g} example{'' if mean == 1 else 's'} on average"
+    few, large = _few_and_large(units, n_members)
+    if asked != "auto":
+        why = f"as asked (--design {asked})"
+    elif few:
+        why = f"few units (fewer than 4 x {n_members} members)"
+    elif large:
+        share = units.sizes.max().item() / n_examples
+        why = f"large units (the largest holds {share:.0%} of the data, above 5%)"
+    else:
+        why = f"many small units (at least 4 x {n_members} members, none above 5% of the data)"
+    seen = (units.sizes.double() @ code.double()).min().item() / max(1, n_examples)  # [N] @ [N, M]
+    return f"{DESIGN_NAMES[design]}: {what}, {why}; each member sees at least {seen:.0%} of the data"

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CodeError
+from .clusters import kmeans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,13 @@ class Units:
         names = sorted(set(keys), key=lambda k: (len(k), k) if k.isdigit() else (math.inf, k))
         index = {name: u for u, name in enumerate(names)}
         return cls(torch.tensor([index[k] for k in keys], dtype=torch.long), tuple(names))
+
+    @classmethod
+    def from_clusters(cls, points: Tensor, k: int, seed: int = 0) -> "Units":
+        """One unit per content cluster of ``points`` [n, D] (flattened images, float64 is
+        used), named "cluster 0" .. "cluster k-1"; cluster 0 holds example 0 (see
+        :func:`~ensattr_fast.codes.clusters.kmeans`). For data without metadata."""
+        return cls(kmeans(points, k, seed), tuple(f"cluster {j}" for j in range(k)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,12 +94,15 @@ def data_spec(source: str, resolution: int = 32, channels: int = 3, fit: str = "
     return spec
 
 
-UNIT_KINDS = ("example", "class", "group")
+#: the kinds of units; ``clusters:K`` stands for any K >= 2 (``clusters:8``)
+UNIT_KINDS = ("example", "class", "group", "clusters:K")
 
 
-def units_for(data: Dataset, kind: str) -> Units:
+def units_for(data: Dataset, kind: str, seed: int = 0) -> Units:
     """``example``: one unit per image (named by its file where there is one); ``class``: one
-    unit per label; ``group``: one unit per group (the folder of each image, or metadata)."""
+    unit per label; ``group``: one unit per group (the folder of each image, or metadata);
+    ``clusters:K``: K content clusters of the images, by k-means on pixels seeded with ``seed``
+    (for data without labels or metadata; see :func:`~ensattr_fast.codes.kmeans`)."""
     if kind == "example":
         if data.example_names is not None:
             return Units(torch.arange(len(data)), tuple(data.example_names))
@@ -113,4 +116,27 @@ def units_for(data: Dataset, kind: str) -> Units:
             raise DataError(f"{data.name} has no groups: put the images in one folder per group, or "
                             "give --metadata (a CSV or JSON mapping each example to its group)")
         return Units.from_labels(data.groups)
-    raise DataError(f"unit kind must be one of {UNIT_KINDS}, got {kind!r}")
+    k = cluster_count(kind)
+    if k is None:
+        raise DataError(f"unit kind must be one of {UNIT_KINDS}, got {kind!r}")
+    return Units.from_clusters(_pixels(data), k, seed)
+
+
+def cluster_count(kind: str) -> Optional[int]:
+    """K of a ``clusters:K`` unit kind (K >= 2), None for any other kind."""
+    name, colon, count = str(kind).partition(":")
+    if name != "clusters" or not colon:
+        return None
+    try:
+        k = int(count.strip(), 10)
+    except ValueError:
+        raise DataError(f"unit kind clusters:K needs an integer K >= 2, got {kind!r}") from None
+    if k < 2:
+        raise DataError(f"unit kind clusters:K needs K >= 2 clusters, got {kind!r}")
+    return k
+
+
+def _pixels(data: Dataset) -> torch.Tensor:
+    """Every image flattened, float64 [n, D], read block by block. The points themselves are
+    whole in memory (n x D x 8 bytes): k-means on data past memory would need mini-batches."""
+    return torch.cat([block.flatten(1).to(torch.float64) for block in data.blocks()])

@@ -1,0 +1,128 @@
+"""Content clusters: units for data without metadata, by seeded k-means on pixels.
+
+k-means splits n points x_i in R^D into k clusters minimising sum_i ||x_i - c_{a(i)}||^2, where
+a(i) is point i's cluster and c_j the mean of cluster j. Lloyd's algorithm alternates the two
+halves of that minimum: assign each point to its nearest centre, move each centre to the mean
+of its points; the sum never grows, so the assignments settle.
+
+The result must replay bit for bit (a plan's units are part of its identity): arithmetic is in
+float64 with one reduction order per value whatever the thread count (distances are summed
+point by point, never through a BLAS matrix product whose blocking follows the threads), random
+draws come from a ``torch.Generator`` seeded with the plan's seed, and every tie goes to the
+lowest index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import CodeError
+
+__all__ = ["kmeans"]
+
+#: float64 values per block of the distance computation (64 MiB), so that distances to the
+#: centres never hold a copy of the data per centre
+_BLOCK_VALUES = 1 << 23
+
+
+def kmeans(points: Tensor, k: int, seed: int, iterations: int = 100) -> Tensor:
+    """Cluster of each point, int64 [n], from seeded k-means on ``points`` [n, D].
+
+    Centres start from k-means++ (the first a uniform draw; each next one drawn with
+    probability proportional to D(x)^2, the squared distance of x to its nearest centre so
+    far), drawn from ``torch.Generator().manual_seed(seed)``. Lloyd iterations then run until
+    the assignments stop changing, at most ``iterations`` times. A cluster left empty takes
+    the point farthest from its own centre. Clusters are renumbered by first appearance:
+    cluster 0 holds point 0, cluster 1 the first point not in cluster 0, and so on, so that
+    names do not depend on the draws. The same points and seed give the same clusters, bit
+    for bit, on any number of threads.
+    """
+    x = _check(points, k, iterations)
+    generator = torch.Generator().manual_seed(int(seed))
+    centres = _plus_plus(x, k, generator)
+    labels = None
+    for _ in range(iterations):
+        distances = _squared_distances(x, centres)  # [n, k]
+        new = distances.argmin(1)  # first minimum: ties to the lowest cluster
+        new = _fill_empty(new, distances.gather(1, new[:, None]).squeeze(1), k)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        centres = _means(x, labels, k)
+    return _renumber(labels, k)
+
+
+def _check(points: Tensor, k: int, iterations: int) -> Tensor:
+    """``points`` as float64 [n, D], once k and the data are known to allow k clusters."""
+    if not isinstance(points, Tensor) or points.dim() != 2:
+        got = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
+        raise CodeError(f"k-means needs points [n, D], got {got}")
+    n = len(points)
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
+        raise CodeError(f"k-means needs 2 <= k <= n = {n} clusters, got k = {k!r}")
+    if iterations < 1:
+        raise CodeError(f"k-means needs at least one iteration, got {iterations}")
+    x = points.detach().to("cpu", torch.float64).contiguous()
+    if not torch.isfinite(x).all():
+        raise CodeError("k-means points hold NaN or Inf values")
+    distinct = len(torch.unique(x, dim=0))
+    if distinct < k:  # k-means++ could not place k distinct centres
+        raise CodeError(f"{k} clusters asked of {n} points with only {distinct} distinct values")
+    return x
+
+
+def _squared_distances(x: Tensor, centres: Tensor) -> Tensor:
+    """||x_i - c_j||^2, float64 [n, k], summed over D for each pair alone (thread-proof)."""
+    rows = max(1, _BLOCK_VALUES // max(1, x.shape[1]))
+    out = torch.empty(len(x), len(centres), dtype=torch.float64)
+    for start in range(0, len(x), rows):
+        block = x[start : start + rows]
+        for j, centre in enumerate(centres):
+            out[start : start + rows, j] = (block - centre).square().sum(1)
+    return out
+
+
+def _plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k-means++ centres [k, D]: chosen points have D^2 = 0, so they are never drawn twice."""
+    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
+    nearest = _squared_distances(x, x[chosen])[:, 0]  # D(x)^2 [n]
+    for _ in range(1, k):
+        total = torch.cumsum(nearest, 0)
+        draw = torch.rand((), generator=generator, dtype=torch.float64) * total[-1]
+        index = int(torch.searchsorted(total, draw, right=True))
+        # a draw rounded up to the total falls past the end: take the last point still free
+        index = min(index, int(nearest.nonzero()[-1]))
+        chosen.append(index)
+        nearest = torch.minimum(nearest, _squared_distances(x, x[index : index + 1])[:, 0])
+    return x[chosen].clone()
+
+
+def _fill_empty(labels: Tensor, own: Tensor, k: int) -> Tensor:
+    """Give each empty cluster (lowest first) the point farthest from its own centre (``own``:
+    squared distances [n]); a point moves at most once, and a cluster a move empties is filled
+    in turn."""
+    labels, own = labels.clone(), own.clone()
+    while True:
+        empty = (torch.bincount(labels, minlength=k) == 0).nonzero()
+        if not len(empty):
+            return labels
+        far = int(own.argmax())  # first maximum: ties to the lowest index
+        if own[far] < 0:  # every point has moved once: give up rather than cycle
+            raise CodeError(f"k-means could not fill its {len(empty)} empty clusters")
+        labels[far] = int(empty[0])
+        own[far] = -1.0  # moved: not taken again
+
+
+def _means(x: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Centres [k, D]: the mean of each cluster's points, summed in point order."""
+    return torch.stack([x[labels == j].mean(0) for j in range(k)])
+
+
+def _renumber(labels: Tensor, k: int) -> Tensor:
+    """Cluster ids by first appearance in point order."""
+    first = torch.full((k,), len(labels), dtype=torch.long)
+    first.scatter_reduce_(0, labels, torch.arange(len(labels)), "amin")
+    new_id = torch.empty(k, dtype=torch.long)
+    new_id[first.argsort()] = torch.arange(k)
+    return new_id[labels]
