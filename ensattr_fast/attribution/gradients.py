@@ -8,8 +8,10 @@ function of m's output at K fixed timesteps with fixed noises, projected to ``di
 - ``trak`` (Park et al. 2023, TRAK, with the diffusion loss): f = mean_k ||eps_k - eps_m(x_tk, t_k)||^2.
 
 The members' parameters are stacked and independent, so the gradient of the sum over members
-holds each member's own gradient. Two ways to project it, both drawn from a seed, neither a
-matrix over all parameters:
+holds each member's own gradient. Two ways to project it (:mod:`.projection`), both drawn from a
+seed, neither a matrix over all parameters; by default each member has its own projection,
+member m's drawn from the seed (spec seed, m), so the projection errors average out over the
+members instead of repeating (``per_member_projection=False``: one shared projection, as before):
 
 - the built-in MLP members: a linear layer's per-example gradient is sum_k x_k dy_k^T over the
   example's rows k (its K timesteps), so one ordinary backward pass over a batch gives every
@@ -21,7 +23,9 @@ matrix over all parameters:
 
 Member m's scores of query q against training examples are TRAK's regularised kernel,
 tau_m(q) = phi_m(q)^T (Phi_m^T Phi_m + lambda I)^-1 Phi_m^T, lambda a fraction of the mean
-diagonal of Phi_m^T Phi_m; a unit's score sums its examples'. The members combine as
+diagonal of Phi_m^T Phi_m; a unit's score sums its examples'. ``FeatureSpec(exact=True)``
+skips the projection: :mod:`.exact` computes the same kernel on the full gradients through
+the n x n Gram of the training examples, for small n. The members combine as
 (``Combination``):
 
 - ``mean``: the average over all members (the classic TRAK ensemble);
@@ -48,6 +52,7 @@ from ..errors import ConfigError, MethodError
 from ..members import Ensemble
 from ..members.mlp import StackedMLP, _StackedLinear
 from ..schedules import NoiseSchedule
+from .projection import CountSketch, RankOneProjection, member_seed
 
 __all__ = ["FeatureSpec", "CountSketch", "gradient_features", "dataset_features", "member_scores", "combine",
            "COMBINATIONS"]
@@ -59,38 +64,30 @@ COMBINATIONS = ("mean", "includers", "contrast")
 class FeatureSpec:
     kind: str = "dtrak"  # "dtrak": squared norm of the output; "trak": the diffusion loss
     timesteps: int = 10  # evenly spaced over the schedule
-    dim: int = 1024
+    dim: int = 1024  # the projection's dimension
     seed: int = 0
+    per_member_projection: bool = True  # member m's projection from the seed (seed, m); False: one shared
+    exact: bool = False  # no projection: the kernel of the full gradients (:mod:`.exact`)
 
     def __post_init__(self):
         if self.kind not in ("dtrak", "trak"):
             raise ConfigError(f"feature kind must be 'dtrak' or 'trak', got {self.kind!r}")
-        if self.timesteps < 1 or self.dim < 1:
-            raise ConfigError(f"timesteps and dim must be positive, got {self.timesteps}, {self.dim}")
+        if self.timesteps < 1:
+            raise ConfigError(f"timesteps must be >= 1, got {self.timesteps}")
+        if self.dim < 1:
+            raise ConfigError(f"dim must be >= 1, got {self.dim}")
+
+    @property
+    def tag(self) -> str:
+        """The suffix of the names its features are kept under: '' for the default projection."""
+        tag = "" if self.dim == FeatureSpec.dim else f"_d{self.dim}"
+        return tag + ("" if self.per_member_projection else "_shared") + ("_exact" if self.exact else "")
 
     def draws(self, schedule: NoiseSchedule, shape) -> tuple:
         """The fixed timesteps [K] and noises [K, *shape], the same for every image."""
         t = torch.linspace(0, schedule.steps - 1, self.timesteps).round().long()
         eps = torch.randn(self.timesteps, *shape, generator=torch.Generator().manual_seed(self.seed))
         return t, eps
-
-
-class CountSketch:
-    """A random projection R^P -> R^dim from a seed, applied without a matrix: for each
-    parameter tensor, coordinate i goes to bucket ``index[i]`` with sign ``sign[i]``."""
-
-    def __init__(self, sizes: List[int], dim: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.dim = dim
-        self.index = [torch.randint(dim, (n,), generator=g) for n in sizes]
-        self.sign = [torch.randint(2, (n,), generator=g).float() * 2 - 1 for n in sizes]
-
-    def __call__(self, parts: List[Tensor]) -> Tensor:
-        """``parts[j]`` [R, sizes[j]] -> [R, dim]."""
-        out = parts[0].new_zeros(len(parts[0]), self.dim)
-        for part, index, sign in zip(parts, self.index, self.sign):
-            out.index_add_(1, index.to(part.device), part * sign.to(part.device, part.dtype))
-        return out
 
 
 def gradient_features(
@@ -115,78 +112,98 @@ def _value(out: Tensor, eps: Tensor, kind: str) -> Tensor:
     return (out - eps).pow(2).flatten(2).mean(-1)
 
 
-def _noised(images: Tensor, spec: FeatureSpec, schedule: NoiseSchedule, device) -> tuple:
+def _noised(images: Tensor, spec: FeatureSpec, schedule: NoiseSchedule, device, dtype=torch.float32) -> tuple:
     """(x_t [n, K, *shape], t [K], eps [K, *shape]) at the spec's fixed draws."""
     shape = images.shape[1:]
     t, eps = spec.draws(schedule, shape)
-    t, eps = t.to(device), eps.to(device)
-    abar = schedule.alphas_cumprod.to(device, torch.float32)[t].view(-1, *([1] * len(shape)))
-    x = images.to(device, torch.float32)[:, None]
+    t, eps = t.to(device), eps.to(device, dtype)
+    abar = schedule.alphas_cumprod.to(device, dtype)[t].view(-1, *([1] * len(shape)))
+    x = images.to(device, dtype)[:, None]
     return abar.sqrt() * x + (1 - abar).sqrt() * eps, t, eps
 
 
-def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress) -> Tensor:
-    device = next(ensemble.parameters()).device
+def linear_layers(ensemble: StackedMLP) -> List[_StackedLinear]:
+    """The layers whose gradients the MLP features hold (layer-norm gains are left out)."""
+    return [m for m in ensemble.modules() if isinstance(m, _StackedLinear)]
+
+
+def layer_rows(ensemble: StackedMLP, schedule, images: Tensor, spec: FeatureSpec) -> List[tuple]:
+    """One forward and backward pass over ``images`` [n, *shape] at the spec's K draws; per
+    linear layer its inputs and output gradients (x [M, n K, fan_in], dy [M, n K, fan_out]),
+    the per-example gradient of the layer being sum_k [x_k, 1] dy_k^T over the example's rows."""
+    parameter = next(ensemble.parameters())
     M, shape, K = ensemble.n_members, ensemble.data_shape, spec.timesteps
-    layers = [m for m in ensemble.modules() if isinstance(m, _StackedLinear)]
-    g = torch.Generator().manual_seed(spec.seed + 1)
-    # per layer: u [fan_in + 1 (the bias), dim], v [fan_out, dim]
-    projections = [(torch.randn(layer.weight.shape[1] + 1, spec.dim, generator=g).to(device),
-                    torch.randn(layer.weight.shape[2], spec.dim, generator=g).to(device)) for layer in layers]
-    seen: dict = {}
+    layers, seen = linear_layers(ensemble), {}
 
     def remember(layer, inputs, output):
         seen[layer] = [inputs[0].detach(), None]
         output.register_hook(lambda grad_out: seen[layer].__setitem__(1, grad_out.detach()))
 
     handles = [layer.register_forward_hook(remember) for layer in layers]
-    features = torch.zeros(M, len(images), spec.dim)
     try:
-        for start in tqdm(range(0, len(images), batch), disable=None if progress else True,
-                          desc=f"{spec.kind} features", unit="batch"):
-            x_t, t, eps = _noised(images[start : start + batch], spec, schedule, device)
-            n = len(x_t)
-            rows = x_t.reshape(n * K, *shape)
-            with torch.enable_grad():
-                out = ensemble(rows.expand(M, *rows.shape), t.repeat(n))
-                value = _value(out, eps.repeat(n, *([1] * len(shape))), spec.kind)
-                ensemble.zero_grad(set_to_none=True)
-                (value.sum() / K).backward()  # each row's share of its example's mean over K
-            block = torch.zeros(M, n, spec.dim, device=device)
-            for layer, (u, v) in zip(layers, projections):
-                x, dy = seen[layer]  # [M, n K, fan_in], [M, n K, fan_out]
-                xu = torch.baddbmm(u[-1].expand(M, 1, -1), x, u[:-1].expand(M, *u[:-1].shape))
-                block += (xu * (dy @ v)).view(M, n, K, spec.dim).sum(2)
-            features[:, start : start + n] = block.cpu()
+        x_t, t, eps = _noised(images, spec, schedule, parameter.device, parameter.dtype)
+        rows = x_t.reshape(len(x_t) * K, *shape)
+        with torch.enable_grad():
+            out = ensemble(rows.expand(M, *rows.shape), t.repeat(len(x_t)))
+            value = _value(out, eps.repeat(len(x_t), *([1] * len(shape))), spec.kind)
+            ensemble.zero_grad(set_to_none=True)
+            (value.sum() / K).backward()  # each row's share of its example's mean over K
     finally:
         for handle in handles:
             handle.remove()
         ensemble.zero_grad(set_to_none=True)
+    return [tuple(seen[layer]) for layer in layers]
+
+
+def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress) -> Tensor:
+    device = next(ensemble.parameters()).device
+    M, K = ensemble.n_members, spec.timesteps
+    shapes = [tuple(layer.weight.shape[1:]) for layer in linear_layers(ensemble)]
+    project = RankOneProjection(shapes, M, spec.dim, spec.seed, spec.per_member_projection, device)
+    features = torch.zeros(M, len(images), spec.dim)
+    for start in tqdm(range(0, len(images), batch), disable=None if progress else True,
+                      desc=f"{spec.kind} features", unit="batch"):
+        chunk = images[start : start + batch]
+        features[:, start : start + len(chunk)] = project(layer_rows(ensemble, schedule, chunk, spec),
+                                                          len(chunk), K).cpu()
     return features
 
 
 def _generic_features(ensemble, schedule, images, spec, batch, progress) -> Tensor:
     device = next(ensemble.parameters()).device
     M = ensemble.n_members
-    params = {k: v.detach() for k, v in ensemble.named_parameters()}
-    buffers = {k: v.detach() for k, v in ensemble.named_buffers()}
-    names = list(params)
+    per_example, names, params = per_example_gradients(ensemble, spec)
     # every parameter is stacked over members: [M, ...] -> M rows of its per-member size
-    sketch = CountSketch([params[k][0].numel() for k in names], spec.dim, spec.seed + 1)
-
-    def f(params, x_t, t, eps):  # x_t [K, *shape] -> the sum over members of each member's f
-        out = functional_call(ensemble, (params, buffers), (x_t.expand(M, *x_t.shape), t))
-        return _value(out, eps, spec.kind).mean(-1).sum()
-
-    per_example = vmap(grad(f), in_dims=(None, 0, None, None))
+    sizes = [params[k][0].numel() for k in names]
+    seeds = [member_seed(spec.seed, m) for m in range(M)] if spec.per_member_projection else [spec.seed + 1]
+    sketches = [CountSketch(sizes, spec.dim, seed) for seed in seeds]
     features = torch.zeros(M, len(images), spec.dim)
     for start in tqdm(range(0, len(images), batch), disable=None if progress else True,
                       desc=f"{spec.kind} features", unit="batch"):
         x_t, t, eps = _noised(images[start : start + batch], spec, schedule, device)
         grads = per_example(params, x_t, t, eps)  # name -> [b, M, ...]
-        parts = [grads[k].reshape(len(x_t) * M, -1) for k in names]
-        features[:, start : start + len(x_t)] = sketch(parts).view(len(x_t), M, -1).transpose(0, 1).cpu()
+        if len(sketches) == 1:
+            parts = [grads[k].reshape(len(x_t) * M, -1) for k in names]
+            block = sketches[0](parts).view(len(x_t), M, -1).transpose(0, 1)
+        else:
+            block = torch.stack([sketch([grads[k][:, m].reshape(len(x_t), -1) for k in names])
+                                 for m, sketch in enumerate(sketches)])
+        features[:, start : start + len(x_t)] = block.cpu()
     return features
+
+
+def per_example_gradients(ensemble: Ensemble, spec: FeatureSpec) -> tuple:
+    """(f, parameter names, parameters): ``f(params, x_t [b, K, *shape], t, eps)`` gives each
+    example's gradient {name: [b, M, ...]} of the sum over members of each member's function."""
+    M = ensemble.n_members
+    params = {k: v.detach() for k, v in ensemble.named_parameters()}
+    buffers = {k: v.detach() for k, v in ensemble.named_buffers()}
+
+    def f(params, x_t, t, eps):  # x_t [K, *shape] -> the sum over members of each member's f
+        out = functional_call(ensemble, (params, buffers), (x_t.expand(M, *x_t.shape), t))
+        return _value(out, eps, spec.kind).mean(-1).sum()
+
+    return vmap(grad(f), in_dims=(None, 0, None, None)), list(params), params
 
 
 def dataset_features(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: FeatureSpec = FeatureSpec(),
@@ -202,15 +219,21 @@ def member_scores(train: Tensor, queries: Tensor, unit_of: Tensor, n_units: int,
     """Each member's TRAK scores of the queries against the units, [M, Q, N].
 
     ``train`` [M, n, d] features of the training examples, ``queries`` [M, Q, d]; lambda is
-    ``damping`` times the mean diagonal of each member's Phi^T Phi."""
+    ``damping`` times the mean diagonal of each member's Phi^T Phi. For d > n the same kernel
+    in the dual, phi(q)^T Phi^T (Phi Phi^T + lambda I)^-1: an n x n system instead of d x d."""
     M, n, d = train.shape
     out = torch.zeros(M, queries.shape[1], n_units)
     for m in range(M):
         phi = train[m].double()
-        kernel = phi.T @ phi
-        kernel.diagonal().add_(damping * kernel.diagonal().mean().clamp_min(1e-30))
-        weights = torch.linalg.solve(kernel, phi.T)  # [d, n]
-        per_example = (queries[m].double() @ weights).float()  # [Q, n]
+        if d > n:
+            gram = phi @ phi.T
+            gram.diagonal().add_(damping * (gram.diagonal().sum() / d).clamp_min(1e-30))
+            per_example = torch.linalg.solve(gram, phi @ queries[m].double().T).T.float()  # [Q, n]
+        else:
+            kernel = phi.T @ phi
+            kernel.diagonal().add_(damping * kernel.diagonal().mean().clamp_min(1e-30))
+            weights = torch.linalg.solve(kernel, phi.T)  # [d, n]
+            per_example = (queries[m].double() @ weights).float()  # [Q, n]
         out[m].index_add_(1, unit_of, per_example)
     return out
 
