@@ -9,6 +9,7 @@ for memory stay on disk as :class:`DiskImages` and are read on demand with
 """
 
 from ..errors import DataError
+from .canaries import plant_canaries
 from .dataset import Dataset, check_images
 from .disk import DiskImages
 from .loaders import load_arrays, load_digits, load_hdf5, load_image_folder, read_unit_metadata
@@ -16,4 +17,4 @@ from .spec import DATASET_KINDS, DATASETS, UNIT_KINDS, data_spec, load_data, loa
 
 __all__ = ["Dataset", "DataError", "DiskImages", "check_images", "load_arrays", "load_dataset",
            "load_digits", "load_hdf5", "load_image_folder", "read_unit_metadata", "DATASET_KINDS",
-           "DATASETS", "UNIT_KINDS", "data_spec", "load_data", "units_for"]
+           "DATASETS", "UNIT_KINDS", "data_spec", "load_data", "units_for", "plant_canaries"]

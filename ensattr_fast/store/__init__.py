@@ -11,6 +11,7 @@ package that opens HDF5 files.
 
 from ..errors import StoreError
 from .reads import count_samples, counterfactuals_written_by, read_dataset, read_plan, read_sampler, read_samples, read_unit_of
+from .memorization import read_memorization, write_memorization
 from .results import InfluenceView, Results, open_results
 from .streaming import part_path, stitch_parts, stream_influence, stream_scores
 from .recovery import recover_after_kill, unreadable
@@ -20,4 +21,5 @@ from .writer import ResultsWriter, cached_statistic, check_code, code_hash, file
 __all__ = ["StoreError", "ResultsWriter", "open_results", "Results", "InfluenceView", "InfluenceStream",
            "SampleStream", "recover_after_kill", "stream_influence", "stream_scores", "stitch_parts",
            "part_path", "counterfactuals_written_by", "read_plan", "read_samples", "read_unit_of", "count_samples", "read_sampler",
-           "read_dataset", "unreadable", "cached_statistic", "check_code", "code_hash", "file_hash", "read_hdf5", "versions"]
+           "read_dataset", "unreadable", "cached_statistic", "check_code", "code_hash", "file_hash", "read_hdf5", "versions",
+           "write_memorization", "read_memorization"]

@@ -1,0 +1,44 @@
+"""``/memorization``: the near-copies a generator draws of training units, each with the exact
+counterfactual that proves it (``ensattr memorization``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+import numpy as np
+
+from ..errors import StoreError
+from .writer import ResultsWriter, read_hdf5, versions
+
+__all__ = ["write_memorization", "read_memorization", "MEMORIZATION_ARRAYS"]
+
+#: the arrays of ``/memorization``, each with its leading dimension S (samples)
+MEMORIZATION_ARRAYS = ("seed", "images", "nearest_unit", "nearest_distance", "is_copy", "proof_images",
+                       "proof_distance", "moved", "shift", "floor", "pvalue", "qvalue", "proven")
+
+
+def write_memorization(path: os.PathLike, arrays: Dict[str, np.ndarray], generator: dict, **attrs) -> None:
+    """A new file ``path`` holding ``/memorization``: ``seed`` int64 [S], ``images`` float32
+    [S, C, H, W], ``nearest_unit`` int64 [S], ``nearest_distance`` [S], ``is_copy`` uint8 [S],
+    ``proof_images`` [S, C, H, W] (NaN but for copies), ``proof_distance`` [S], ``moved`` [S],
+    ``shift`` [S], ``floor`` [S, P], ``pvalue`` [S], ``qvalue`` [S], ``proven`` uint8 [S];
+    the group's attributes ``generator`` and ``attrs`` as JSON. Callers write it aside and move
+    it in place (:func:`ensattr_fast.files.atomic_output`)."""
+    missing = [name for name in MEMORIZATION_ARRAYS if name not in arrays]
+    if missing:
+        raise StoreError(f"memorization arrays missing: {missing}")
+    with ResultsWriter(path, "w") as writer:
+        writer.write_group("memorization", {k: np.asarray(arrays[k]) for k in MEMORIZATION_ARRAYS},
+                           dict(generator=generator, **attrs))
+        writer.set_attrs(versions=versions())
+
+
+def read_memorization(path: os.PathLike) -> Dict[str, object]:
+    """Every array of ``/memorization`` (numpy) and its attributes, decoded, under ``attrs``."""
+    with read_hdf5(path, "memorization file") as f:
+        group = f["memorization"]
+        out: Dict[str, object] = {name: group[name][()] for name in group}
+        out["attrs"] = {key: json.loads(value) for key, value in group.attrs.items()}
+    return out
