@@ -21,7 +21,8 @@ from .attribution.methods import parse_methods
 from .data import data_spec
 from .errors import EnsattrError
 from .files import atomic_output, check_output
-from .options import member_options, parse, sampler, train_config
+from .options import floor, member_options, parse, sampler, train_config
+from .steps.audit import describe as describe_audit
 from .store import ResultsWriter
 
 __all__ = ["main", "launch"]
@@ -99,7 +100,7 @@ def _plan(args) -> None:
                      int(args.memory_budget * 2**30), not args.no_scale, args.metadata)
     stats = steps.make_plan(args.out, spec, args.units, args.members, args.design, args.excluders, args.seed,
                             args.overwrite)
-    print(f"plan written to {args.out}: {stats}")
+    print(f"plan written to {args.out}: {stats}\ndesign: {steps.plan.design_reason(args.out)}")
 
 
 def _train(args) -> None:
@@ -118,7 +119,7 @@ def _ablate(args) -> None:
     start = time.perf_counter()
     _, distances, evaluations = steps.ablate_step(args.checkpoint, args.results, args.units, args.device,
                                                   nearest=args.nearest, samples=args.samples,
-                                                  overwrite=args.overwrite)
+                                                  overwrite=args.overwrite, floor=floor(args))
     print(f"{distances.numel()} counterfactuals written to {args.results} in {time.perf_counter() - start:.1f} s "
           f"({evaluations:,} member evaluations); mean distance {distances.mean():.3f}")
 
@@ -129,8 +130,16 @@ def _attribute(args) -> None:
     agreement = steps.attribute_step(
         args.checkpoint, args.results, args.samples, methods, args.topk, args.block_rows, args.block_units,
         args.draws, args.check, check_by, args.device,
-        groups=steps.read_groups(args.groups) if args.groups else None, overwrite=args.overwrite)
+        groups=steps.read_groups(args.groups) if args.groups else None, overwrite=args.overwrite,
+        projection_dim=args.projection_dim, exact_kernel=args.exact_kernel, floor=floor(args))
     print(f"influence written to {args.results}; agreement with exact ablation: {json.dumps(agreement)}")
+
+
+def _audit(args) -> None:
+    arrays = steps.audit_step(args.checkpoint, args.results, args.samples, args.top_groups, args.examples,
+                              args.method, args.device, floor(args), args.overwrite)
+    print(describe_audit(arrays, args.results))
+    print(steps.significance_summary(args.results))
 
 
 def _json_output(args, inputs: dict):
@@ -164,14 +173,22 @@ def _lds(args) -> None:
     write(table)
 
 
+def _memorization(args) -> None:
+    arrays = steps.memorization_step(args.checkpoint, args.out, args.generator, args.seeds, sampler(args),
+                                     args.threshold, args.generator_checkpoint, args.phantoms, args.alpha,
+                                     device=args.device, overwrite=args.overwrite)
+    print(f"{steps.memorization_summary(arrays, args.threshold)}; written to {args.out}")
+
+
 def _report(args) -> None:
     steps.report_step(args.results, args.out, args.rows, dataset=data_spec(args.data) if args.data else None,
                       overwrite=args.overwrite)
     print(f"report written to {args.out}")
 
 
-COMMANDS = {"demo": _demo, "plan": _plan, "train": _train, "sample": _sample, "ablate": _ablate,
-            "attribute": _attribute, "metrics": _metrics, "lds": _lds, "report": _report}
+COMMANDS = {"demo": _demo, "plan": _plan, "train": _train, "sample": _sample, "ablate": _ablate, "audit": _audit,
+            "attribute": _attribute, "metrics": _metrics, "lds": _lds, "memorization": _memorization,
+            "report": _report}
 
 
 if __name__ == "__main__":

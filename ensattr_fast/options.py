@@ -14,11 +14,13 @@ from .config import options_for, read_config
 from .data import UNIT_KINDS
 from .errors import ConfigError
 from .members import ARCHITECTURES, MemberOptions
-from .option_types import SEED_LIMIT, _device, _float, _int, _Parser, _seeds, _units, _width
+from .option_types import SEED_LIMIT, _device, _float, _int, _Parser, _seeds, _unit_kind, _units, _width
 from .schedules import Sampler
+from .steps.ablate import Floor
+from .steps.memorization import generator_option
 from .training import MODES, TrainConfig
 
-__all__ = ["parser", "parse", "train_config", "sampler", "member_options"]
+__all__ = ["parser", "parse", "train_config", "sampler", "member_options", "floor"]
 
 DESCRIPTION = """The ``ensattr`` command line: ``demo``, and ``plan``, ``train``, ``sample``, ``ablate``,
 ``attribute``, ``metrics``, ``lds``, ``report`` as separate steps over files.
@@ -51,6 +53,18 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling-steps", type=_int(1, 1000), default=50, help="DDIM steps")
     p.add_argument("--eta", type=_float(0, 1), default=0.0, help="DDIM stochasticity (0: deterministic, 1: DDPM-like)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x0-hat to [-1, 1]")
+
+
+def _add_floor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phantoms", type=_int(0, 2**16), default=Floor.phantoms,
+                   help="phantom ablations per sample: the noise floor every exact effect is judged against "
+                        "(fewer when the code leaves fewer rows free; 0: none)")
+    p.add_argument("--alpha", type=_float(0, 1, low_open=True, high_open=True), default=Floor.alpha,
+                   help="false discovery rate at which effects are called significant")
+
+
+def floor(args) -> Floor:
+    return Floor(phantoms=args.phantoms, alpha=args.alpha)
 
 
 def train_config(args) -> TrainConfig:
@@ -99,8 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits",
                    help="digits (built in), a folder of images (one subfolder per group, or flat), "
                         "an .npy/.npz array file or an .h5/.hdf5 file")
-    p.add_argument("--units", choices=list(UNIT_KINDS), default="example",
-                   help="one unit per example, per label, or per group (folder or --metadata)")
+    p.add_argument("--units", type=_unit_kind(UNIT_KINDS), default="example",
+                   help="one unit per example, per label, per group (folder or --metadata), or per "
+                        "content cluster: clusters:K, K clusters by seeded k-means on pixels")
     p.add_argument("--metadata", help="CSV (columns example, group) or JSON giving each example's group")
     p.add_argument("--resolution", type=_int(1, 16384), default=32, help="image folders: side in pixels")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="image folders: grayscale or RGB")
@@ -144,6 +159,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_int(1), default=None, help="first S samples (default all)")
     p.add_argument("--overwrite", action="store_true", help="replace counterfactuals already in --results")
     p.add_argument("--device", type=_device, default="cpu")
+    _add_floor_args(p)
+
+    p = sub.add_parser("audit", help="groups ranked by exact ablation with significance, examples inside them "
+                                     "by a gradient method")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--samples", type=_int(1), default=32, help="the first S samples")
+    p.add_argument("--top-groups", type=_int(1, 4096), default=3, help="groups per sample whose examples are ranked")
+    p.add_argument("--examples", type=_int(1, 2**20), default=10, help="examples ranked inside each top group")
+    p.add_argument("--method", default="dtrak", choices=[m for m in METHODS if METHODS[m].scorer == "gradient"],
+                   help="gradient method that ranks the examples")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace counterfactuals of another step already in --results")
+    p.add_argument("--device", type=_device, default="cpu")
+    _add_floor_args(p)
 
     p = sub.add_parser("attribute", help="influence of every unit on the samples, streamed to HDF5")
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -155,6 +185,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--block-rows", type=_int(1, 2**20), default=64)
     p.add_argument("--block-units", type=_int(1, 2**24), default=16384)
     p.add_argument("--draws", type=_int(1, 2**20), default=64, help="shared (t, eps) draws per loss")
+    p.add_argument("--projection-dim", type=_int(1, 2**20), default=1024,
+                   help="numbers each gradient is projected to (dtrak/trak methods)")
+    p.add_argument("--exact-kernel", action="store_true",
+                   help="dtrak/trak methods on the full gradients, no projection (small training sets only)")
     p.add_argument("--check", type=_int(0, 4096), default=8, help="exact ablation of each sample's top units (0: none)")
     p.add_argument("--groups", default=None,
                    help="also score unit sets, from a JSON file {name: [units]}")
@@ -163,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="let the exact check replace counterfactuals of `ensattr ablate` in --results")
     p.add_argument("--device", type=_device, default="cpu")
+    _add_floor_args(p)
 
     p = sub.add_parser("metrics", help="validity metrics of a results file")
     p.add_argument("--results", type=Path, required=True)
@@ -185,6 +220,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--json", type=Path, help="also write the table here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json")
+
+    p = sub.add_parser("memorization", help="near-copies of training units that a generator draws, each proven "
+                                            "by exact ablation")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the encoded ensemble")
+    p.add_argument("--out", type=Path, required=True, help="new HDF5 file (/memorization)")
+    p.add_argument("--generator", type=generator_option, default="full",
+                   help="the members that sample: full, member:M or members:a,b,c")
+    p.add_argument("--generator-checkpoint", type=Path, default=None,
+                   help="sample from this model's members instead (same data and units, e.g. one model trained "
+                        "on everything); copies are proven by the ensemble's excluders")
+    p.add_argument("--seeds", type=_seeds, default=_seeds("512"), help="N, A:B or a,b,c")
+    p.add_argument("--threshold", type=_float(0, 1e6, low_open=True), default=1.0,
+                   help="pixel L2 (data scale [-1, 1]) under which a sample copies its nearest training image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", type=_device, default="cpu")
+    _add_sampler_args(p)
+    _add_floor_args(p)
+    p.set_defaults(phantoms=64)  # a phantom beyond a copy's effect still leaves p = 2/65 < 0.05
 
     p = sub.add_parser("report", help="a PNG of samples beside their counterfactuals")
     p.add_argument("--results", type=Path, required=True)

@@ -16,6 +16,7 @@ score against phantom rows, and each sample's copy certificate.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -28,7 +29,7 @@ from ..evaluation.significance import benjamini_hochberg, empirical_pvalues
 from ..ops import code_scores
 from ..store import ResultsWriter, open_results
 
-__all__ = ["score_floors", "certify", "SCORE_PHANTOMS"]
+__all__ = ["score_floors", "certify", "summary", "SCORE_PHANTOMS"]
 
 #: phantom rows scored per row: cheap (one code_scores call), and p-values resolve to 1e-3
 SCORE_PHANTOMS = 1024
@@ -54,7 +55,7 @@ def score_floors(results: os.PathLike, code: torch.Tensor, methods: Sequence[Met
                 kind="code rows of the design's weights that no unit has")
     with ResultsWriter(results, "a") as writer:
         for name, arrays in found.items():
-            writer.write_significance(name, arrays, meta)
+            writer.write_group(f"significance/{name}", arrays, {"floor": meta})
 
 
 def _judge(view, floor: np.ndarray, index: np.ndarray, alpha: float) -> dict:
@@ -102,7 +103,30 @@ def certify(results: os.PathLike, check_method: Method, rows: int) -> dict:
                 bound="exact" if exhaustive else "exact for the checked units, first order scaled by the "
                                                    "largest exact/predicted ratio for the rest")
     with ResultsWriter(results, "a") as writer:
-        writer.write_certificate(dict(radius=radius.astype(np.float32), bound=bound.astype(np.float32),
-                                      floor_p95=p95.astype(np.float32), checked=checked.astype(np.int64)), meta)
+        writer.write_group("certificate", dict(radius=radius.astype(np.float32), bound=bound.astype(np.float32),
+                                               floor_p95=p95.astype(np.float32), checked=checked.astype(np.int64)),
+                           {"certificate": meta})
     return dict(radius=float(np.mean(radius)), bound=float(np.nanmean(bound)) if np.isfinite(bound).any() else None,
                 exhaustive=exhaustive)
+
+
+def summary(results: os.PathLike) -> str:
+    """One plain sentence on how many exact counterfactuals in ``results`` stand above their
+    samples' noise floor, and what that means."""
+    with open_results(results) as r:
+        if not r.has_counterfactuals or "floor_distance" not in r.counterfactuals:
+            return "no noise floor in this file: effects are not judged"
+        cf = r.counterfactual_arrays(images=False)
+        meta = json.loads(r.counterfactuals.attrs["floor"])
+        certificate = r.certificate()
+    valid = cf["units"] >= 0
+    flagged = int(cf["significant"][valid].sum())
+    text = (f"{flagged} of {int(valid.sum())} exact counterfactuals stand above the noise floor at FDR "
+            f"{meta['alpha']:g} ({meta['phantoms']} phantom ablations per sample; median effect "
+            f"{np.nanmedian(cf['distance'][valid]):.3f}, median phantom {np.median(cf['floor_distance']):.3f})")
+    if flagged == 0:
+        text += ": removing any one of these units moves a sample no more than removing nothing in particular"
+    if certificate is not None and np.isfinite(certificate["bound"]).any():
+        text += (f"; copy certificates: no one training unit moves a sample by more than r, r from "
+                 f"{np.nanmin(certificate['bound']):.3f} to {np.nanmax(certificate['bound']):.3f}")
+    return text

@@ -64,7 +64,8 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike,
 def _check_replace(results: os.PathLike, overwrite: bool, written_by: str) -> None:
     recover_after_kill(results)
     before = counterfactuals_written_by(results)
-    own_check = before == written_by == "attribute"  # the exact check may replace an earlier check's
+    # the exact check and the audit may replace what an earlier run of themselves wrote
+    own_check = before == written_by and written_by in ("attribute", "audit")
     if before is not None and not overwrite and not own_check:
         raise StoreError(f"{results} already holds counterfactuals (of `ensattr {before}`); pass --overwrite "
                          "to replace them, or work on a copy")

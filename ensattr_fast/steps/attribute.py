@@ -17,6 +17,7 @@ import torch
 from .. import codes, distributed
 from ..attribution import (FeatureSpec, combine, dataset_features, first_order_grams, gradient_features,
                            member_losses, member_scores)
+from ..attribution.exact import exact_member_scores
 from ..attribution.methods import DEFAULT_METHODS, Method, get_method, parse_methods
 from ..checkpoint import Checkpoint
 from ..data import check_images, load_data
@@ -56,7 +57,8 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
                    block_rows: int = 64, block_units: int = 16384, draws: int = 64,
                    check: int = 8, check_method: str = "first_order", device: str = "cpu",
                    progress: bool = True, groups: Optional[Dict[str, List[int]]] = None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, projection_dim: int = 1024, exact_kernel: bool = False,
+                   floor: Floor = Floor()) -> dict:
     """Influence of every unit on the first ``rows`` samples of ``results``, streamed to it;
     then the exact check of each sample's top-``check`` units by ``check_method``.
 
@@ -71,16 +73,26 @@ def attribute_step(checkpoint_path: os.PathLike, results: os.PathLike, rows: int
     A run killed at any moment is resumed by the same call: blocks on disk are kept. The exact
     check replaces the counterfactuals of an earlier check, those of ``ensattr ablate`` only
     with ``overwrite``.
+
+    The gradient methods project each member's gradients to ``projection_dim`` numbers (a
+    projection per member), or with ``exact_kernel`` use the full gradients' kernel (small
+    training sets only, see :mod:`ensattr_fast.attribution.exact`).
+
+    Every first-order and loss score is judged against the scores of phantom code rows
+    (``/significance/<method>``), every exact counterfactual against ``floor.phantoms`` phantom
+    ablations of its sample, at false discovery rate ``floor.alpha`` over all units; each
+    checked sample gets a copy certificate (``/certificate``).
     """
     existing(results)
     with writer_lock(results, "results file"):
         on_writer(lambda: recover_after_kill(results))
         return _attribute(checkpoint_path, results, rows, methods, k, block_rows, block_units, draws, check,
-                          check_method, device, progress, groups, overwrite)
+                          check_method, device, progress, groups, overwrite, projection_dim, exact_kernel, floor)
 
 
 def _attribute(checkpoint_path, results, rows, methods, k, block_rows, block_units, draws, check, check_method,
-               device, progress, groups, overwrite) -> dict:
+               device, progress, groups, overwrite, projection_dim=1024, exact_kernel=False,
+               floor: Floor = Floor()) -> dict:
     checkpoint = Checkpoint.load(checkpoint_path)
     chosen = parse_methods(methods)
     rows = min(rows, count_samples(results))
@@ -101,24 +113,26 @@ def _attribute(checkpoint_path, results, rows, methods, k, block_rows, block_uni
             writer.write_groups(list(groups), list(groups.values()))
     if len(mine):
         _score_rows(checkpoint, checkpoint_path, read_sampler(results), seeds, samples, target, chosen, k,
-                    block_rows, block_units, draws, groups, progress and world.main, device)
+                    block_rows, block_units, draws, groups, progress and world.main, device,
+                    projection_dim, exact_kernel)
     if world.distributed:
         distributed.barrier()  # every part is complete
         if world.main:
             stitch_parts(results, [part_path(results, r, world.size) for r in range(world.size)])
         distributed.barrier()
     if world.main:
-        score_floors(results, checkpoint.code, chosen)
+        score_floors(results, checkpoint.code, chosen, alpha=floor.alpha)
     distributed.barrier()
     if not check:
         return {}
     return exact_check(checkpoint_path, results, rows, check, check_method, [m.name for m in chosen], device,
-                       overwrite)
+                       overwrite, floor)
 
 
 def _score_rows(checkpoint: Checkpoint, checkpoint_path: os.PathLike, sampler: Sampler, seeds: List[int],
                 samples: torch.Tensor, target: Path, methods: List[Method], k: int, block_rows: int,
-                block_units: int, draws: int, groups: Optional[dict], progress: bool, device: str) -> None:
+                block_units: int, draws: int, groups: Optional[dict], progress: bool, device: str,
+                projection_dim: int = 1024, exact_kernel: bool = False) -> None:
     """The statistics of the rows (kept in ``target`` for resumes) and every method's matrix."""
     ensemble, schedule = checkpoint.build().to(device), checkpoint.schedule
     statistics = {}
@@ -145,12 +159,16 @@ def _score_rows(checkpoint: Checkpoint, checkpoint_path: os.PathLike, sampler: S
     gradient = [m for m in methods if m.scorer == "gradient"]
     data = load_data(checkpoint.data_source) if gradient else None
     for kind in sorted({m.feature_kind for m in gradient}):
-        features = FeatureSpec(kind=kind)
-        train = cached_statistic(target, f"features_{kind}_train",
-                                 lambda: dataset_features(ensemble, schedule, data, features, progress))
-        queries = cached_statistic(target, f"features_{kind}",
-                                   lambda: gradient_features(ensemble, schedule, samples, features))
-        per_member = member_scores(train, queries, checkpoint.unit_of, len(checkpoint.code))
+        features = FeatureSpec(kind=kind, dim=projection_dim, exact=exact_kernel)
+        if exact_kernel:  # no features to keep: the Grams of the full gradients, then the kernel
+            per_member = exact_member_scores(ensemble, schedule, data, samples, features, checkpoint.unit_of,
+                                             len(checkpoint.code))
+        else:  # features of a non-default projection are kept under their own names
+            train = cached_statistic(target, f"features_{kind}{features.tag}_train",
+                                     lambda: dataset_features(ensemble, schedule, data, features, progress))
+            queries = cached_statistic(target, f"features_{kind}{features.tag}",
+                                       lambda: gradient_features(ensemble, schedule, samples, features))
+            per_member = member_scores(train, queries, checkpoint.unit_of, len(checkpoint.code))
         for method in (m for m in gradient if m.feature_kind == kind):
             stream_scores(target, method.name, combine(per_member, checkpoint.code, method.combination), k,
                           block_rows, block_units,
@@ -163,7 +181,8 @@ def _score_rows(checkpoint: Checkpoint, checkpoint_path: os.PathLike, sampler: S
 
 
 def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, check: int,
-                check_method: str, methods: Sequence[str], device: str = "cpu", overwrite: bool = False) -> dict:
+                check_method: str, methods: Sequence[str], device: str = "cpu", overwrite: bool = False,
+                floor: Floor = Floor()) -> dict:
     """Ablate each sample's top-``check`` units by ``check_method`` exactly; store the true
     distances beside every method's scores of those units and the agreement metrics of the
     methods whose scores predict distances."""
@@ -176,7 +195,7 @@ def exact_check(checkpoint_path: os.PathLike, results: os.PathLike, rows: int, c
             taken = np.take_along_axis(block, units.clamp_min(0).numpy(), 1)
             predicted[method] = torch.from_numpy(np.where(units.numpy() >= 0, taken, np.nan))  # -1: no unit
     _, distances, _ = ablate_step(checkpoint_path, results, units, device, overwrite=overwrite,
-                                  written_by="attribute", floor=Floor(tests=n_units),
+                                  written_by="attribute", floor=dataclasses.replace(floor, tests=n_units),
                                   **{f"predicted_{m}": v for m, v in predicted.items()})
     metrics = {m: agreement(predicted[m].numpy(), distances.numpy())
                for m in methods if get_method(m).predicts_distance}

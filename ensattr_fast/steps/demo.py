@@ -6,7 +6,9 @@ streamed to the results file; then the exact counterfactuals of each of those sa
 each of its top units by first-order score.
 Class units (``--units class``): 20 members on a leave-one-class-out design (each class
 excluded by 2 members); every sample re-drawn without each class.
-Writes plan.h5, ensemble.pt, results.h5 and report.png under ``out``.
+Every exact counterfactual is judged against phantom ablations from the same noise (its
+significance is printed, stored and drawn). Writes plan.h5, ensemble.pt, results.h5, report.png
+and report.html under ``out``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..members import MemberOptions
 from ..schedules import Sampler
 from ..store import ResultsWriter, open_results, read_plan
 from ..training import TrainConfig
+from ._floors import summary
 from .ablate import ablate_step
 from .attribute import attribute_step
 from .plan import make_plan
@@ -51,7 +54,7 @@ def run_demo(out: Path, config: TrainConfig, sampler: Sampler, members: MemberOp
     by_class = units == "class"
     n_members = n_members or (20 if by_class else 16)
     plan, checkpoint, results = out / "plan.h5", out / "ensemble.pt", out / "results.h5"
-    for path in (plan, checkpoint, results, out / "report.png"):
+    for path in (plan, checkpoint, results, out / "report.png", out / "report.html"):
         check_output(path, "--out", overwrite)
 
     stats = make_plan(plan, "digits", units, n_members, design="sparse" if by_class else "balanced",
@@ -77,6 +80,8 @@ def run_demo(out: Path, config: TrainConfig, sampler: Sampler, members: MemberOp
         _step(f"influence of all {planned.n_units} units on {n} samples (dtrak, first_order, direct, loss); "
               f"exact check of each sample's top {per_sample}: {agreement}", start)
 
+    print(summary(results), flush=True)
+
     judge = train_judge(data)
     quality = judge.judge(drawn)
     quality["held_out_confident"] = judge.held_out_confident
@@ -88,7 +93,7 @@ def run_demo(out: Path, config: TrainConfig, sampler: Sampler, members: MemberOp
     with ResultsWriter(results, "a") as writer:
         writer.set_attrs(quality=quality)
     report_step(results, out / "report.png", overwrite=True)
-    _step(f"report -> {out / 'report.png'}", start)
+    _step(f"report -> {out / 'report.png'}, {out / 'report.html'}", start)
     print(f"sample quality: {quality['relative_confident']:.2f} of the held-out real digits' share "
           f"of confident labels; class shares {[round(s, 3) for s in quality['class_shares']]}")
     if by_class:

@@ -165,26 +165,17 @@ class ResultsWriter:
         """``/statistics/<name>``: what a method's scores were computed from, kept for resumes."""
         self.file.require_group("statistics").create_dataset(name, data=value)
 
-    def write_certificate(self, arrays: dict, meta: dict) -> None:
-        """``/certificate``: per sample [S] ``radius``, ``bound``, ``floor_p95``, ``checked``,
-        with ``meta`` as its ``certificate`` attribute; replaces an earlier one whole."""
-        if "certificate" in self.file:
-            del self.file["certificate"]
-        group = self.file.create_group("certificate")
-        for name, value in arrays.items():
-            group.create_dataset(name, data=value)
-        group.attrs["certificate"] = json.dumps(meta)
-
-    def write_significance(self, method: str, arrays: dict, meta: dict) -> None:
-        """``/significance/<method>``: the floor of a score matrix's rows [R, P] and the
-        p-values, q-values and flags of its top units [R, k] (aligned with ``/topk/<method>``)."""
-        group = self.file.require_group("significance")
-        if method in group:
-            del group[method]
-        fresh = group.create_group(method)
-        for name, value in arrays.items():
-            fresh.create_dataset(name, data=value)
-        fresh.attrs["floor"] = json.dumps(meta)
+    def write_group(self, name: str, arrays: dict, attrs: dict) -> None:
+        """``/<name>`` (e.g. ``certificate``, ``significance/first_order``, ``audit``): numpy
+        arrays stored as they are, and root-level JSON attributes of the group; replaces an
+        earlier group of that name whole."""
+        if name in self.file:
+            del self.file[name]
+        group = self.file.create_group(name)
+        for key, value in arrays.items():
+            group.create_dataset(key, data=value)
+        for key, value in attrs.items():
+            group.attrs[key] = json.dumps(value)
 
     def write_groups(self, names: Sequence[str], units: Sequence[Sequence[int]]) -> None:
         """Unit sets as CSR: ``/groups/name`` [G], ``/groups/ptr`` [G+1], ``/groups/units``."""

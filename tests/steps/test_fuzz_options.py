@@ -37,18 +37,26 @@ COMMANDS = {
                 "--chunk": NUMBERS, "--out": PATHS, "--checkpoint": PATHS}),
     "ablate": (["--checkpoint", "{checkpoint}", "--results", "{results}", "--units", "0,1", "--overwrite"],
                {"--units": NUMBERS + ["0,99", "-1", "0,0"], "--nearest": NUMBERS, "--samples": NUMBERS,
-                "--results": PATHS}),
+                "--results": PATHS, "--phantoms": NUMBERS, "--alpha": NUMBERS}),
+    "audit": (["--checkpoint", "{checkpoint}", "--results", "{results}", "--samples", "2", "--overwrite"],
+              {"--samples": NUMBERS, "--top-groups": NUMBERS, "--examples": NUMBERS, "--phantoms": NUMBERS,
+               "--alpha": NUMBERS, "--method": ["loss", "dtrak", "1"], "--results": PATHS}),
     "attribute": (["--checkpoint", "{checkpoint}", "--results", "{results}", "--method", "loss", "--draws", "2",
                    "--check", "1", "--overwrite"],
                   {"--samples": NUMBERS, "--topk": NUMBERS, "--block-rows": NUMBERS, "--block-units": NUMBERS,
                    "--draws": NUMBERS, "--check": NUMBERS, "--method": ["loss,loss", "nope", "", "1"],
-                   "--results": PATHS}),
+                   "--results": PATHS, "--phantoms": NUMBERS, "--alpha": NUMBERS}),
     "metrics": (["--results", "{results}"],
                 {"--samples": NUMBERS, "--json": PATHS, "--results": PATHS}),
     "lds": (["--checkpoint", "{checkpoint}", "--results", "{results}", "--references", "{dir}/refs.pt",
              "--halves", "2", "--seeds", "1", "--steps", "1", "--draws", "2"],
             {"--halves": NUMBERS, "--seeds": NUMBERS, "--steps": NUMBERS, "--draws": NUMBERS, "--samples": NUMBERS,
              "--references": PATHS, "--json": PATHS}),
+    "memorization": (["--checkpoint", "{checkpoint}", "--out", "{dir}/m.h5", "--seeds", "2", "--sampling-steps", "2",
+                      "--phantoms", "2"],
+                     {"--generator": ["full", "member:0", "member:99", "members:0,0", "members:", "x", "member:-1"],
+                      "--threshold": NUMBERS, "--seeds": NUMBERS, "--phantoms": NUMBERS, "--out": PATHS,
+                      "--checkpoint": PATHS, "--generator-checkpoint": PATHS}),
     "report": (["--results", "{results}", "--out", "{dir}/r.png"],
                {"--rows": NUMBERS, "--out": PATHS, "--results": PATHS}),
     "demo": (["--out", "{dir}/demo", "--steps", "2"],
@@ -119,7 +127,7 @@ def test_every_command_refuses_bad_options_cleanly(inputs, command):
                 assert after == before, (argv, "an input changed")
                 assert sorted(p.name for p in where.iterdir()) == sorted(before), (argv, "partial output")
             else:  # only the steps that add to a results file change it; no other input changes
-                allowed = {"results.h5"} if command in {"ablate", "attribute", "metrics", "lds"} else set()
+                allowed = {"results.h5"} if command in {"ablate", "audit", "attribute", "metrics", "lds"} else set()
                 changed = [n for n in before if after.get(n) != before[n] and n not in allowed]
                 assert not changed, (argv, changed)
         finally:
