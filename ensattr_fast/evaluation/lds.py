@@ -49,10 +49,11 @@ def train_references(path: os.PathLike, data: Dataset, unit_of: Tensor, subsets:
 
 
 def train_full_model(path: os.PathLike, data: Dataset, unit_of: Tensor, n_units: int, config: TrainConfig,
-                     spec: dict, device: str = "cpu", progress: bool = True) -> Checkpoint:
-    """One model of the ensemble's architecture trained on every unit, as D-TRAK attributes
-    with (the baseline of the LDS table), or loaded from ``path`` when a finished run is there."""
-    code = torch.ones(n_units, 1, dtype=torch.uint8)
+                     spec: dict, device: str = "cpu", progress: bool = True, models: int = 1) -> Checkpoint:
+    """``models`` independent models of the ensemble's architecture, each trained on every unit
+    (one: what D-TRAK attributes with, the baseline of the LDS table; M: the TRAK ensemble of the
+    same compute as the encoded ensemble), or loaded from ``path`` when a finished run is there."""
+    code = torch.ones(n_units, models, dtype=torch.uint8)
     return _train_independent(path, data, unit_of, code, config, spec, config.seed + 7, device, progress)
 
 
@@ -75,14 +76,14 @@ def _train_independent(path: os.PathLike, data: Dataset, unit_of: Tensor, code: 
 
 def dtrak_baseline(model: Checkpoint, data: Dataset, queries: Tensor, unit_of: Tensor, n_units: int,
                    device: str = "cpu") -> Tensor:
-    """D-TRAK scores [Q, N] of one model trained on all units (10 timesteps, 1,024 dims,
-    lambda 1% of the mean diagonal)."""
+    """D-TRAK scores [Q, N] of a model trained on all units (10 timesteps, 1,024 dims,
+    lambda 1% of the mean diagonal); of several, their mean (the TRAK ensemble)."""
     from ..attribution.gradients import FeatureSpec, dataset_features, gradient_features, member_scores
 
     ensemble, schedule = model.build().to(device), model.schedule
     spec = FeatureSpec(kind="dtrak")
     train = dataset_features(ensemble, schedule, data, spec)
-    return member_scores(train, gradient_features(ensemble, schedule, queries, spec), unit_of, n_units)[0]
+    return member_scores(train, gradient_features(ensemble, schedule, queries, spec), unit_of, n_units).mean(0)
 
 
 def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
@@ -91,8 +92,10 @@ def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
               device: str = "cpu", progress: bool = True, full_model: Optional[os.PathLike] = None) -> Dict[str, dict]:
     """LDS of each influence matrix in ``results`` and of the baselines, per method: mean
     over queries, its 95% interval, and the number of queries. Baselines: pixel similarity,
-    the pixel 10 nearest, and D-TRAK on one model trained on all units (``full_model``, by
-    default beside ``references``; trained there when missing)."""
+    the pixel 10 nearest, D-TRAK on one model trained on all units (``full_model``, by default
+    beside ``references``; trained there when missing), and D-TRAK averaged over M models each
+    trained on all units (``dtrak_<M>_full_models``: the TRAK ensemble of the encoded ensemble's
+    compute, beside ``full_model`` as ``<stem>.x<M>.pt``)."""
     checkpoint = Checkpoint.load(checkpoint_path)
     n_units = len(checkpoint.code)
     with open_results(results) as r:
@@ -120,4 +123,10 @@ def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
     model = train_full_model(full_model, data, unit_of, n_units, config, checkpoint.spec, device, progress)
     table["dtrak_one_model"] = lds(dtrak_baseline(model, data, queries, unit_of, n_units, device).numpy(),
                                    subsets.numpy(), losses)
+    # the equal-compute alternative to the encoded ensemble: M models, each trained on all units
+    M = len(checkpoint.code[0])
+    many = train_full_model(Path(full_model).with_name(Path(full_model).stem + f".x{M}.pt"), data, unit_of, n_units,
+                            config, checkpoint.spec, device, progress, models=M)
+    table[f"dtrak_{M}_full_models"] = lds(dtrak_baseline(many, data, queries, unit_of, n_units, device).numpy(),
+                                          subsets.numpy(), losses)
     return table

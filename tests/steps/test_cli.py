@@ -70,7 +70,8 @@ def test_attribute_metrics_report_and_lds(run_dir, capsys):
                  "--references", str(d / "refs.pt"), "--halves", "4", "--seeds", "2", "--steps", "2",
                  "--draws", "3", "--json", str(d / "lds.json")]) == 0
     table = json.loads((d / "lds.json").read_text())
-    assert set(table) == {"first_order", "direct", "loss", "pixel_similarity", "pixel_nearest_10", "dtrak_one_model"}
+    assert set(table) == {"first_order", "direct", "loss", "pixel_similarity", "pixel_nearest_10", "dtrak_one_model",
+                          "dtrak_16_full_models"}  # the TRAK ensemble of the same compute: 16 models on all units
     assert all(-1 <= row["mean"] <= 1 for row in table.values() if np.isfinite(row["mean"]))
 
 
