@@ -183,7 +183,7 @@ def _memorization(args) -> None:
 def _report(args) -> None:
     steps.report_step(args.results, args.out, args.rows, dataset=data_spec(args.data) if args.data else None,
                       overwrite=args.overwrite)
-    print(f"report written to {args.out}")
+    print(f"report written to {args.out} and {Path(args.out).with_suffix('.html')}")
 
 
 COMMANDS = {"demo": _demo, "plan": _plan, "train": _train, "sample": _sample, "ablate": _ablate, "audit": _audit,

@@ -239,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
     _add_floor_args(p)
     p.set_defaults(phantoms=64)  # a phantom beyond a copy's effect still leaves p = 2/65 < 0.05
 
-    p = sub.add_parser("report", help="a PNG of samples beside their counterfactuals")
+    p = sub.add_parser("report", help="a PNG of samples beside their counterfactuals, marked significant or "
+                                      "within noise, and the same as a self-contained HTML page beside it")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rows", type=_int(1, 4096), default=8)
