@@ -31,10 +31,11 @@ def masked_member_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tuple[Tenso
     return per_example, per_member
 
 
-def trajectory_of_entries(row_ptr: Tensor) -> Tensor:
-    """For CSR ``row_ptr`` [T+1], the trajectory that owns each entry [R]."""
+def trajectory_of_entries(row_ptr: Tensor, entries: Optional[int] = None) -> Tensor:
+    """For CSR ``row_ptr`` [T+1], the trajectory that owns each entry [R]. Give ``entries`` (R)
+    when known: without it the output size is read from the device (a GPU sync)."""
     counts = row_ptr.diff()
-    return torch.repeat_interleave(torch.arange(len(counts), device=row_ptr.device), counts)
+    return torch.repeat_interleave(torch.arange(len(counts), device=row_ptr.device), counts, output_size=entries)
 
 
 def ensemble_step(
@@ -61,7 +62,7 @@ def ensemble_step(
     packed_next[rows[j]] = x_next[t] when ``write_packed``.
     """
     acc = accumulate_dtype(x.dtype)
-    traj = trajectory_of_entries(row_ptr)
+    traj = trajectory_of_entries(row_ptr, rows.shape[0])
     contrib = weights.to(acc)[:, None] * member_eps[rows].to(acc)
     eps_bar = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, traj, contrib)
     xa = x.to(acc)

@@ -180,14 +180,18 @@ def _step_setup_context(ctx, inputs, output):
     member_eps, x, noise, sample_of, row_ptr, rows, weights, a, b, c, d, s, lo, hi, _ = inputs
     ctx.coefficients = (a, b, c, d, s, lo, hi)
     ctx.noise_rows = None if noise is None else noise.shape[0]
-    ctx.save_for_backward(member_eps, x, sample_of, row_ptr, rows, weights, output[1])
+    ctx.save_for_backward(member_eps, x, sample_of, row_ptr, rows, weights)
 
 
 def _step_backward(ctx, grad_x_next, grad_eps_bar, grad_packed):
-    member_eps, x, sample_of, row_ptr, rows, weights, eps_bar = ctx.saved_tensors
+    member_eps, x, sample_of, row_ptr, rows, weights = ctx.saved_tensors
     a, b, c, d, s, lo, hi = ctx.coefficients
     acc = weights.dtype
-    traj = _reference.trajectory_of_entries(row_ptr)
+    traj = _reference.trajectory_of_entries(row_ptr, rows.shape[0])
+    # eps_bar in the accumulation dtype, as the forward had it before rounding to x's dtype, so
+    # that the clip mask here is the forward's
+    eps_bar = torch.zeros(x.shape, dtype=acc, device=x.device).index_add(
+        0, traj, weights[:, None] * member_eps[rows].to(acc))
     grad = torch.zeros(x.shape, dtype=acc, device=x.device)
     if grad_x_next is not None:
         grad = grad + grad_x_next.to(acc)
@@ -293,6 +297,8 @@ torch.library.register_fake("ensattr_fast::code_loss_contrast", _fake_code_score
 def _scores_setup_context(ctx, inputs, output):
     code, stats = inputs[:2]
     ctx.save_for_backward(code, stats, output[0])
+    # a top-k is a selection: gradients flow through the scores, never through it
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _first_order_backward(ctx, grad_scores, *_):

@@ -125,7 +125,7 @@ def run_trajectories(
         raise CodeError(f"weights must have shape [T, {M}], got {tuple(weights.shape)}")
     packing = _Packing(weights, device)
     dtype = next(ensemble.parameters()).dtype
-    entry_weights = packing.weights.to(device, dtype)
+    entry_weights = packing.weights.to(device, torch.promote_types(dtype, torch.float32))  # the op's accumulation dtype
     sample_of = sample_of.to(device)
     x = seeded_normal(seeds, 0, shape).to(device, dtype).flatten(1)[sample_of]
     packed = x[packing.trajectory.to(device)]

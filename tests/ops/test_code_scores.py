@@ -155,3 +155,15 @@ def test_errors_name_the_problem():
 def test_device_error():
     with pytest.raises(RuntimeError, match="gram is on cpu but the other inputs are on cuda"):
         code_scores(make_code(10, 4, device="cuda"), gram=torch.zeros(2, 4, 4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_k_is_not_differentiable(kind):
+    """Gradients flow through the scores; the top-k is a selection and says so, instead of
+    passing silently zero gradients."""
+    stats = make_stats(kind, 3, 6, torch.float64, "cpu").requires_grad_()
+    out = score(kind, make_code(20, 6), stats, k=4)
+    assert out.scores.requires_grad
+    assert not out.top_values.requires_grad and not out.top_indices.requires_grad
+    torch.nan_to_num(out.scores).sum().backward()
+    assert stats.grad is not None and stats.grad.abs().sum() > 0

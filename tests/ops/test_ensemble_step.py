@@ -167,3 +167,10 @@ def test_device_error():
     step["noise"] = step["noise"].cpu()
     with pytest.raises(RuntimeError, match="noise is on cpu but the other inputs are on cuda"):
         run(_ops.ensemble_step, step)
+
+
+def test_entries_of_each_trajectory_with_and_without_their_count():
+    row_ptr = torch.tensor([0, 2, 2, 5, 6])
+    expected = torch.tensor([0, 0, 2, 2, 2, 3])
+    assert torch.equal(_reference.trajectory_of_entries(row_ptr), expected)
+    assert torch.equal(_reference.trajectory_of_entries(row_ptr, 6), expected)  # no device sync on a GPU
