@@ -82,8 +82,9 @@ def _metrics(results, checkpoint_path, samples, device, seed) -> dict:
                 found[f"significance_{method}"] = _score_significance(judged)
         certificate = r.certificate()
         if certificate is not None:
-            found["certificate"] = {"radius": mean_interval(certificate["radius"]),
-                                    "bound": mean_interval(certificate["bound"]), **certificate["meta"]}
+            meta = certificate["meta"]
+            found["certificate"] = {**meta, "bound_rule": meta.get("bound"), "radius": mean_interval(certificate["radius"]),
+                                    "bound": mean_interval(certificate["bound"])}
         seeds = r.seeds[:samples].tolist()
         images = torch.from_numpy(r.samples[:samples])
         unit_of = torch.from_numpy(r.unit_of[()])
