@@ -86,8 +86,9 @@ def _summary(significance: Optional[Dict], units: np.ndarray, shown: int) -> Dic
         out["tested"] = int(np.isfinite(significance["pvalue"]).sum())
     shown_sig, shown_checked = int(significant[:shown].sum()), int(checked[:shown].sum())
     headline = ("no counterfactual of these samples is tested against the noise floor" if not shown_checked else
-                "single-unit effects are within the noise floor: removing any one checked unit moves these "
-                f"samples no more than removing a phantom unit does (FDR {alpha:g})" if shown_sig == 0 else
+                f"in the {min(shown, len(units))} samples shown, single-unit effects are within the noise floor: "
+                "removing any one checked unit moves these samples no more than removing a phantom unit does "
+                f"(FDR {alpha:g})" if shown_sig == 0 else
                 f"{shown_sig} of {shown_checked} counterfactuals shown are above the noise floor "
                 f"(q ≤ {alpha:g}); the rest are within it")
     return dict(out, headline=headline, significant=int(significant.sum()), alpha=alpha,

@@ -108,7 +108,7 @@ def test_png_and_html_mark_effects_against_the_floor(tmp_path):
 def test_the_headline_says_when_nothing_is_above_the_floor(tmp_path):
     png, page = _report(tmp_path, floor=True, significant=set())
     text = page.read_text(encoding="utf-8")
-    assert "Single-unit effects are within the noise floor" in text
+    assert re.search(r"In the \d+ samples shown, single-unit effects are within the noise floor", text)
     assert '<span id="count">0</span>' in text and ">significant<" not in text
     assert png.stat().st_size > 0
 
