@@ -150,11 +150,11 @@ def _case(suite: Suite, kind: str, quick: bool, device: str) -> None:
         suite.record(Record(name=f"{label}: {name}, Spearman with retraining", value=spearman[name], unit="rho"))
         target = "top group agrees >= 80%" if kind == "classes" and name.startswith("exact") else None
         suite.record(Record(name=f"{label}: {name}, top group agrees", value=top, unit="share", target=target,
-                            met=None if target is None else top >= 0.8))
+                            met=None if target is None else bool(top >= 0.8)))
     best_gradient = max(v for k, v in spearman.items() if k.startswith("D-TRAK"))
     ratio = spearman["exact ablation (excluders' loss - ensemble's)"] / best_gradient if best_gradient > 0 else float("inf")
     suite.record(Record(name=f"{label}: exact ablation / best gradient method, Spearman", value=ratio, unit="x",
-                        baseline=best_gradient, ratio=ratio, target=">= 1.5x", met=ratio >= 1.5))
+                        baseline=best_gradient, ratio=ratio, target=">= 1.5x", met=bool(ratio >= 1.5)))
 
 
 def run(quick: bool, device: str) -> Suite:

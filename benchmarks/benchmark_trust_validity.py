@@ -62,16 +62,16 @@ def _calibration(suite: Suite, quick: bool) -> None:
     label = f"calibration on the plain demo ({n_units} units, nothing planted)"
     share = float(cf["significant"][valid].mean())
     suite.record(Record(name=f"{label}: exact check pairs flagged at FDR 5% ({int(valid.sum())} pairs)",
-                        value=share, unit="share", target="<= 5%", met=share <= 0.05))
+                        value=share, unit="share", target="<= 5%", met=bool(share <= 0.05)))
     flagged = first_order["n_significant"].sum() / (len(first_order["n_significant"]) * n_units)
     suite.record(Record(name=f"{label}: first-order (sample, unit) pairs flagged at FDR 5%", value=float(flagged),
-                        unit="share", target="<= 5%", met=flagged <= 0.05))
+                        unit="share", target="<= 5%", met=bool(flagged <= 0.05)))
     floor = cf["floor_distance"]
     half = floor.shape[1] // 2
     for tests, what in ((n_units, f"BH over {n_units} units"), (half, f"BH over the {half} tested")):
         null = significance(floor[:, :half], floor[:, half:], tests=tests)["significant"].mean()
         suite.record(Record(name=f"{label}: phantoms judged against other phantoms, flagged ({what})",
-                            value=float(null), unit="share", target="<= 5%", met=null <= 0.05))
+                            value=float(null), unit="share", target="<= 5%", met=bool(null <= 0.05)))
     p = significance(floor[:, :half], floor[:, half:], tests=half)["pvalue"]
     suite.record(Record(name=f"{label}: phantoms against phantoms, share with p <= 0.05 (uniform: 0.05)",
                         value=float((p <= 0.05).mean()), unit="share"))
