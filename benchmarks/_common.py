@@ -25,7 +25,12 @@ class Record:
     met: Optional[bool] = None
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values (figures computed with numpy come as numpy scalars)."""
+        out = dataclasses.asdict(self)
+        for key in ("value", "baseline", "ratio"):
+            out[key] = None if out[key] is None else float(out[key])
+        out["met"] = None if out["met"] is None else bool(out["met"])
+        return out
 
 
 class Suite:
