@@ -113,7 +113,8 @@ def test_ablate_after_attribute_replaces_the_whole_counterfactuals_group(files, 
     assert ensattr("ablate", "--checkpoint", files / "ensemble.pt", "--results", results, "--units", "0,1",
                    "--overwrite") == 0
     with h5py.File(results, "r") as f:
-        assert sorted(f["counterfactuals"]) == ["distance", "images", "units"]  # no predictions of other units
+        assert sorted(f["counterfactuals"]) == ["distance", "floor_code", "floor_distance", "images", "pvalue",
+                                                "qvalue", "significant", "units", "zscore"]  # no predictions of other units
         assert f["counterfactuals/units"].shape == (6, 2)
     assert ensattr("metrics", "--results", results) == 0  # it died with a broadcasting error on d7851f2
 
