@@ -23,6 +23,15 @@ def run(quick: bool, device: str) -> Suite:
         check_close(ours()[:2], ref()[:2], f"code_scores {kind}", rtol=1e-3, atol=1e-5)
         timing = suite.compare_times(f"{device} {kind} N={N} S={S} M={M} top-{k}", ours, ref,
                                      "eager reference")
+        if device == "cuda":
+            # reads the code and the statistics, writes the scores [S, N] (the top-k is small)
+            scores = ours()[0]
+            nbytes = code.numel() + scores.numel() * scores.element_size()
+            t_copy = suite.time(lambda: scores.clone(), timing.name, "torch.clone")
+            gbs, clone_gbs = nbytes / (timing.value * 1e-3) / 1e9, 2 * scores.numel() * 4 / t_copy / 1e9
+            suite.record(Record(name=f"code_scores bandwidth vs clone: {timing.name}", value=gbs, unit="GB/s",
+                                baseline=clone_gbs, ratio=gbs / clone_gbs, target="ratio >= 0.6",
+                                met=gbs / clone_gbs >= 0.6))
         if kind == "first_order":
             seconds = timing.value / 1e3
             suite.record(Record(name=f"code_scores first order, seconds: {timing.name}",
