@@ -21,7 +21,7 @@ from .attribution.methods import parse_methods
 from .data import data_spec
 from .errors import EnsattrError
 from .files import atomic_output, check_output
-from .options import floor, member_options, parse, sampler, train_config
+from .options import floor, member_options, parse, passes, sampler, train_config
 from .steps.audit import describe as describe_audit
 from .store import ResultsWriter
 
@@ -105,13 +105,14 @@ def _plan(args) -> None:
 
 def _train(args) -> None:
     steps.train(args.plan, args.out, train_config(args), member_options(args), args.device,
-                args.checkpoint_every, args.resume, options=_options(args), overwrite=args.overwrite)
+                args.checkpoint_every, args.resume, options=_options(args), overwrite=args.overwrite,
+                passes=passes(args))
     print(f"checkpoint written to {args.out}")
 
 
 def _sample(args) -> None:
     steps.sample_step(args.checkpoint, args.out, args.seeds, sampler(args), args.device, args.overwrite,
-                      args.resume, args.chunk)
+                      args.resume, args.chunk, passes(args))
     print(f"{len(args.seeds)} samples written to {args.out}")
 
 

@@ -14,13 +14,14 @@ that step only and wins over the top level. Flags given on the command line win 
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Dict, Set
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "read_config", "options_for"]
+__all__ = ["ConfigError", "read_config", "options_for", "config_value"]
 
 
 def read_config(path: os.PathLike) -> dict:
@@ -70,3 +71,20 @@ def options_for(config: dict, command: str, known: Dict[str, Set[str]], path: os
         raise ConfigError(f"{path}: [{command}] has options that `ensattr {command}` does not take: {', '.join(unknown)}")
     values.update({k.replace("-", "_"): v for k, v in own.items()})
     return values
+
+
+def config_value(action: argparse.Action, value, command: str, path) -> object:
+    """What ``set_defaults`` takes for a config value: argparse converts string defaults with
+    the option's type (and so checks them); flags take booleans only."""
+    flag = f"{path}: {command}.{action.dest.replace('_', '-')}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or isinstance(value, dict):
+        raise ConfigError(f"{flag} takes a value like its flag --{action.dest.replace('_', '-')}, got {value!r}")
+    if isinstance(value, list):  # seeds = [1, 5, 9], method = ["loss", "dtrak"]
+        value = ",".join(str(v) for v in value)
+    if action.choices is not None and value not in action.choices and str(value) not in map(str, action.choices):
+        raise ConfigError(f"{flag} must be one of {list(action.choices)}, got {value!r}")
+    return value if isinstance(value, str) else str(value)

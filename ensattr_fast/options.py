@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from .attribution.methods import DEFAULT_METHODS, METHODS
-from .config import options_for, read_config
+from .config import config_value, options_for, read_config
 from .data import UNIT_KINDS
 from .errors import ConfigError
+from .execution import PRECISIONS, Passes
 from .members import ARCHITECTURES, MemberOptions
 from .option_types import SEED_LIMIT, _device, _float, _int, _Parser, _seeds, _unit_kind, _units, _width
 from .schedules import Sampler
@@ -20,7 +21,7 @@ from .steps.ablate import Floor
 from .steps.memorization import generator_option
 from .training import MODES, TrainConfig
 
-__all__ = ["parser", "parse", "train_config", "sampler", "member_options", "floor"]
+__all__ = ["parser", "parse", "train_config", "sampler", "member_options", "floor", "passes"]
 
 DESCRIPTION = """The ``ensattr`` command line: ``demo``, and ``plan``, ``train``, ``sample``, ``ablate``,
 ``attribute``, ``metrics``, ``lds``, ``report`` as separate steps over files.
@@ -46,6 +47,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unet-config", type=Path, help="diffusers: JSON file of UNet2DModel arguments")
     p.add_argument("--seed", type=_int(0, SEED_LIMIT - 1), default=0)
     p.add_argument("--hflip", action="store_true", help="random horizontal flips of the training images")
+    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                   help="of the members: fp32; tf32 (CUDA matmuls and convolutions; the CPU stays fp32); bf16 or "
+                        "fp16 autocast with float32 weights, Adam state and loss (fp16: loss scaling)")
+
+
+def _add_pass_args(p: argparse.ArgumentParser, training: bool) -> None:
+    p.add_argument("--members-per-pass", type=_int(1, 4096), default=None,
+                   help="evaluate the members K at a time (less memory, the same numbers; default: all at once)")
+    if training:
+        p.add_argument("--checkpoint-activations", action="store_true",
+                       help="recompute the members' activations in the backward instead of keeping them")
+    p.add_argument("--compile", action="store_true", help="torch.compile the member forward (slow start)")
+
+
+def passes(args) -> Passes:
+    return Passes(members_per_pass=args.members_per_pass, compile=args.compile,
+                  checkpoint_activations=getattr(args, "checkpoint_activations", False))
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -69,12 +87,12 @@ def floor(args) -> Floor:
 
 def train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, mode=args.mode,
-                       ema_decay=args.ema or None, seed=args.seed, hflip=args.hflip)
+                       ema_decay=args.ema or None, seed=args.seed, hflip=args.hflip, precision=args.precision)
 
 
 def sampler(args) -> Sampler:
     return Sampler(args.sampler, args.sampling_steps if args.sampler == "ddim" else None,
-                   args.eta, None if args.no_clip else (-1.0, 1.0))
+                   args.eta, None if args.no_clip else (-1.0, 1.0), getattr(args, "precision", None))
 
 
 def member_options(args) -> MemberOptions:
@@ -140,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", type=_device, default="cpu")
     _add_train_args(p)
+    _add_pass_args(p, training=True)
 
     p = sub.add_parser("sample", help="full-ensemble samples into a new results file")
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -149,7 +168,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sampling into --out")
     p.add_argument("--chunk", type=_int(1), default=256, help="samples written (and flagged done) at a time")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="of the members (default: the precision they were trained in); recorded with the samples, "
+                        "whose every replay (ablate, attribute) uses it")
     _add_sampler_args(p)
+    _add_pass_args(p, training=False)
 
     p = sub.add_parser("ablate", help="exact counterfactuals of the samples in a results file")
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -267,23 +290,6 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
         step = steps[command]
         actions = {a.dest: a for a in step._actions}
         for dest, value in options_for(read_config(path), command, every, path).items():
-            step.set_defaults(**{dest: _config_value(actions[dest], value, command, path)})
+            step.set_defaults(**{dest: config_value(actions[dest], value, command, path)})
             actions[dest].required = False
     return top.parse_args(argv)
-
-
-def _config_value(action: argparse.Action, value, command: str, path) -> object:
-    """What ``set_defaults`` takes for a config value: argparse converts string defaults with
-    the option's type (and so checks them); flags take booleans only."""
-    flag = f"{path}: {command}.{action.dest.replace('_', '-')}"
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{flag} must be true or false, got {value!r}")
-        return value
-    if isinstance(value, bool) or isinstance(value, dict):
-        raise ConfigError(f"{flag} takes a value like its flag --{action.dest.replace('_', '-')}, got {value!r}")
-    if isinstance(value, list):  # seeds = [1, 5, 9], method = ["loss", "dtrak"]
-        value = ",".join(str(v) for v in value)
-    if action.choices is not None and value not in action.choices and str(value) not in map(str, action.choices):
-        raise ConfigError(f"{flag} must be one of {list(action.choices)}, got {value!r}")
-    return value if isinstance(value, str) else str(value)

@@ -10,17 +10,22 @@ All trajectories advance together. At each step member m is evaluated only on th
 that keep it (w_m > 0), packed member by member; the fused ``ensemble_step`` op combines each
 trajectory's member outputs through a CSR list, applies the sampler update with the shared
 noise and writes the next packed input.
+
+The members run in the sampler's precision (a sample replays bit for bit only in its own) and
+in passes of K members where asked (:class:`~ensattr_fast.execution.Passes`: the same numbers
+as one pass of all).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import CodeError
+from .execution import MemberPasses, Passes, precision_scope
 from .members import Ensemble, PackedLayout
 from .ops import ensemble_step
 from .schedules import NoiseSchedule, Sampler
@@ -111,11 +116,15 @@ def run_trajectories(
     seeds: Sequence[int],
     weights: Tensor,
     sample_of: Tensor,
+    passes: Passes = Passes(),
+    progress: Optional[Callable[[float], None]] = None,
 ) -> Trajectories:
     """Run trajectory t from seed ``seeds[sample_of[t]]`` under member weights ``weights[t]``.
 
     Args:
         seeds: one seed per sample [S]; weights: float [T, M]; sample_of: int64 [T].
+        passes: how the members are evaluated; progress: called after each step with the samples
+            it advanced (S / steps), e.g. ``Progress.update``.
     Returns:
         :class:`Trajectories` with the final images [T, *data_shape].
     """
@@ -130,8 +139,11 @@ def run_trajectories(
     x = seeded_normal(seeds, 0, shape).to(device, dtype).flatten(1)[sample_of]
     packed = x[packing.trajectory.to(device)]
     evaluations = padded = 0
-    for k, step in enumerate(sampler.plan(schedule)):
-        eps = ensemble.forward_packed(packed.view(-1, *shape), step.t, packing.layout).flatten(1)
+    members, plan = MemberPasses(ensemble, passes), sampler.plan(schedule)
+    for k, step in enumerate(plan):
+        with precision_scope(sampler.precision or "fp32", device):
+            eps = members.forward_packed(packed.view(-1, *shape), step.t, packing.layout)
+        eps = eps.flatten(1).to(dtype)  # autocast members answer in half precision
         evaluations += packing.layout.n_packed
         padded += M * packing.layout.n_max - packing.layout.n_packed
         noise = seeded_normal(seeds, k + 1, shape).to(device, dtype).flatten(1) if step.s else None
@@ -140,15 +152,19 @@ def run_trajectories(
             noise=noise, sample_of=sample_of if noise is not None else None, clip=sampler.clip,
             write_packed=True,
         )
+        if progress is not None:
+            progress(len(seeds) / len(plan))
     return Trajectories(x.view(-1, *shape), evaluations, padded)
 
 
 def sample(
-    ensemble: Ensemble, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequence[int]
+    ensemble: Ensemble, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequence[int],
+    passes: Passes = Passes(), progress: Optional[Callable[[float], None]] = None,
 ) -> Tensor:
     """Full-ensemble samples [S, *data_shape], one per seed."""
     full = torch.full((len(seeds), ensemble.n_members), 1.0 / ensemble.n_members, dtype=torch.float64)
-    return run_trajectories(ensemble, schedule, sampler, seeds, full, torch.arange(len(seeds))).images
+    return run_trajectories(ensemble, schedule, sampler, seeds, full, torch.arange(len(seeds)), passes,
+                            progress).images
 
 
 def ablate(
@@ -160,6 +176,7 @@ def ablate(
     unit_sets: Sequence[Sequence[int]],
     per_sample: bool = False,
     max_trajectories: Optional[int] = None,
+    passes: Passes = Passes(),
 ) -> Trajectories:
     """Counterfactual samples: each seed run under each unit set's ablation.
 
@@ -178,7 +195,7 @@ def ablate(
     else:
         K = len(unit_sets)
         weights = ablation_weights(code, unit_sets)[None].expand(S, K, -1)
-    result = replay(ensemble, schedule, sampler, seeds, weights, max_trajectories)
+    result = replay(ensemble, schedule, sampler, seeds, weights, max_trajectories, passes)
     if not per_sample:
         result.images = result.images.transpose(0, 1)
     return result
@@ -191,6 +208,8 @@ def replay(
     seeds: Sequence[int],
     weights: Tensor,
     max_trajectories: Optional[int] = None,
+    passes: Passes = Passes(),
+    progress: Optional[Callable[[float], None]] = None,
 ) -> Trajectories:
     """Seed i replayed under each of its K member weightings ``weights[i]`` [S, K, M]: images
     [S, K, *data_shape]. Work is split into chunks of whole samples, at most
@@ -203,7 +222,7 @@ def replay(
         n = len(w)
         result = run_trajectories(
             ensemble, schedule, sampler, seeds[start : start + chunk], w.reshape(n * K, -1),
-            torch.arange(n).repeat_interleave(K),
+            torch.arange(n).repeat_interleave(K), passes, progress,
         )
         images.append(result.images.view(n, K, *ensemble.data_shape))
         evaluations += result.member_evaluations

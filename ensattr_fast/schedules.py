@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .execution import check_precision
 
 __all__ = ["NoiseSchedule", "SamplerStep", "Sampler"]
 
@@ -70,12 +71,16 @@ class Sampler:
     """DDPM ancestral sampling (all T steps) or DDIM (``steps`` of them, stochasticity ``eta``).
 
     ``clip``: range of x0_hat, or None. DDIM with eta = 1 over all T steps equals DDPM.
+    ``precision``: the members' precision (:data:`ensattr_fast.execution.PRECISIONS`); a
+    sample replays bit for bit only in its own, so every replay of it takes the sampler it was
+    drawn with. None: fp32 (``ensattr sample`` fills in the members' training precision).
     """
 
     kind: str = "ddim"
     steps: Optional[int] = 50
     eta: float = 0.0
     clip: Optional[Tuple[float, float]] = (-1.0, 1.0)
+    precision: Optional[str] = None
 
     def __post_init__(self):
         if self.kind not in ("ddpm", "ddim"):
@@ -84,6 +89,8 @@ class Sampler:
             raise ConfigError(f"DDIM needs steps >= 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta must lie in [0, 1], got {self.eta}")
+        if self.precision is not None:
+            check_precision(self.precision)
 
     def plan(self, schedule: NoiseSchedule) -> List[SamplerStep]:
         """The steps to run, first (noisiest) to last."""

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from .. import distributed
 from ..checkpoint import Checkpoint
 from ..errors import DataError, StoreError
+from ..execution import Passes
+from ..progress import Progress
 from ..sampling import sample
 from ..schedules import Sampler
 from ..store import ResultsWriter, SampleStream, file_hash, versions
@@ -23,11 +23,13 @@ __all__ = ["sample_step"]
 
 def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Sequence[int],
                 sampler: Sampler, device: str = "cpu", overwrite: bool = False, resume: bool = False,
-                chunk: int = 256) -> None:
+                chunk: int = 256, passes: Passes = Passes(), progress: bool = True) -> None:
     """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance).
 
     Samples are written ``chunk`` at a time with done flags: ``resume`` continues a run that
     was killed. Distributed, every rank holds all members and runs its share of each chunk.
+    A sampler without a precision samples in the members' training precision; the file
+    records the one used (every replay of the samples takes it).
     """
     if not len(seeds):
         raise DataError("no seeds to sample: give --seeds N (N >= 1), A:B or a,b,c")
@@ -36,14 +38,16 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
     checkpoint = Checkpoint.load(checkpoint_path)
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
     ensemble = checkpoint.build().to(device)
+    if sampler.precision is None:
+        sampler = dataclasses.replace(sampler, precision=checkpoint.config["train"].get("precision", "fp32"))
     seeds = [int(s) for s in seeds]
     spec = dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
                 sampler=dataclasses.asdict(sampler))  # compared in canonical JSON by SampleStream
     with writer_lock(results, "results file"):
-        _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec)
+        _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress)
 
 
-def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec) -> None:
+def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress) -> None:
     stream, pending = None, None
     if distributed.world().main:
         try:
@@ -63,14 +67,19 @@ def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, s
     pending = distributed.broadcast_object(pending)
     if isinstance(pending, str):  # rank 0 refused the file: every rank stops with its reason
         raise StoreError(pending)
+    left = sum(stop - start for start, stop in pending)
+    bar = Progress(len(seeds), "sample", "samples", initial=len(seeds) - left, enabled=progress and stream is not None)
     try:
-        for start, stop in tqdm(pending, desc="sampling", unit="chunk", disable=None if stream else True):
+        for start, stop in pending:
             mine = distributed.shard(stop - start)
-            images = sample(ensemble, checkpoint.schedule, sampler, seeds[start + mine.start : start + mine.stop])
+            share = (stop - start) / max(len(mine), 1)  # rank 0 counts every rank's samples by its own
+            images = sample(ensemble, checkpoint.schedule, sampler, seeds[start + mine.start : start + mine.stop],
+                            passes, lambda done: bar.update(done * share))
             images = distributed.gather_rows(images).cpu()
             if stream is not None:
                 stream.write(range(start, stop), images.float().numpy())
     finally:
+        bar.close()
         if stream is not None:
             stream.close()
     distributed.barrier()

@@ -11,6 +11,7 @@ from .. import distributed
 from ..checkpoint import Checkpoint
 from ..data import load_data
 from ..errors import CodeError, DataError
+from ..execution import Passes
 from ..files import check_output
 from ..members import MemberOptions, build_members
 from ..schedules import NoiseSchedule
@@ -24,10 +25,11 @@ __all__ = ["train"]
 def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig,
           members: MemberOptions = MemberOptions(), device: str = "cpu", checkpoint_every: int = 0,
           resume: bool = False, progress: bool = True, options: Optional[dict] = None,
-          overwrite: bool = False) -> None:
+          overwrite: bool = False, passes: Passes = Passes()) -> None:
     """Train the planned ensemble into the checkpoint ``out``; resume from it when asked and
     it exists, replace it only when told to ``overwrite``. ``options``: the command's options,
-    kept in the checkpoint. Distributed, each rank trains its share of the members."""
+    kept in the checkpoint. Distributed, each rank trains its share of the members. ``passes``:
+    how the members are evaluated (K members per pass, activation checkpointing, compile)."""
     on_writer(lambda: check_output(out, "--out", overwrite, inputs={"--plan": plan_path}, resume=resume))
     dataset, code, units = read_plan(plan_path)
     data = load_data(dataset)
@@ -39,7 +41,7 @@ def train(plan_path: os.PathLike, out: os.PathLike, config: TrainConfig,
                         "launch at most one rank per member")
     shard = distributed.shard(code.shape[1])  # all of them in one process
     trainer = Trainer(ensemble.select(shard), data, code, units.unit_of, units.names,
-                      NoiseSchedule.linear(), config, device, members=shard, data_spec=dataset)
+                      NoiseSchedule.linear(), config, device, members=shard, data_spec=dataset, passes=passes)
     trainer.options = options
     with writer_lock(out, "checkpoint"):
         if resume and Path(out).exists():

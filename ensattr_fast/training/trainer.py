@@ -1,24 +1,9 @@
-"""Training every member of an encoded ensemble in one process, in the same steps.
-
-Member m minimises the epsilon-prediction loss over the examples of the units it sees
-(``code[u, m] = 1``). Each step evaluates all members in one batched call and reduces with the
-fused ``masked_member_mse``; Adam on stacked parameters is exactly per-member Adam.
-
-Modes (docs/method.md, "Common random numbers"):
-
-- ``independent``: the seed's way; each member its own initial weights and its own (t, eps).
-- ``shared_noise``: shared initial weights; every step one draw of (t, eps) shared by all
-  members, each with its own batch of its own units.
-- ``masked_batch``: shared initial weights; one batch of (x0, t, eps) for all members, each
-  member's loss masked to its own units, so two members differ only by their data. The batch
-  holds 2 B examples so that each member still learns from about B per step.
-"""
+"""The batched trainer: every member of an encoded ensemble in one process, in the same steps
+(the modes: :mod:`ensattr_fast.training`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -26,46 +11,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
-from . import distributed
-from .checkpoint import Checkpoint
-from .codes import member_pools, validate
-from .data import Dataset
-from .errors import CheckpointError, CodeError, ConfigError, DataError
-from .members import Ensemble
-from .ops import masked_member_mse
-from .schedules import NoiseSchedule
+from .. import distributed
+from ..checkpoint import Checkpoint
+from ..codes import member_pools, validate
+from ..data import Dataset
+from ..errors import CheckpointError, CodeError, ConfigError, DataError
+from ..execution import MemberPasses, Passes, precision_scope
+from ..members import Ensemble
+from ..ops import masked_member_mse
+from ..progress import Progress
+from ..schedules import NoiseSchedule
+from .config import TrainConfig
 
-__all__ = ["TrainConfig", "Trainer", "MODES"]
-
-MODES = ("independent", "shared_noise", "masked_batch")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 100  # linear warm-up steps, then cosine decay to lr_final_fraction * lr
-    lr_final_fraction: float = 0.1
-    mode: str = "shared_noise"
-    ema_decay: Optional[float] = 0.995
-    seed: int = 0
-    hflip: bool = False  # random horizontal flips of the training images (the seed's CIFAR-10 setting)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ConfigError(f"training mode must be one of {MODES}, got {self.mode!r}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ConfigError(f"steps >= 0 and batch_size >= 1 needed, got {self.steps}, {self.batch_size}")
-
-    def learning_rate(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return self.lr * (self.lr_final_fraction + (1 - self.lr_final_fraction) * cosine)
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -90,6 +49,7 @@ class Trainer:
         require_exact_ablation: bool = True,
         members: Optional[range] = None,
         data_spec=None,
+        passes: Passes = Passes(),
     ):
         # reference models for the LDS train on random halves, where a unit may be in every
         # half or in none; an encoded ensemble needs both excluders and includers per unit
@@ -110,6 +70,11 @@ class Trainer:
             raise DataError(f"the data has shape {data.data_shape} but the ensemble expects {ensemble.data_shape}")
         self.device = torch.device(device)
         self.ensemble = ensemble.to(self.device)
+        self.passes = MemberPasses(self.ensemble, passes)
+        if config.precision == "fp16" and self._sharded:
+            raise ConfigError("fp16 scales the loss of each process on its own, so its ranks would skip different "
+                              "steps: train in bf16 under torchrun, or fp16 in one process")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.data, self.code, self.unit_of, self.unit_names = data, code, unit_of, list(unit_names)
         self.data_spec = data_spec  # how to load the data again (stored in checkpoints)
         self.options: Optional[dict] = None  # the options of the run that made it (stored too)
@@ -200,15 +165,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate(self.step)
         x_t, t, target, mask = self._batch(self._next_draw())
-        pred = self.ensemble(x_t, t)
-        _, per_member = masked_member_mse(pred.flatten(2), target, mask)
         self.optimizer.zero_grad(set_to_none=True)
-        per_member.sum().backward()
-        self.optimizer.step()
+        losses = []
+        for cut, forward in self.passes.passes():  # members share no weights: one backward per pass
+            with precision_scope(self.config.precision, self.device):
+                pred = forward(x_t[cut], t[cut] if t.dim() == 2 else t).flatten(2)
+            # the loss in float32 whatever the members' precision (as autocast's mse_loss): eps unrounded
+            _, per_member = masked_member_mse(pred.to(torch.promote_types(pred.dtype, torch.float32)),
+                                              target[cut] if target.dim() == 3 else target, mask[cut])
+            self.scaler.scale(per_member.sum()).backward()
+            losses.append(per_member.detach())
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed; else optimizer.step()
+        self.scaler.update()
         if self.ema is not None:
             self.ema.update_parameters(self.ensemble)
         self.step += 1
-        return per_member.detach()
+        return torch.cat(losses)
 
     # ----------------------------------------------------------------------------- the run
 
@@ -222,21 +194,16 @@ class Trainer:
         at the end. Returns the last per-member losses (of this shard's members).
 
         In a distributed run every rank calls this; rank 0 writes the checkpoints."""
-        M, B = self.ensemble.n_members, self.config.batch_size
-        main = distributed.world().main
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=None if progress and main else True,
-                   desc="training", unit="step", dynamic_ncols=True)
-        losses = torch.zeros(M)
-        start, start_step = time.perf_counter(), self.step
-        while self.step < self.config.steps:
-            losses = self.train_step()
-            if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
-                self._save(checkpoint)
-            bar.update(1)
-            if self.step % 25 == 0 or self.step == self.config.steps:
-                rate = (self.step - start_step) * M * B / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{losses.mean().item():.4f}", member_examples_per_s=f"{rate:,.0f}")
-        bar.close()
+        losses = torch.zeros(self.ensemble.n_members)
+        with Progress(self.config.steps, "train", "steps", initial=self.step,
+                      enabled=progress and distributed.world().main) as bar:
+            while self.step < self.config.steps:
+                losses = self.train_step()
+                if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
+                    self._save(checkpoint)
+                if self.step % 25 == 0 or self.step == self.config.steps:
+                    bar.set_postfix(loss=f"{losses.mean().item():.4f}")
+                bar.update(1)
         if checkpoint is not None:
             self._save(checkpoint)
         return losses.cpu()
@@ -256,6 +223,9 @@ class Trainer:
         config = dict(train=dataclasses.asdict(self.config), schedule=dict(betas=list(self.schedule.betas)),
                       data=dict(name=self.data.name, n_examples=len(self.data), spec=self.data_spec or self.data.name),
                       options=self.options)
+        if self.scaler.is_enabled():  # fp16: the loss scale, so that a resumed run scales as this one
+            config["grad_scaler"] = self.scaler.state_dict()
+
         def everyone(state):
             state = {k: v.detach().cpu() for k, v in state.items()}
             return distributed.gather_members(state) if self._sharded else state
@@ -284,6 +254,10 @@ class Trainer:
             detail = ", ".join(f"{k} {checkpoint.spec.get(k)} there, {ours.get(k)} here" for k in differ)
             raise CheckpointError(f"the checkpoint holds another architecture ({detail}): resume with the same "
                                   "--arch, --hidden, --blocks and --width")
+        precision = checkpoint.config["train"].get("precision", "fp32")
+        if precision != self.config.precision:
+            raise CheckpointError(f"the checkpoint was trained in {precision}, this run is {self.config.precision}: "
+                                  f"resume with --precision {precision}")
 
         def mine(state):
             return distributed.select_members(state, self.members) if self._sharded else state
@@ -293,6 +267,8 @@ class Trainer:
             checkpoint.load_state(self.optimizer, mine(checkpoint.optimizer))
         if self.ema is not None and checkpoint.ema is not None:
             checkpoint.load_state(self.ema, mine(checkpoint.ema))
+        if "grad_scaler" in checkpoint.config:
+            self.scaler.load_state_dict(checkpoint.config["grad_scaler"])
         if checkpoint.generator is not None:
             self.generator.set_state(checkpoint.generator.to(self.generator.get_state().device))
             self._pending = None  # drawn again from the restored state
