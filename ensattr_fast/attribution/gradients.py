@@ -45,12 +45,12 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
-from tqdm.auto import tqdm
 
 from ..data import check_images
 from ..errors import ConfigError, MethodError
 from ..members import Ensemble
 from ..members.mlp import StackedMLP, _StackedLinear
+from ..progress import Progress
 from ..schedules import NoiseSchedule
 from .projection import CountSketch, RankOneProjection, member_seed
 
@@ -161,11 +161,12 @@ def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress)
     shapes = [tuple(layer.weight.shape[1:]) for layer in linear_layers(ensemble)]
     project = RankOneProjection(shapes, M, spec.dim, spec.seed, spec.per_member_projection, device)
     features = torch.zeros(M, len(images), spec.dim)
-    for start in tqdm(range(0, len(images), batch), disable=None if progress else True,
-                      desc=f"{spec.kind} features", unit="batch"):
-        chunk = images[start : start + batch]
-        features[:, start : start + len(chunk)] = project(layer_rows(ensemble, schedule, chunk, spec),
-                                                          len(chunk), K).cpu()
+    with Progress(len(images), f"{spec.kind} features", "examples", enabled=progress) as bar:
+        for start in range(0, len(images), batch):
+            chunk = images[start : start + batch]
+            features[:, start : start + len(chunk)] = project(layer_rows(ensemble, schedule, chunk, spec),
+                                                              len(chunk), K).cpu()
+            bar.update(len(chunk))
     return features
 
 
@@ -178,17 +179,18 @@ def _generic_features(ensemble, schedule, images, spec, batch, progress) -> Tens
     seeds = [member_seed(spec.seed, m) for m in range(M)] if spec.per_member_projection else [spec.seed + 1]
     sketches = [CountSketch(sizes, spec.dim, seed) for seed in seeds]
     features = torch.zeros(M, len(images), spec.dim)
-    for start in tqdm(range(0, len(images), batch), disable=None if progress else True,
-                      desc=f"{spec.kind} features", unit="batch"):
-        x_t, t, eps = _noised(images[start : start + batch], spec, schedule, device)
-        grads = per_example(params, x_t, t, eps)  # name -> [b, M, ...]
-        if len(sketches) == 1:
-            parts = [grads[k].reshape(len(x_t) * M, -1) for k in names]
-            block = sketches[0](parts).view(len(x_t), M, -1).transpose(0, 1)
-        else:
-            block = torch.stack([sketch([grads[k][:, m].reshape(len(x_t), -1) for k in names])
-                                 for m, sketch in enumerate(sketches)])
-        features[:, start : start + len(x_t)] = block.cpu()
+    with Progress(len(images), f"{spec.kind} features", "examples", enabled=progress) as bar:
+        for start in range(0, len(images), batch):
+            x_t, t, eps = _noised(images[start : start + batch], spec, schedule, device)
+            grads = per_example(params, x_t, t, eps)  # name -> [b, M, ...]
+            if len(sketches) == 1:
+                parts = [grads[k].reshape(len(x_t) * M, -1) for k in names]
+                block = sketches[0](parts).view(len(x_t), M, -1).transpose(0, 1)
+            else:
+                block = torch.stack([sketch([grads[k][:, m].reshape(len(x_t), -1) for k in names])
+                                     for m, sketch in enumerate(sketches)])
+            features[:, start : start + len(x_t)] = block.cpu()
+            bar.update(len(x_t))
     return features
 
 

@@ -15,6 +15,7 @@ from ..attribution.baselines import nearest_units
 from ..checkpoint import Checkpoint
 from ..data import check_images, load_data
 from ..evaluation.significance import significance
+from ..progress import Progress
 from ..sampling import ablation_weights, replay
 from ..errors import StoreError
 from ..store import (ResultsWriter, count_samples, counterfactuals_written_by, read_sampler, read_samples,
@@ -89,8 +90,10 @@ def _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, 
                          .view(len(units), K, -1),
                          codes.ablation_weights_of_rows(phantoms)[None].expand(len(units), P, -1)], 1)
     mine = distributed.shard(len(units))  # every rank holds all members, runs its samples
-    result = replay(ensemble, checkpoint.schedule, read_sampler(results), seeds[mine.start : mine.stop],
-                    weights[mine.start : mine.stop], max_trajectories)
+    share = len(units) / max(len(mine), 1)  # rank 0 counts every rank's samples by its own
+    with Progress(len(units), written_by, "samples", enabled=distributed.world().main) as bar:
+        result = replay(ensemble, checkpoint.schedule, read_sampler(results), seeds[mine.start : mine.stop],
+                        weights[mine.start : mine.stop], max_trajectories, progress=lambda n: bar.update(n * share))
     replayed = distributed.gather_rows(result.images).cpu()
     evaluations = int(distributed.gather_rows(torch.tensor([result.member_evaluations])).sum())
     moved = (replayed - images[:, None]).flatten(2).norm(dim=-1)

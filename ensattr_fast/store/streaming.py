@@ -18,11 +18,11 @@ import h5py
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..errors import StoreError
 from ..ops import code_scores
 from ..files import writing
+from ..progress import Progress
 from .recovery import open_for_appending
 from .streams import InfluenceStream
 from .writer import code_hash
@@ -66,8 +66,7 @@ def stream_influence(
         f.swmr_mode = True  # readers may open the file from now on
         total = sum(s.n_row_blocks * s.n_unit_blocks for s in streams.values())
         done = sum(int(s._done.sum()) for s in streams.values())
-        bar = tqdm(total=total, initial=done, disable=None if progress else True, desc="influence blocks",
-                   unit="block", dynamic_ncols=True)
+        bar = Progress(total, "influence", "blocks", initial=done, enabled=progress)
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Optional[Future] = None
             for name, (kind, stats) in methods.items():
