@@ -19,6 +19,7 @@ from ensattr_fast import steps
 from ensattr_fast.cli import main
 
 NUMBERS = ["-1", "0", "1", "2", str(10**30), str(2**63), "nan", "inf", "-inf", "1.5", "x", "", "1,1", "3:1", "true"]
+PRECISIONS = ["bf16", "fp16", "tf32", "fp64", "half", "", "1"]
 PATHS = ["{results}", "{plan}", "{checkpoint}", "{dir}", "{dir}/new/out.h5", "/proc/forbidden/out.h5", "{dir}/missing.h5"]
 
 # command -> (arguments that make a cheap valid run, {option: kinds of values to draw})
@@ -31,10 +32,12 @@ COMMANDS = {
                "--batch-size", "4"],
               {"--steps": NUMBERS, "--batch-size": NUMBERS, "--lr": NUMBERS, "--ema": NUMBERS, "--seed": NUMBERS,
                "--hidden": NUMBERS, "--blocks": NUMBERS, "--checkpoint-every": NUMBERS, "--out": PATHS,
-               "--plan": PATHS, "--mode": ["solo", "masked_batch", "1"]}),
+               "--plan": PATHS, "--mode": ["solo", "masked_batch", "1"], "--precision": PRECISIONS,
+               "--members-per-pass": NUMBERS}),
     "sample": (["--checkpoint", "{checkpoint}", "--out", "{dir}/s.h5", "--seeds", "2", "--sampling-steps", "2"],
                {"--seeds": NUMBERS + ["0:3", "2**63", "5,1,5"], "--sampling-steps": NUMBERS, "--eta": NUMBERS,
-                "--chunk": NUMBERS, "--out": PATHS, "--checkpoint": PATHS}),
+                "--chunk": NUMBERS, "--out": PATHS, "--checkpoint": PATHS, "--precision": PRECISIONS,
+                "--members-per-pass": NUMBERS}),
     "ablate": (["--checkpoint", "{checkpoint}", "--results", "{results}", "--units", "0,1", "--overwrite"],
                {"--units": NUMBERS + ["0,99", "-1", "0,0"], "--nearest": NUMBERS, "--samples": NUMBERS,
                 "--results": PATHS, "--phantoms": NUMBERS, "--alpha": NUMBERS}),
