@@ -71,7 +71,9 @@ inline MseShape check_masked_member_mse(const char* op, const at::Tensor& pred,
   check_device(op, "target", target, pred);
   check_device(op, "mask", mask, pred);
   check_dtype(op, "target", target, pred.scalar_type());
-  check_dtype(op, "mask", mask, pred.scalar_type());
+  // The mask's weights (1/3, per-example weights) enter an fp32 sum: in bf16 they would keep
+  // three digits, so half inputs take a float32 mask.
+  check_dtype(op, "mask", mask, accumulate_type(pred.scalar_type()));
   return {M, B, D, broadcast};
 }
 

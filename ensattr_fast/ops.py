@@ -54,6 +54,8 @@ def masked_member_mse(
         pred: member predictions, shape [M, B, D].
         target: shape [M, B, D], or [B, D] shared by every member.
         mask: weights [M, B] (padding, per-example weights; bool is allowed); all ones if None.
+            It is passed on in the accumulation dtype (float32 for half inputs): a weight of
+            1/3 in bfloat16 would keep three digits.
 
     Returns:
         ``(per_example [M, B], per_member [M])`` in float32 (float64 for float64 inputs). The
@@ -64,10 +66,11 @@ def masked_member_mse(
         >>> per_example, per_member = masked_member_mse(eps_pred, eps, mask)
         >>> per_member.sum().backward()                  # every member gets its own gradient
     """
+    acc = _reference.accumulate_dtype(pred.dtype)
     if mask is None:
-        mask = pred.new_ones(pred.shape[:2])
-    elif mask.dtype != pred.dtype:
-        mask = mask.to(pred.dtype)
+        mask = pred.new_ones(pred.shape[:2], dtype=acc)
+    elif mask.dtype != acc:
+        mask = mask.to(acc)
     return _ops.masked_member_mse.default(pred, target, mask)
 
 
@@ -76,6 +79,7 @@ def _(pred, target, mask):
     torch._check(pred.dim() == 3, lambda: f"pred must have rank 3, got {pred.dim()}")
     torch._check(mask.shape == pred.shape[:2], lambda: "mask must have shape [M,B]")
     acc = _reference.accumulate_dtype(pred.dtype)
+    torch._check(mask.dtype == acc, lambda: f"mask must have dtype {acc}, got {mask.dtype}")
     return pred.new_empty(pred.shape[:2], dtype=acc), pred.new_empty(pred.shape[:1], dtype=acc)
 
 
