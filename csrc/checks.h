@@ -8,6 +8,7 @@
 #include <c10/util/irange.h>
 
 #include <optional>
+#include <vector>
 
 namespace ensattr_fast {
 
@@ -151,6 +152,50 @@ inline StepShape check_ensemble_step(const char* op, const at::Tensor& member_ep
     TORCH_CHECK(!sample_of.has_value(), op, ": sample_of was given without noise");
   }
   return {member_eps.size(0), T, D, rows.size(0), S, noise.has_value(), sample_of.has_value()};
+}
+
+// The CSR's index checks, on host copies of row_ptr, rows and sample_of: O(T + R), against
+// the O(R D) of a step. The CPU kernel runs them on every call; on CUDA they would need a
+// device-to-host copy (a sync per sampler step), so the CUDA kernel only keeps its memory
+// accesses in range and the Python wrapper runs these once per CSR (ops.py).
+inline void check_ensemble_step_indices(const char* op, const at::Tensor& row_ptr,
+                                        const at::Tensor& rows,
+                                        const std::optional<at::Tensor>& sample_of,
+                                        int64_t packed, int64_t noise_rows, bool write_packed) {
+  const int64_t T = row_ptr.numel() - 1, R = rows.numel();
+  TORCH_CHECK(T >= 0, op, ": row_ptr must have T + 1 >= 1 entries, got none");
+  for (const auto* t : {&row_ptr, &rows}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous(), op,
+                ": the index check takes contiguous int64 CPU tensors");
+  }
+  const int64_t* ptr = row_ptr.const_data_ptr<int64_t>();
+  TORCH_CHECK(ptr[0] == 0, op, ": row_ptr[0] must be 0, got ", ptr[0]);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(ptr[t + 1] >= ptr[t], op, ": row_ptr must be non-decreasing, but row_ptr[",
+                t + 1, "] = ", ptr[t + 1], " < row_ptr[", t, "] = ", ptr[t]);
+  }
+  TORCH_CHECK(ptr[T] == R, op, ": row_ptr[T] must equal len(rows) = ", R, ", got ", ptr[T]);
+  const int64_t* r = rows.const_data_ptr<int64_t>();
+  std::vector<bool> seen(write_packed ? packed : 0);
+  for (int64_t j = 0; j < R; ++j) {
+    TORCH_CHECK(r[j] >= 0 && r[j] < packed, op, ": rows[", j, "] = ", r[j],
+                " is out of range for member_eps with ", packed, " rows");
+    if (write_packed) {
+      TORCH_CHECK(!seen[r[j]], op, ": write_packed needs every packed row listed once, but row ",
+                  r[j], " appears twice in rows");
+      seen[r[j]] = true;
+    }
+  }
+  if (sample_of.has_value()) {
+    TORCH_CHECK(sample_of->device().is_cpu() && sample_of->scalar_type() == at::kLong &&
+                    sample_of->is_contiguous() && sample_of->numel() == T,
+                op, ": the index check takes a contiguous int64 CPU sample_of of length T = ", T);
+    const int64_t* so = sample_of->const_data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(so[t] >= 0 && so[t] < noise_rows, op, ": sample_of[", t, "] = ", so[t],
+                  " is out of range for noise with ", noise_rows, " rows");
+    }
+  }
 }
 
 struct ScoreShape {

@@ -47,6 +47,10 @@ TORCH_LIBRARY(ensattr_fast, m) {
       "ensemble_step(Tensor member_eps, Tensor x, Tensor? noise, Tensor? sample_of, "
       "Tensor row_ptr, Tensor rows, Tensor weights, float a, float b, float c, float d, "
       "float s, float clip_min, float clip_max, bool write_packed) -> (Tensor, Tensor, Tensor)");
+  // The CSR index checks of ensemble_step on CPU tensors (CUDA steps skip them: no sync).
+  m.def(
+      "ensemble_step_check_indices(Tensor row_ptr, Tensor rows, Tensor? sample_of, int packed, "
+      "int noise_rows, bool write_packed) -> ()");
 
   // code [N,M] uint8 with gram [S,M,M] or losses [Q,M] -> scores [S,N], top values [S,k], top units [S,k]
   m.def(

@@ -9,6 +9,8 @@ member, D features, T trajectories, P packed member evaluations, S samples, Q qu
 from __future__ import annotations
 
 import json
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -27,7 +29,10 @@ except ImportError as error:
 
 _ops = torch.ops.ensattr_fast
 
-__all__ = ["build_info", "masked_member_mse", "ensemble_step", "code_scores", "CodeScores"]
+__all__ = [
+    "build_info", "masked_member_mse", "ensemble_step", "check_step_indices", "code_scores",
+    "CodeScores",
+]
 
 
 def build_info() -> dict:
@@ -163,13 +168,75 @@ def ensemble_step(
 
     Returns:
         ``(x_next [T, D], eps_bar [T, D], packed_next [P, D] or [0, D])``.
+
+    The CSR list's indices are checked as :func:`check_step_indices` does: on the CPU by the
+    kernel at every call; on CUDA here, once per list (see ``_check_indices_once``).
     """
     a, b, c, d, s = (float(v) for v in coefficients)
     lo, hi = (float("-inf"), float("inf")) if clip is None else (float(clip[0]), float(clip[1]))
+    if x.is_cuda and not torch.compiler.is_compiling():
+        _check_indices_once(member_eps, x, noise, sample_of, row_ptr, rows, write_packed)
     return _ops.ensemble_step.default(
         member_eps, x, noise, sample_of, row_ptr, rows, weights, a, b, c, d, s, lo, hi,
         write_packed,
     )
+
+
+def check_step_indices(
+    row_ptr: Tensor,
+    rows: Tensor,
+    *,
+    n_packed: int,
+    write_packed: bool = False,
+    sample_of: Optional[Tensor] = None,
+    noise_rows: int = 0,
+) -> None:
+    """Check the CSR list of :func:`ensemble_step` on the host; raise a RuntimeError naming the
+    first problem: ``row_ptr[0] != 0``, a decreasing ``row_ptr``, ``row_ptr[T] != len(rows)``, a
+    row outside ``[0, n_packed)``, a packed row listed twice when ``write_packed`` (some other
+    row would then be left unwritten), a ``sample_of`` outside ``[0, noise_rows)``.
+
+    Tensors on a GPU are copied to the host first (a sync): call it where the list is built.
+    """
+    _ops.ensemble_step_check_indices.default(
+        row_ptr.cpu(), rows.cpu(), None if sample_of is None else sample_of.cpu(), int(n_packed),
+        int(noise_rows), bool(write_packed),
+    )
+
+
+# The CUDA kernel cannot report a bad index without a sync (a device assert would poison the
+# process's CUDA context), so it only keeps its accesses in range (an out-of-range entry gives
+# NaN) and the wrapper checks each CSR list on the host once. A sampling run passes the same
+# row_ptr, rows and sample_of tensors to every step: they are remembered by identity and version
+# (an in-place change bumps the version), so only the first step pays the copy.
+_checked_indices: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CHECKED_KEEP = 16
+
+
+def _check_indices_once(member_eps, x, noise, sample_of, row_ptr, rows, write_packed) -> None:
+    sample_of = sample_of if noise is not None else None
+    index = [t for t in (row_ptr, rows, sample_of) if t is not None]
+    if not (
+        all(t.dim() == 1 and t.dtype == torch.int64 and t.device == x.device for t in index)
+        and x.dim() == 2 and member_eps.dim() == 2 and row_ptr.shape[0] == x.shape[0] + 1
+        and (sample_of is None or sample_of.shape[0] == x.shape[0])
+    ):
+        return  # the op's own checks name the shape, dtype or device that is wrong
+    n_packed, noise_rows = member_eps.shape[0], noise.shape[0] if noise is not None else 0
+    tensors = (row_ptr, rows, sample_of)
+    key = tuple(None if t is None else (id(t), t._version) for t in tensors)
+    key += (n_packed, noise_rows if sample_of is not None else 0, write_packed)
+    refs = _checked_indices.get(key)
+    if refs is not None and all(
+        (r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors)
+    ):
+        _checked_indices.move_to_end(key)
+        return
+    check_step_indices(row_ptr, rows, n_packed=n_packed, write_packed=write_packed,
+                       sample_of=sample_of, noise_rows=noise_rows)
+    _checked_indices[key] = tuple(None if t is None else weakref.ref(t) for t in tensors)
+    while len(_checked_indices) > _CHECKED_KEEP:
+        _checked_indices.popitem(last=False)
 
 
 @torch.library.register_fake("ensattr_fast::ensemble_step")

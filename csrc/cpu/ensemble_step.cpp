@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "../checks.h"
 #include "utils.h"
@@ -17,38 +16,6 @@ namespace ensattr_fast {
 namespace {
 
 constexpr const char* kOp = "ensemble_step";
-
-// Index checks the CUDA kernel makes with device asserts; here they are cheap
-// (O(T + R) against the O(R D) of the step) and give a readable error.
-void check_indices(const StepShape& s, const at::Tensor& row_ptr, const at::Tensor& rows,
-                   const std::optional<at::Tensor>& sample_of, bool write_packed) {
-  const int64_t* ptr = row_ptr.const_data_ptr<int64_t>();
-  TORCH_CHECK(ptr[0] == 0, kOp, ": row_ptr[0] must be 0, got ", ptr[0]);
-  for (int64_t t = 0; t < s.trajectories; ++t) {
-    TORCH_CHECK(ptr[t + 1] >= ptr[t], kOp, ": row_ptr must be non-decreasing, but row_ptr[",
-                t + 1, "] = ", ptr[t + 1], " < row_ptr[", t, "] = ", ptr[t]);
-  }
-  TORCH_CHECK(ptr[s.trajectories] == s.entries, kOp, ": row_ptr[T] must equal len(rows) = ",
-              s.entries, ", got ", ptr[s.trajectories]);
-  const int64_t* r = rows.const_data_ptr<int64_t>();
-  std::vector<bool> seen(write_packed ? s.packed : 0);
-  for (int64_t j = 0; j < s.entries; ++j) {
-    TORCH_CHECK(r[j] >= 0 && r[j] < s.packed, kOp, ": rows[", j, "] = ", r[j],
-                " is out of range for member_eps with ", s.packed, " rows");
-    if (write_packed) {
-      TORCH_CHECK(!seen[r[j]], kOp, ": write_packed needs every packed row listed once, but row ",
-                  r[j], " appears twice in rows");
-      seen[r[j]] = true;
-    }
-  }
-  if (sample_of.has_value()) {
-    const int64_t* so = sample_of->const_data_ptr<int64_t>();
-    for (int64_t t = 0; t < s.trajectories; ++t) {
-      TORCH_CHECK(so[t] >= 0 && so[t] < s.noise_rows, kOp, ": sample_of[", t, "] = ", so[t],
-                  " is out of range for noise with ", s.noise_rows, " rows");
-    }
-  }
-}
 
 template <typename scalar_t>
 void step_trajectory(int64_t t, int64_t D, const scalar_t* eps, const scalar_t* x,
@@ -94,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_step_cpu(
   const auto noise = noise_.has_value() ? std::optional(noise_->contiguous()) : std::nullopt;
   const auto sample_of =
       sample_of_.has_value() ? std::optional(sample_of_->contiguous()) : std::nullopt;
-  check_indices(shape, row_ptr, rows, sample_of, write_packed);
+  check_ensemble_step_indices(kOp, row_ptr, rows, sample_of, shape.packed, shape.noise_rows,
+                              write_packed);
 
   const int64_t T = shape.trajectories, D = shape.dim;
   auto x_next = at::empty({T, D}, x.options());
@@ -122,8 +90,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_step_cpu(
   return {x_next, eps_bar, packed};
 }
 
+// The index checks alone, for CSR lists that a CUDA step will use (ops.py copies them here).
+void ensemble_step_check_indices_cpu(const at::Tensor& row_ptr, const at::Tensor& rows,
+                                     const std::optional<at::Tensor>& sample_of, int64_t packed,
+                                     int64_t noise_rows, bool write_packed) {
+  check_rank(kOp, "row_ptr", row_ptr, 1);
+  check_rank(kOp, "rows", rows, 1);
+  check_dtype(kOp, "row_ptr", row_ptr, at::kLong);
+  check_dtype(kOp, "rows", rows, at::kLong);
+  std::optional<at::Tensor> so;
+  if (sample_of.has_value()) {
+    check_rank(kOp, "sample_of", *sample_of, 1);
+    check_dtype(kOp, "sample_of", *sample_of, at::kLong);
+    so = sample_of->contiguous();
+  }
+  check_ensemble_step_indices(kOp, row_ptr.contiguous(), rows.contiguous(), so, packed,
+                              noise_rows, write_packed);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ensattr_fast, CPU, m) { m.impl("ensemble_step", &ensemble_step_cpu); }
+TORCH_LIBRARY_IMPL(ensattr_fast, CPU, m) {
+  m.impl("ensemble_step", &ensemble_step_cpu);
+  m.impl("ensemble_step_check_indices", &ensemble_step_check_indices_cpu);
+}
 
 }  // namespace ensattr_fast

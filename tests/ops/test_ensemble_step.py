@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import DEVICES, device_dtype_cases, requires_cuda, tolerances
-from ensattr_fast import _reference, ensemble_step
-from ensattr_fast.ops import _ops
+from ensattr_fast import _reference, ensemble_step, ops
+from ensattr_fast.ops import _ops, check_step_indices
 
 COEFFS = (1.3, -0.4, 0.8, 0.25, 0.1)  # (a, b, c, d, s), generic values
 
@@ -54,11 +54,30 @@ def assert_matches(step, **kwargs):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_cases())
-@pytest.mark.parametrize("T,D", [(1, 1), (7, 5), (33, 70), (0, 4), (5, 0)])
+@pytest.mark.parametrize("T,D", [(1, 1), (7, 5), (33, 70), (0, 4), (5, 0), (9, 64), (3, 1032)])
 @pytest.mark.parametrize("clip", [None, (-1.0, 1.0)])
 @pytest.mark.parametrize("write_packed", [False, True])
 def test_matches_reference(device, dtype, T, D, clip, write_packed):
     assert_matches(make_step(T, D, dtype=dtype, device=device), clip=clip, write_packed=write_packed)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_cases())
+def test_many_members_per_trajectory(device, dtype):
+    """Up to 13 entries per trajectory: the CUDA gather's groups of four and their remainder."""
+    assert_matches(make_step(10, 48, members=13, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_cases())
+def test_unaligned_contiguous_inputs(device, dtype):
+    """Contiguous tensors that start off a 16-byte boundary (the CUDA kernel then reads one
+    element at a time)."""
+    step = make_step(6, 32, dtype=dtype, device=device)
+    for name in ("member_eps", "x", "noise"):
+        t = step[name]
+        shifted = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)[1:].view(t.shape)
+        step[name] = shifted.copy_(t)
+        assert step[name].is_contiguous() and step[name].data_ptr() % 16 != 0
+    assert_matches(step)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,3 +193,61 @@ def test_entries_of_each_trajectory_with_and_without_their_count():
     expected = torch.tensor([0, 0, 2, 2, 2, 3])
     assert torch.equal(_reference.trajectory_of_entries(row_ptr), expected)
     assert torch.equal(_reference.trajectory_of_entries(row_ptr, 6), expected)  # no device sync on a GPU
+
+
+def test_check_step_indices_names_the_problem():
+    """The host check of a CSR list, as the CPU kernel runs it and as the wrapper runs it once per
+    list before a CUDA step (the CUDA kernel cannot report a bad index without a sync)."""
+    row_ptr, rows = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
+    check_step_indices(row_ptr, rows, n_packed=2, write_packed=True)
+    cases = [
+        (dict(rows=torch.tensor([0, 0])), "row 0 appears twice in rows"),
+        (dict(row_ptr=torch.tensor([1, 1, 2])), r"row_ptr\[0\] must be 0, got 1"),
+        (dict(row_ptr=torch.tensor([0, 2, 1])), "row_ptr must be non-decreasing"),
+        (dict(row_ptr=torch.tensor([0, 1, 1])), r"row_ptr\[T\] must equal len\(rows\) = 2, got 1"),
+        (dict(rows=torch.tensor([0, 2])), r"rows\[1\] = 2 is out of range for member_eps with 2 rows"),
+        (dict(rows=torch.tensor([-1, 1])), r"rows\[0\] = -1 is out of range"),
+        (dict(sample_of=torch.tensor([0, 3]), noise_rows=3), r"sample_of\[1\] = 3 is out of range for noise with 3 rows"),
+    ]
+    for change, message in cases:
+        args = dict(row_ptr=row_ptr, rows=rows, n_packed=2, write_packed=True) | change
+        with pytest.raises(RuntimeError, match=message):
+            check_step_indices(args.pop("row_ptr"), args.pop("rows"), **args)
+    # a packed row listed twice is fine when nothing is written back to the packed layout
+    check_step_indices(row_ptr, torch.tensor([0, 0]), n_packed=2, write_packed=False)
+
+
+def test_the_wrapper_checks_each_list_once(monkeypatch):
+    """The check that guards CUDA steps runs once per CSR list (a sampling run passes the same
+    tensors to every step) and again after an in-place change."""
+    calls = []
+    monkeypatch.setattr(ops, "check_step_indices", lambda *a, **k: calls.append(1) or check_step_indices(*a, **k))
+    monkeypatch.setattr(ops, "_checked_indices", type(ops._checked_indices)())
+    step = make_step(4, 3)
+    args = (step["member_eps"], step["x"], step["noise"], step["sample_of"], step["row_ptr"], step["rows"], True)
+    ops._check_indices_once(*args)
+    ops._check_indices_once(*args)
+    assert len(calls) == 1
+    step["rows"][1] = step["rows"][0]  # in place: the version changes
+    with pytest.raises(RuntimeError, match="appears twice in rows"):
+        ops._check_indices_once(*args)
+    assert len(calls) == 2
+
+
+@requires_cuda
+def test_cuda_wrapper_refuses_a_bad_list_and_the_context_survives():
+    step = make_step(4, 3, device="cuda")
+    dup = step["rows"].clone()
+    dup[1] = dup[0]
+    with pytest.raises(RuntimeError, match="appears twice in rows"):
+        ensemble_step(step["member_eps"], step["x"], step["row_ptr"], dup, step["weights"],
+                      coefficients=COEFFS, write_packed=True)
+    bad = step["rows"].clone()
+    bad[0] = len(step["member_eps"])
+    with pytest.raises(RuntimeError, match="is out of range for member_eps"):
+        ensemble_step(step["member_eps"], step["x"], step["row_ptr"], bad, step["weights"], coefficients=COEFFS)
+    # the raw op cannot check without a sync: the trajectory with the bad entry gets NaN, and no
+    # device assert poisons the context
+    x_next, _, _ = run(_ops.ensemble_step, dict(step, rows=bad), write_packed=False)
+    assert x_next[0].isnan().all() and not x_next[1:].isnan().any()
+    assert_matches(step)
