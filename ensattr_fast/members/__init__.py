@@ -5,9 +5,13 @@ noise predictions [M, B, *data_shape] with one call: member m sees only x[m]. Bu
 
 - :class:`StackedMLP`: a residual MLP denoiser with a time embedding whose weights are stacked
   [M, ...] and applied with batched matmuls (the demo's default);
-- :class:`VmapEnsemble`: any ``nn.Module`` with ``forward(x, t)`` (for example
-  :class:`UNetMember`), its parameters stacked and the module vmapped over members;
-- diffusers' ``UNet2DModel`` (:func:`diffusers_ensemble`).
+- :class:`StackedUNet`: the built-in small UNet (:class:`UNetMember`), its members folded into
+  grouped convolutions;
+- :class:`VmapEnsemble`: any ``nn.Module`` with ``forward(x, t)``, its parameters stacked and the
+  module vmapped over members;
+- diffusers' ``UNet2DModel`` (:func:`diffusers_ensemble`), vmapped; each member saved as a
+  diffusers model folder (:func:`save_member`) and folders loaded back as an ensemble
+  (:func:`load_members`).
 
 Members share initial weights when ``shared_init`` is set (common random numbers: two members
 then differ only by what they were trained on). The architectures are registered by name in
@@ -15,12 +19,12 @@ then differ only by what they were trained on). The architectures are registered
 """
 
 from .base import Ensemble, PackedLayout, timestep_embedding
-from .diffusers_unet import DiffusersMember, diffusers_ensemble
+from .diffusers_unet import SEED_CIFAR10, DiffusersMember, diffusers_ensemble, load_members, member_unet, save_member
 from .mlp import StackedMLP
 from .registry import ARCHITECTURES, Architecture, MemberOptions, build_ensemble, build_members
-from .unet import UNetMember
+from .unet import StackedUNet, UNetMember
 from .vmap import VmapEnsemble
 
-__all__ = ["Ensemble", "StackedMLP", "VmapEnsemble", "UNetMember", "DiffusersMember", "PackedLayout",
-           "build_ensemble", "diffusers_ensemble", "build_members", "MemberOptions", "Architecture",
-           "ARCHITECTURES", "timestep_embedding"]
+__all__ = ["Ensemble", "StackedMLP", "StackedUNet", "VmapEnsemble", "UNetMember", "DiffusersMember", "PackedLayout",
+           "build_ensemble", "diffusers_ensemble", "save_member", "load_members", "member_unet", "SEED_CIFAR10",
+           "build_members", "MemberOptions", "Architecture", "ARCHITECTURES", "timestep_embedding"]

@@ -9,10 +9,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 from ..errors import ArchitectureError
 from .base import Ensemble
-from .diffusers_unet import diffusers_ensemble
+from .diffusers_unet import SEED_CIFAR10, diffusers_ensemble
 from .mlp import StackedMLP
-from .unet import UNetMember
-from .vmap import VmapEnsemble
+from .unet import StackedUNet
 
 __all__ = ["MemberOptions", "Architecture", "ARCHITECTURES", "build_members", "build_ensemble"]
 
@@ -35,16 +34,13 @@ class Architecture:
     rebuild: Callable[[dict], Ensemble]  # a full spec (with kind, n_members ...) -> the ensemble
 
 
-def _unet(spec: dict) -> Ensemble:
-    args = {k: v for k, v in spec.items() if k != "kind"}
-    unet_args = {k: args.pop(k) for k in ("width", "time_dim") if k in args}
-    channels = args["data_shape"][0]
-    return VmapEnsemble(lambda: UNetMember(channels, **unet_args), spec=spec, **args)
+#: the ``unet-small`` preset's width (164k parameters per member at 3 channels)
+SMALL_WIDTH = 32
 
 
-def _diffusers_spec(options: MemberOptions, data_shape: Sequence[int]) -> dict:
+def _diffusers_spec(options: MemberOptions, data_shape: Sequence[int], preset: Optional[dict] = None) -> dict:
     C, H, W = data_shape
-    config = dict(options.unet_config or {})
+    config = dict(preset or {}, **(options.unet_config or {}))
     for key, value in (("sample_size", H), ("in_channels", C), ("out_channels", C)):
         given = config.setdefault(key, value)
         height_width = key == "sample_size" and isinstance(given, (list, tuple)) and list(given) == [H, W]
@@ -53,20 +49,32 @@ def _diffusers_spec(options: MemberOptions, data_shape: Sequence[int]) -> dict:
     return dict(config=config)
 
 
+def _diffusers(spec: dict) -> Ensemble:
+    return diffusers_ensemble(spec["config"], spec["n_members"], spec.get("shared_init", False), spec.get("seed", 0))
+
+
 ARCHITECTURES: Dict[str, Architecture] = {
     "mlp": Architecture(
         "residual MLP, weights stacked over members (the demo's)",
         lambda o, shape: dict(hidden=o.hidden, blocks=o.blocks),
         lambda spec: StackedMLP(**{k: v for k, v in spec.items() if k != "kind"})),
     "unet": Architecture(
-        "the built-in small UNet, vmapped over members",
+        "the built-in small UNet of --width channels, members in grouped convolutions",
         lambda o, shape: dict(width=o.width),
-        _unet),
+        lambda spec: StackedUNet(**{k: v for k, v in spec.items() if k != "kind"})),
+    "unet-small": Architecture(
+        f"the built-in UNet at width {SMALL_WIDTH} (164k parameters at 3x32x32; for 32x32 on CPU)",
+        lambda o, shape: dict(width=SMALL_WIDTH),
+        lambda spec: StackedUNet(**{k: v for k, v in spec.items() if k != "kind"})),
     "diffusers": Architecture(
-        "a diffusers UNet2DModel of --unet-config",
+        "a diffusers UNet2DModel of --unet-config, vmapped over members",
         _diffusers_spec,
-        lambda spec: diffusers_ensemble(spec["config"], spec["n_members"], spec.get("shared_init", False),
-                                        spec.get("seed", 0))),
+        _diffusers),
+    "seed-cifar10": Architecture(
+        "the seed paper's CIFAR-10 UNet (DDPM, Ho et al. 2020; 35.7M parameters at 3x32x32) as a diffusers "
+        "UNet2DModel; --unet-config entries override it",
+        lambda o, shape: _diffusers_spec(o, shape, SEED_CIFAR10),
+        _diffusers),
 }
 
 

@@ -4,7 +4,7 @@ the module vmapped over them."""
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,9 @@ class VmapEnsemble(Ensemble):
     ``factory()`` builds one member; M of them are built (one, copied M times, with
     ``shared_init``), their parameters stacked, and the module vmapped over members.
     ``vectorize=False`` calls the members one after another instead (on the same stacked
-    parameters), for modules that ``vmap`` cannot batch; everything else is the same.
+    parameters), for modules that ``vmap`` cannot batch; everything else is the same. Random
+    layers (dropout) draw for each member on its own, as members called one by one do.
+    :meth:`member` gives member m back as a plain module.
     """
 
     def __init__(
@@ -35,12 +37,8 @@ class VmapEnsemble(Ensemble):
         super().__init__()
         self.n_members, self.data_shape, self._spec = n_members, tuple(data_shape), spec
         self.vectorize = vectorize
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            first = factory()
-            members = [first] + [
-                copy.deepcopy(first) if shared_init else factory() for _ in range(n_members - 1)
-            ]
+        members = build_member_modules(factory, n_members, shared_init, seed)
+        first = members[0]
         params, buffers = stack_module_state(members)
         self.params = nn.ParameterDict({_key(k): nn.Parameter(v) for k, v in params.items()})
         for k, v in buffers.items():
@@ -59,8 +57,33 @@ class VmapEnsemble(Ensemble):
                    if k.startswith("buffer__")}
         return params, buffers
 
+    def stacked_parameters(self) -> Dict[str, Tensor]:
+        """{a member's parameter name: the members' parameters stacked [M, ...]}."""
+        return self._stacked()[0]
+
+    def load_stacked(self, state: Dict[str, Tensor]) -> None:
+        """Copy in the members' weights: ``state`` maps every parameter and buffer name of a
+        member to the M members' values stacked [M, ...]."""
+        params, buffers = self._stacked()
+        mine = params | buffers
+        if set(state) != set(mine):
+            missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+            raise KeyError(f"load_stacked: state lacks {missing[:3]} and has unknown {extra[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                mine[k].copy_(v)
+
+    def member(self, m: int) -> nn.Module:
+        """Member m as a plain module (a copy of its weights)."""
+        params, buffers = self._stacked()
+        module = copy.deepcopy(self._base[0]).to_empty(device=next(iter(params.values())).device)
+        module.load_state_dict({k: v[m] for k, v in (params | buffers).items()})
+        return module.train(self.training)
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         base = self._base[0]
+        if base.training != self.training:  # not a submodule: .train() and .eval() miss it
+            base.train(self.training)
 
         def call(params, buffers, x_m, t_m):
             return functional_call(base, (params, buffers), (x_m, t_m))
@@ -68,12 +91,23 @@ class VmapEnsemble(Ensemble):
         params, buffers = self._stacked()
         t_dim = 0 if t.dim() == 2 else None
         if self.vectorize:
-            return vmap(call, in_dims=(0, 0, 0, t_dim))(params, buffers, x, t)
+            # randomness: each member draws its own dropout masks, as when called one by one
+            return vmap(call, in_dims=(0, 0, 0, t_dim), randomness="different")(params, buffers, x, t)
         return torch.stack([
             call({k: v[m] for k, v in params.items()}, {k: v[m] for k, v in buffers.items()}, x[m],
                  t[m] if t_dim == 0 else t)
             for m in range(self.n_members)
         ])
+
+
+def build_member_modules(factory: Callable[[], nn.Module], n_members: int, shared_init: bool,
+                         seed: int) -> List[nn.Module]:
+    """``n_members`` new members drawn from ``seed`` (one, copied, with ``shared_init``),
+    leaving the global random state as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        first = factory()
+        return [first] + [copy.deepcopy(first) if shared_init else factory() for _ in range(n_members - 1)]
 
 
 def _key(name: str) -> str:

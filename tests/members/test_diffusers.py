@@ -1,6 +1,8 @@
-"""diffusers: the schedules and sampler steps equal diffusers' schedulers for the same config,
-and an ensemble of UNet2DModel members trains and samples. Skipped without diffusers."""
+"""diffusers: the schedules and sampler steps equal diffusers' schedulers for the same config;
+an ensemble of UNet2DModel members trains and samples; members saved as diffusers folders load
+back and run in a diffusers pipeline; the presets. Skipped without diffusers."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +13,8 @@ diffusers = pytest.importorskip("diffusers")
 from ensattr_fast import codes  # noqa: E402
 from ensattr_fast.checkpoint import Checkpoint  # noqa: E402
 from ensattr_fast.data import Dataset  # noqa: E402
-from ensattr_fast.members import build_ensemble, diffusers_ensemble  # noqa: E402
+from ensattr_fast.members import (MemberOptions, StackedUNet, build_ensemble, build_members,  # noqa: E402
+                                  diffusers_ensemble, load_members, member_unet, save_member)
 from ensattr_fast.sampling import sample  # noqa: E402
 from ensattr_fast.schedules import NoiseSchedule, Sampler  # noqa: E402
 from ensattr_fast.training import TrainConfig, Trainer  # noqa: E402
@@ -93,3 +96,45 @@ def test_unet2dmodel_ensemble_trains_and_samples(tmp_path):
     x = sample(rebuilt, NoiseSchedule.linear(), Sampler("ddim", 5), [0, 1])
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
     assert build_ensemble(rebuilt.spec()).n_members == 4
+
+
+def test_members_saved_as_diffusers_folders_load_back_and_run_in_a_pipeline(tmp_path):
+    ensemble = diffusers_ensemble(UNET, 3, seed=1).eval()
+    folders = [save_member(ensemble, m, tmp_path / f"member{m}") for m in (2, 0)]
+    loaded = load_members(folders).eval()
+    x, t = torch.randn(3, 2, 1, 8, 8), torch.randint(0, 1000, (3, 2))
+    with torch.no_grad():
+        want = ensemble(x, t)[[2, 0]]
+        torch.testing.assert_close(loaded(x[[2, 0]], t[[2, 0]]), want, rtol=0, atol=1e-5 * want.abs().max().item())
+        unet = diffusers.UNet2DModel.from_pretrained(folders[0], low_cpu_mem_usage=False).eval()
+        assert torch.equal(unet(x[2], t[2]).sample, member_unet(ensemble, 2).eval()(x[2], t[2]).sample)
+        # diffusers' own attention (not the vmap-safe one of the ensemble): the same to rounding
+        torch.testing.assert_close(unet(x[2], t[2]).sample, want[0], rtol=0, atol=1e-5 * want.abs().max().item())
+    pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
+    images = pipeline(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 8, 8, 1)
+    with pytest.raises(ValueError, match="another UNet2DModel config"):
+        other = diffusers_ensemble(dict(UNET, layers_per_block=2), 1)
+        load_members([folders[0], save_member(other, 0, tmp_path / "other")])
+
+
+def test_dropout_is_drawn_per_member_in_training_and_off_in_evaluation():
+    ensemble = diffusers_ensemble(dict(UNET, dropout=0.5), 2, shared_init=True)
+    x, t = torch.randn(1, 2, 1, 8, 8).expand(2, 2, 1, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        out = ensemble.train()(x, t)
+        assert not torch.equal(out[0], out[1])
+        out = ensemble.eval()(x, t)
+        assert torch.equal(out[0], out[1])
+
+
+def test_presets_unet_small_and_the_seed_papers_cifar10_unet():
+    small = build_members(MemberOptions(arch="unet-small", width=8), 2, (3, 32, 32), True, 0)
+    assert isinstance(small, StackedUNet) and small.width == 32 and small.parameters_per_member() == 163_747
+    seed = build_members(MemberOptions(arch="seed-cifar10"), 1, (3, 32, 32), True, 0)
+    assert seed.parameters_per_member() == 35_746_307  # Ho et al. (2020): 35.7M
+    config = seed.spec()["config"]
+    assert config["block_out_channels"] == [128, 256, 256, 256] and config["dropout"] == 0.1
+    assert build_ensemble(json.loads(json.dumps(seed.spec()))).parameters_per_member() == 35_746_307
+    tuned = build_members(MemberOptions(arch="seed-cifar10", unet_config={"dropout": 0.0}), 1, (1, 16, 16), True, 0)
+    assert tuned.spec()["config"]["dropout"] == 0.0 and tuned.data_shape == (1, 16, 16)

@@ -1,0 +1,140 @@
+"""Batched convolutional members equal the same members run one by one: the built-in UNet in
+grouped convolutions and diffusers' UNet2DModel under vmap, for the forward, the backward,
+forward-mode AD (first-order Jacobians), per-example gradient features and passes of members."""
+
+import pytest
+import torch
+from torch.func import jvp
+
+from ensattr_fast.attribution import first_order_grams
+from ensattr_fast.attribution.gradients import FeatureSpec, gradient_features
+from ensattr_fast.execution import MemberPasses, Passes
+from ensattr_fast.members import StackedUNet, UNetMember, VmapEnsemble, build_ensemble
+from ensattr_fast.schedules import NoiseSchedule, Sampler
+
+SCHEDULE = NoiseSchedule.linear()
+M, B = 3, 4
+UNET = dict(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8)
+
+
+def stacked_unet():
+    return StackedUNet(M, (2, 8, 8), width=8, time_dim=16, seed=3)
+
+
+def diffusers_members(vectorize=True):
+    pytest.importorskip("diffusers")
+    from ensattr_fast.members import diffusers_ensemble
+    return diffusers_ensemble(UNET, M, seed=3, vectorize=vectorize)
+
+
+ENSEMBLES = {"unet": stacked_unet, "diffusers": diffusers_members}
+
+
+def inputs(shared_t=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, B, 2, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (B,) if shared_t else (M, B), generator=g)
+    return x, t
+
+
+def assert_close_to_scale(got, want, rel=1e-5, scale=None):
+    """float32 sums in another order: equal to rel times the size of the values (or scale)."""
+    scale = want.abs().max().item() if scale is None else scale
+    torch.testing.assert_close(got, want, rtol=0, atol=rel * max(scale, 1e-6))
+
+
+def one_by_one(ensemble, x, t):
+    members = [ensemble.member(m).eval() for m in range(M)]
+    return torch.stack([members[m](x[m], t[m] if t.dim() == 2 else t) for m in range(M)])
+
+
+@pytest.mark.parametrize("arch", ENSEMBLES)
+@pytest.mark.parametrize("shared_t", [False, True])
+def test_batched_forward_equals_the_members_one_by_one(arch, shared_t):
+    ensemble = ENSEMBLES[arch]().eval()
+    x, t = inputs(shared_t)
+    with torch.no_grad():
+        assert_close_to_scale(ensemble(x, t), one_by_one(ensemble, x, t))
+
+
+@pytest.mark.parametrize("arch", ENSEMBLES)
+def test_batched_gradients_equal_the_members_one_by_one(arch):
+    ensemble = ENSEMBLES[arch]().train()
+    x, t = inputs()
+    target = torch.randn_like(x)
+    (ensemble(x, t) - target).square().mean().backward()
+    stacked = ensemble.stacked_parameters()
+    for m in range(M):
+        member = ensemble.member(m)
+        (member(x[m], t[m]) - target[m]).square().mean().div(M).backward()
+        scale = max(p.grad.abs().max().item() for p in member.parameters())
+        for name, p in member.named_parameters():  # a bias before a norm has a zero gradient
+            assert_close_to_scale(stacked[name].grad[m], p.grad, rel=1e-5, scale=scale)
+
+
+@pytest.mark.parametrize("arch", ENSEMBLES)
+def test_batched_forward_mode_derivatives_equal_the_members_one_by_one(arch):
+    ensemble = ENSEMBLES[arch]().eval()
+    x, t = inputs()
+    tangent = torch.randn_like(x)
+    _, got = jvp(lambda z: ensemble(z, t), (x,), (tangent,))
+    for m in range(M):
+        member = ensemble.member(m).eval()
+        _, want = jvp(lambda z: member(z, t[m]), (x[m],), (tangent[m],))
+        assert_close_to_scale(got[m], want, rel=1e-4)
+
+
+def test_grouped_unet_equals_the_vmapped_unet_in_features_and_first_order_grams():
+    grouped = stacked_unet().eval()
+    vmapped = VmapEnsemble(lambda: UNetMember(2, 8, 16), M, (2, 8, 8), seed=3).eval()
+    images = torch.rand(5, 2, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    spec = FeatureSpec(kind="dtrak", timesteps=2, dim=16, seed=4)
+    want = gradient_features(vmapped, SCHEDULE, images, spec, batch=2)
+    assert_close_to_scale(gradient_features(grouped, SCHEDULE, images, spec, batch=2), want, rel=1e-4)
+    sampler = Sampler("ddim", 3)
+    a, b = first_order_grams(grouped, SCHEDULE, sampler, [1, 2]), first_order_grams(vmapped, SCHEDULE, sampler, [1, 2])
+    assert_close_to_scale(a.samples, b.samples, rel=1e-4)
+    assert_close_to_scale(a.exact, b.exact, rel=1e-3)
+    assert_close_to_scale(a.direct, b.direct, rel=1e-3)
+
+
+def test_vmapped_diffusers_features_equal_the_members_one_by_one():
+    images = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    spec = FeatureSpec(kind="dtrak", timesteps=2, dim=16, seed=4)
+    got = gradient_features(diffusers_members().eval(), SCHEDULE, images, spec, batch=2)
+    want = gradient_features(diffusers_members(vectorize=False).eval(), SCHEDULE, images, spec, batch=2)
+    assert_close_to_scale(got, want, rel=1e-4)
+
+
+def test_grouped_unet_passes_of_members_give_the_same_gradients():
+    """To float rounding: oneDNN's grouped convolutions may sum in another order for another
+    number of groups (so did the vmapped UNet's, whose batching rule makes the same calls)."""
+    ensemble = StackedUNet(4, (2, 8, 8), width=8, time_dim=16, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, B, 2, 8, 8, generator=g), torch.randint(0, 1000, (4, B), generator=g)
+    grads = []
+    for passes in (Passes(), Passes(members_per_pass=2, checkpoint_activations=True), Passes(members_per_pass=1)):
+        ensemble.zero_grad(set_to_none=True)
+        for cut, forward in MemberPasses(ensemble, passes).passes():
+            forward(x[cut], t[cut]).square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in ensemble.named_parameters()})
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for other in grads[1:]:
+        for k in grads[0]:
+            assert_close_to_scale(other[k], grads[0][k], scale=scale)
+
+
+def test_grouped_unet_selects_members_rebuilds_from_its_spec_and_reads_vmapped_checkpoints():
+    ensemble = stacked_unet().eval()
+    x, t = inputs()
+    with torch.no_grad():
+        out = ensemble(x, t)
+        assert torch.equal(ensemble.select(range(1, 3))(x[1:], t[1:]), out[1:])
+        rebuilt = build_ensemble(ensemble.spec()).eval()
+        assert torch.equal(rebuilt(x, t), out)  # the same seed draws the same members
+        before = VmapEnsemble(lambda: UNetMember(2, 8, 16), M, (2, 8, 8), seed=3)  # the unet before issue 13
+        other = StackedUNet(M, (2, 8, 8), width=8, time_dim=16, seed=9).eval()
+        other.load_state_dict(before.state_dict())
+        assert torch.equal(other(x, t), out)
