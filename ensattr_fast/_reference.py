@@ -109,11 +109,12 @@ def merge_topk(
     """
     rows, n = scores.shape
     idx = torch.arange(unit_offset, unit_offset + n, device=scores.device).expand(rows, n)
-    idx = torch.where(scores.isnan(), -1, idx)  # NaN entries become empty slots
-    vals = torch.where(scores.isnan(), float("-inf"), scores)
+    vals = scores
     if prev_values is not None:
         vals = torch.cat([prev_values, vals], 1)
         idx = torch.cat([prev_indices, idx], 1)
+    empty = vals.isnan() | (idx < 0)  # NaN entries and index -1 are empty slots
+    vals, idx = torch.where(empty, float("-inf"), vals), torch.where(empty, -1, idx)
     pad = k - vals.shape[1]
     if pad > 0:
         vals = torch.cat([vals, vals.new_full((rows, pad), float("-inf"))], 1)
@@ -133,11 +134,14 @@ def code_first_order(
     prev_values: Optional[Tensor],
     prev_indices: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """scores[s,u] = sqrt(v_u^T G_s v_u) for G [S,M,M] and v from ``unit_directions``."""
+    """scores[s,u] = sqrt(v_u^T G_s v_u) for G [S,M,M] and v from ``unit_directions``; 0 for a
+    unit that every member excluded (v = 0: its ablation is the full ensemble), whatever G holds."""
     acc = accumulate_dtype(gram.dtype)
     v = unit_directions(code, "first_order", acc)
     quad = torch.einsum("ni,sij,nj->sn", v, gram.to(acc), v)
     scores = quad.clamp_min(0).sqrt()
+    if code.shape[1] > 0:
+        scores = torch.where((code == 0).all(1), 0.0, scores)
     return (scores, *merge_topk(scores, k, unit_offset, prev_values, prev_indices))
 
 

@@ -13,6 +13,10 @@
 // A score is then (C + 1) C / 2 or C table reads for C = ceil(M / 4) nibbles,
 // instead of M^2 / 4 or M multiply-adds. Tasks are (row, block of units): the
 // table of a row stays in L1 while the block's units stream past.
+//
+// A row holding an infinite (or NaN) statistic cannot be centred (inf - inf), so it
+// is scored directly from the raw statistics, term by term as the reference does:
+// an infinite loss gives +-inf, not NaN.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +27,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../topk_by_sort.h"
 #include "topk.h"
 
 namespace ensattr_fast {
@@ -51,12 +56,16 @@ struct Nibbles {
       }
     });
   }
+
+  bool excluded(int64_t u, int64_t m) const { return pattern[u * count + m / 4] >> (m % 4) & 1; }
 };
 
 // The doubly centred, symmetrised Gram of one row, in double: G' = P (G + G^T)/2 P.
+// False (and sym unusable) when G holds a non-finite value.
 template <typename scalar_t>
-std::vector<double> centred_gram(const scalar_t* g, int64_t M) {
-  std::vector<double> sym(M * M), row(M, 0.0);
+bool centred_gram(const scalar_t* g, int64_t M, std::vector<double>& sym) {
+  std::vector<double> row(M, 0.0);
+  sym.resize(M * M);
   double total = 0;
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < M; ++j) {
@@ -64,10 +73,27 @@ std::vector<double> centred_gram(const scalar_t* g, int64_t M) {
       row[i] += sym[i * M + j];
       total += sym[i * M + j];
     }
+  if (!std::isfinite(total)) return false;
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < M; ++j)
       sym[i * M + j] += -row[i] / M - row[j] / M + total / (M * M);
-  return sym;
+  return true;
+}
+
+// sqrt(v^T G v) with v = e/|E| - 1/M, term by term from the raw G (rows that cannot be centred).
+template <typename scalar_t>
+scalar_t first_order_direct(const Nibbles& nib, int64_t u, const scalar_t* g) {
+  const int64_t M = nib.members;
+  const int32_t k = nib.excluders[u];
+  if (k == 0) return std::numeric_limits<scalar_t>::quiet_NaN();
+  if (k == M) return scalar_t(0);
+  const double ex = 1.0 / k - 1.0 / M, in = -1.0 / M;
+  double quad = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    const double vi = nib.excluded(u, i) ? ex : in;
+    for (int64_t j = 0; j < M; ++j) quad += vi * (nib.excluded(u, j) ? ex : in) * g[i * M + j];
+  }
+  return static_cast<scalar_t>(std::sqrt(std::max(quad, 0.0)));  // keeps NaN
 }
 
 // table[(pair, x, y)] = sum_{i in x, j in y} G'[4p + i, 4q + j] for nibble pairs
@@ -132,15 +158,22 @@ void first_order_scores(const Nibbles& nib, const scalar_t* gram, int64_t S, int
   const int64_t blocks = (N + kUnitBlock - 1) / kUnitBlock;
   at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> table(pairs * 256);
+    std::vector<double> centred;
     int64_t built = -1;
+    bool finite = true;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / blocks, b = task % blocks;
       if (s != built) {
-        pair_tables(centred_gram(gram + s * M * M, M), M, C, table.data());
+        finite = centred_gram(gram + s * M * M, M, centred);
+        if (finite) pair_tables(centred, M, C, table.data());
         built = s;
       }
       const int64_t lo = b * kUnitBlock, hi = std::min(N, (b + 1) * kUnitBlock);
       scalar_t* out = scores + s * N;
+      if (!finite) {
+        for (int64_t u = lo; u < hi; ++u) out[u] = first_order_direct(nib, u, gram + s * M * M);
+        continue;
+      }
       switch (C) {  // the common member counts, M = 4 C, unrolled
         case 2: first_order_block<2>(nib, table.data(), lo, hi, out); break;
         case 3: first_order_block<3>(nib, table.data(), lo, hi, out); break;
@@ -165,13 +198,15 @@ void loss_contrast_scores(const Nibbles& nib, const scalar_t* losses, int64_t Q,
   at::parallel_for(0, Q * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> table(C * 16);
     int64_t built = -1;
+    bool finite = true;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t q = task / blocks, b = task % blocks;
+      const scalar_t* l = losses + q * M;
       if (q != built) {  // table[c, x] = sum_{i in x} (L - mean L)[4c + i]
-        const scalar_t* l = losses + q * M;
         double mean = 0;
         for (int64_t m = 0; m < M; ++m) mean += l[m];
         mean /= std::max<int64_t>(M, 1);
+        finite = std::isfinite(mean);
         for (int64_t c = 0; c < C; ++c)
           for (int x = 0; x < 16; ++x) {
             double sum = 0;
@@ -183,11 +218,17 @@ void loss_contrast_scores(const Nibbles& nib, const scalar_t* losses, int64_t Q,
       }
       scalar_t* out = scores + q * N;
       for (int64_t u = b * kUnitBlock; u < std::min(N, (b + 1) * kUnitBlock); ++u) {
+        const int32_t k = nib.excluders[u];
+        if (!finite) {  // mean over E minus mean over I, from the raw losses
+          double sum_ex = 0, sum_in = 0;
+          for (int64_t m = 0; m < M; ++m) (nib.excluded(u, m) ? sum_ex : sum_in) += l[m];
+          out[u] = k > 0 && k < M ? static_cast<scalar_t>(sum_ex / k - sum_in / (M - k)) : nan;
+          continue;
+        }
         const uint8_t* pat = nib.pattern.data() + u * C;
         scalar_t acc[4] = {0, 0, 0, 0};
         for (int64_t c = 0; c < C; ++c) acc[c & 3] += table[c * 16 + pat[c]];
         const scalar_t excluded = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        const int32_t k = nib.excluders[u];
         const bool valid = k > 0 && k < M;
         out[u] = valid ? excluded * (scalar_t(1) / k + scalar_t(1) / (M - k)) : nan;
       }
@@ -216,7 +257,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_scores_cpu(
       loss_contrast_scores(nibbles, stats.const_data_ptr<scalar_t>(), shape.rows, shape.units,
                            shape.members, out);
     }
-    if (k > 0) {
+    if (k > kSelectTopkMax) {
+      std::tie(top_values, top_indices) =
+          merge_topk_by_sort(scores, k, unit_offset, prev_values, prev_indices);
+    } else if (k > 0) {
       merge_topk_cpu<scalar_t>(scores, k, unit_offset, prev_values, prev_indices, top_values,
                                top_indices);
     }

@@ -46,8 +46,10 @@ def exact_reference(kind, code, stats, k):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("device,dtype", device_dtype_cases())
-@pytest.mark.parametrize("N,M,rows", [(1, 1, 1), (40, 8, 3), (300, 16, 5), (0, 4, 2), (20, 6, 0), (150, 33, 2)])
-@pytest.mark.parametrize("k", [0, 1, 5])
+# M = 33 and 48: CUDA's shared-memory tables past 48 KB; M = 70: CUDA's tiles of G'.
+@pytest.mark.parametrize("N,M,rows", [(1, 1, 1), (40, 8, 3), (300, 16, 5), (0, 4, 2), (20, 6, 0), (150, 33, 2),
+                                      (90, 48, 2), (60, 70, 2)])
+@pytest.mark.parametrize("k", [0, 1, 5, 40])
 def test_matches_reference(kind, device, dtype, N, M, rows, k):
     code, stats = make_code(N, M, device=device), make_stats(kind, rows, M, dtype, device)
     got = score(kind, code, stats, k=k)
@@ -55,7 +57,11 @@ def test_matches_reference(kind, device, dtype, N, M, rows, k):
     tol = tolerances(dtype) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.scores, want[0], equal_nan=True, **tol)
     torch.testing.assert_close(got.top_values, want[1], **tol)
-    if dtype in (torch.float32, torch.float64):  # lower precisions may swap near-ties
+    # the top-k of the op's own scores exactly; against the reference only where no near-tie
+    # can swap (a long top-k holds mathematically equal scores that round apart)
+    values, indices = _reference.merge_topk(got.scores, k, 0, None, None)
+    assert torch.equal(got.top_indices, indices) and torch.equal(got.top_values, values)
+    if dtype in (torch.float32, torch.float64) and k <= 5:
         assert torch.equal(got.top_indices, want[2])
     if N > 2 and M > 1:
         assert got.scores[:, 1].isnan().all()
@@ -77,6 +83,76 @@ def test_chunked_running_topk_equals_whole(kind, device):
     torch.testing.assert_close(previous[0], whole.top_values)
     want_values, want_indices = _reference.merge_topk(whole.scores, k, 0, None, None)
     assert torch.equal(whole.top_indices, want_indices)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 7, 32, 33, 100])
+def test_long_rows_and_any_k(kind, device, k):
+    """Rows of 5000 units (CUDA selects in two passes past 2048), k on both sides of 32 (a
+    selection up to 32, sorting beyond); ties from duplicate code rows go to the lower unit."""
+    code = make_code(40, 10, device=device).repeat(125, 1)  # every row 125 times: ties
+    stats = make_stats(kind, 3, 10, torch.float64, device)
+    out = score(kind, code, stats, k=k, unit_offset=10)
+    want_values, want_indices = _reference.merge_topk(out.scores, k, 10, None, None)
+    assert torch.equal(out.top_indices, want_indices) and torch.equal(out.top_values, want_values)
+    previous = (out.top_values, out.top_indices)
+    more = score(kind, code[:3000], stats, k=k, unit_offset=5010, previous=previous)
+    want_values, want_indices = _reference.merge_topk(more.scores, k, 5010, *previous)
+    assert torch.equal(more.top_indices, want_indices) and torch.equal(more.top_values, want_values)
+
+
+def test_any_k_on_the_fake_path():
+    """k = 100 traces (no cap of the top-k in the fake kernel or the CPU and CUDA kernels)."""
+    code = make_code(30, 6, device="meta")
+    out = code_scores(code, gram=torch.empty(4, 6, 6, device="meta"), k=100)
+    assert out.scores.shape == (4, 30) and out.top_values.shape == out.top_indices.shape == (4, 100)
+    out = code_scores(code, losses=torch.empty(4, 6, device="meta"), k=100)
+    assert out.top_indices.shape == (4, 100)
+
+
+def non_finite_stats(kind, M, device, dtype):
+    """Rows of statistics holding +inf, -inf or NaN (a diverged member), and one finite row."""
+    inf, nan = float("inf"), float("nan")
+    stats = make_stats(kind, 5, M, torch.float64, "cpu")
+    if kind == "first_order":
+        stats[0, 2, 2] = inf  # every unit: +inf
+        stats[1, 1, 3] = stats[1, 3, 1] = inf  # +inf or (clamped) 0, by the signs of v_1 v_3
+        stats[2, 0, 4] = -inf
+        stats[3, 5, 5] = nan
+    else:
+        stats[0, 2] = inf  # +inf where member 2 excludes the unit, -inf where it includes it
+        stats[1, 1] = -inf
+        stats[2, 0], stats[2, 4] = inf, -inf
+        stats[3, 5] = nan
+    return stats.to(device, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("device,dtype", device_dtype_cases())
+@pytest.mark.parametrize("M", [6, 70])
+def test_non_finite_statistics_score_as_the_reference(kind, device, dtype, M):
+    """A row that cannot be centred (inf - inf) is scored term by term: an infinite loss gives
+    +inf or -inf, never NaN, and the top-k keeps those units as the reference does."""
+    code = make_code(50, M, device=device)
+    code[2] = 0  # excluded by every member: first order 0, loss NaN
+    stats = non_finite_stats(kind, M, device, dtype)
+    got = score(kind, code, stats, k=8)
+    want = exact_reference(kind, code, stats, 8)
+    tol = tolerances(dtype) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.scores, want[0], equal_nan=True, **tol)
+    assert torch.equal(got.scores.isposinf(), want[0].isposinf())
+    assert torch.equal(got.scores.isneginf(), want[0].isneginf())
+    assert torch.equal(got.scores.isnan(), want[0].isnan())
+    n_ex = (code == 0).sum(1)
+    ablating = (n_ex > 0) & (n_ex < M)
+    if kind == "loss":
+        assert got.scores[0, ablating].isinf().all()
+        assert got.scores[0].isposinf().any() and got.scores[0].isneginf().any()
+    else:
+        assert got.scores[0, ablating].isposinf().all() and got.scores[0, 2] == 0
+    values, indices = _reference.merge_topk(got.scores, 8, 0, None, None)
+    assert torch.equal(got.top_indices, indices) and torch.equal(got.top_values, values)
 
 
 @pytest.mark.parametrize("device", DEVICES)
