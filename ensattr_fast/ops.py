@@ -326,13 +326,15 @@ def code_scores(
     - loss contrast (``losses`` = L [Q, M], each member's loss on each query):
       :math:`\text{mean}_{m\in E_u} L_{q,m} - \text{mean}_{m\in I_u} L_{q,m}`.
 
-    Rows with no excluder (or, for losses, no includer) score NaN, which top-k skips.
+    Rows with no excluder (or, for losses, no includer) score NaN, which top-k skips. A
+    statistic that is not finite (a diverged member) scores as the formulas say, term by term:
+    an infinite loss gives +inf or -inf, an infinite Gram entry +inf or 0.
 
     Args:
         code: uint8 [N_chunk, M], ``code[u, m] = 1`` iff member m trained on unit u (a unit set
             has the OR of its units' rows).
         gram / losses: exactly one of them.
-        k: size of the running top-k per row (0: none).
+        k: size of the running top-k per row (0: none; any size).
         unit_offset: global index of the chunk's first unit (for top-k indices).
         previous: ``(top_values, top_indices)`` [S, k] from the previous chunks.
 
