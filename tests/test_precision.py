@@ -193,3 +193,33 @@ def test_compiled_members_agree_with_eager():
     compiled.train(progress=False)
     for key, value in eager.ensemble.state_dict().items():
         torch.testing.assert_close(compiled.ensemble.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_samples_default_to_the_training_precision_and_replay_in_it(tmp_path):
+    """``ensattr sample`` samples in the checkpoint's precision unless told otherwise and records
+    it with the sampler, so that every replay (ablate, attribute's check) draws the same sample."""
+    from ensattr_fast.cli import main
+    from ensattr_fast.sampling import replay
+    from ensattr_fast.store import read_sampler, read_samples
+
+    plan, ck = tmp_path / "plan.h5", tmp_path / "e.pt"
+    assert main(["plan", "--out", str(plan), "--members", "4", "--units", "class"]) == 0
+    assert main(["train", "--plan", str(plan), "--out", str(ck), "--steps", "3", "--hidden", "8", "--blocks", "1",
+                 "--batch-size", "4", "--precision", "bf16", "--members-per-pass", "3"]) == 0
+    assert Checkpoint.load(ck).config["train"]["precision"] == "bf16"
+    args = ["sample", "--checkpoint", str(ck), "--seeds", "3", "--sampling-steps", "3"]
+    assert main([*args, "--out", str(tmp_path / "s.h5")]) == 0
+    assert main([*args, "--out", str(tmp_path / "p.h5"), "--members-per-pass", "2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "f.h5"), "--precision", "fp32"]) == 0
+    sampler = read_sampler(tmp_path / "s.h5")
+    assert sampler.precision == "bf16" and read_sampler(tmp_path / "f.h5").precision == "fp32"
+    seeds, images = read_samples(tmp_path / "s.h5", 3)
+    assert torch.equal(images, read_samples(tmp_path / "p.h5", 3)[1])
+    assert not torch.equal(images, read_samples(tmp_path / "f.h5", 3)[1])
+    checkpoint = Checkpoint.load(ck)
+    full = torch.full((3, 1, 4), 0.25, dtype=torch.float64)
+    again = replay(checkpoint.build(), checkpoint.schedule, sampler, seeds, full).images[:, 0]
+    assert torch.equal(again, images)
+    assert main(["ablate", "--checkpoint", str(ck), "--results", str(tmp_path / "s.h5"), "--units", "0",
+                 "--phantoms", "2"]) == 0

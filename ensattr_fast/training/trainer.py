@@ -33,7 +33,10 @@ class Trainer:
     ``members``: the members of the code that ``ensemble`` holds, when it is one rank's shard
     of a distributed run (see :mod:`ensattr_fast.distributed`); all of them by default. Every
     shard draws the random numbers of all members and keeps its own, so the members of a
-    sharded run train exactly as in one process.
+    sharded run train exactly as in one process. ``passes``: how the members are evaluated
+    (:class:`~ensattr_fast.execution.Passes`: K members per pass, activation checkpointing,
+    compile). fp16 scales the loss of all members together: a step in which any member's
+    gradient overflows is skipped by all of them (as ``torch.amp.GradScaler`` does).
     """
 
     def __init__(
