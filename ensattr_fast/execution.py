@@ -95,8 +95,9 @@ class MemberPasses:
     the ensemble's own ``.grad``, and members never share weights, so a backward per pass
     gives every member the gradient of one backward over all of them. The numbers are those
     of one pass bit for bit where the batched kernels compute each member alone whatever the
-    batch holds (the stacked MLP's batched matmuls); vmapped convolutions run as grouped ones,
-    whose kernels round differently for another number of groups (about 1e-7 on the CPU).
+    batch holds (the stacked MLP's batched matmuls); convolution members run as grouped
+    convolutions (the built-in UNet, vmapped modules), whose kernels round differently for
+    another number of groups (about 1e-7 on the CPU).
     """
 
     def __init__(self, ensemble, passes: Passes = Passes()):
