@@ -60,13 +60,8 @@ def _benchmarks(names: List[str], device: str) -> Callable[[bool], list]:
     return stage
 
 
-def _hardware(device: str) -> Callable[[bool], list]:
-    def stage(dry_run: bool) -> list:
-        from . import hardware
-
-        return [r.as_dict() for r in hardware.run(device, dry_run).records]
-
-    return stage
+def _hardware(stage: Callable[[], "_common.Suite"]) -> Callable[[bool], list]:
+    return lambda dry_run: [r.as_dict() for r in stage().records]
 
 
 def main(argv=None) -> int:
@@ -88,8 +83,10 @@ def main(argv=None) -> int:
     stages = {
         "tests": lambda dry: _tests(args.out, dry),
         "ops": _benchmarks(["masked_member_mse", "ensemble_step", "code_scores"], device),
-        "hardware": _hardware(device),
     }
+    from . import hardware
+
+    stages.update({name: _hardware(stage) for name, stage in hardware.stages(device, args.dry_run).items()})
     start = time.perf_counter()
     for name, stage in stages.items():
         began = time.perf_counter()

@@ -10,7 +10,9 @@
 # (batched vs one by one, fp32 vs bf16, seed-cifar10 a few members per pass) and sampling and
 # ablation throughput. It writes device_check.json and device_check.log into FOLDER ($OUT, or
 # out/device_check). --dry-run does all of it on the CPU at the smallest sizes (CI runs it so
-# that the script cannot rot); it reuses an extension that is already built.
+# that the script cannot rot); it reuses an extension that is already built. Wheels of missing
+# packages (diffusers: `pip download --no-deps ... -d .whl diffusers importlib_metadata`) are
+# used from .whl/ when it exists.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +21,7 @@ folder=${OUT:-out/device_check}
 for arg in "$@"; do
   case $arg in
     --dry-run) dry_run=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) folder=$arg ;;
   esac
 done
@@ -28,6 +30,13 @@ exec > >(tee "$folder/device_check.log") 2>&1
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 echo "== $(date +%T) device check in $(pwd), results in $folder (dry run: $dry_run)"
+
+# Python packages the machine lacks (diffusers, for seed-cifar10) travel as wheels in .whl/
+# (no registry there): unpacked into a private folder, never into the machine's environment.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/device-check-site .whl/*.whl \
+    && export PYTHONPATH=/tmp/device-check-site${PYTHONPATH:+:$PYTHONPATH} && echo "== wheels from .whl/: $(ls .whl | tr '\n' ' ')"
+fi
 
 if [ "$dry_run" = 1 ] && "$python" -c "import ensattr_fast._C" 2>/dev/null; then
   echo "== dry run: the extension is already built"
