@@ -120,7 +120,7 @@ def _ablate(args) -> None:
     start = time.perf_counter()
     _, distances, evaluations = steps.ablate_step(args.checkpoint, args.results, args.units, args.device,
                                                   nearest=args.nearest, samples=args.samples,
-                                                  overwrite=args.overwrite, floor=floor(args))
+                                                  overwrite=args.overwrite, floor=floor(args), passes=passes(args))
     print(f"{distances.numel()} counterfactuals written to {args.results} in {time.perf_counter() - start:.1f} s "
           f"({evaluations:,} member evaluations); mean distance {distances.mean():.3f}")
 

@@ -76,11 +76,15 @@ class Passes:
     ``members_per_pass``: K members per forward (and backward) pass, for ensembles whose
     activations do not fit at once (None: all). ``checkpoint_activations``: keep no
     activations of the member forward for the backward, recompute them (training).
-    ``compile``: ``torch.compile`` the member forward (slow to start; pays on long runs)."""
+    ``compile``: ``torch.compile`` the member forward (slow to start; pays on long runs).
+    ``shard_members``: under torchrun, sampling and ablation split the members over the ranks
+    (each holds its own; member outputs gathered every step) instead of the trajectories, for
+    ensembles larger than one device (:mod:`ensattr_fast.members.sharded`)."""
 
     members_per_pass: Optional[int] = None
     checkpoint_activations: bool = False
     compile: bool = False
+    shard_members: bool = False
 
     def __post_init__(self):
         if self.members_per_pass is not None and self.members_per_pass < 1:

@@ -59,11 +59,15 @@ def _add_pass_args(p: argparse.ArgumentParser, training: bool) -> None:
         p.add_argument("--checkpoint-activations", action="store_true",
                        help="recompute the members' activations in the backward instead of keeping them")
     p.add_argument("--compile", action="store_true", help="torch.compile the member forward (slow start)")
+    if not training:
+        p.add_argument("--shard-members", action="store_true",
+                       help="under torchrun: each rank holds its share of the members (the same numbers)")
 
 
 def passes(args) -> Passes:
     return Passes(members_per_pass=args.members_per_pass, compile=args.compile,
-                  checkpoint_activations=getattr(args, "checkpoint_activations", False))
+                  checkpoint_activations=getattr(args, "checkpoint_activations", False),
+                  shard_members=getattr(args, "shard_members", False))
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -183,6 +187,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace counterfactuals already in --results")
     p.add_argument("--device", type=_device, default="cpu")
     _add_floor_args(p)
+    _add_pass_args(p, training=False)
 
     p = sub.add_parser("audit", help="groups ranked by exact ablation with significance, examples inside them "
                                      "by a gradient method")

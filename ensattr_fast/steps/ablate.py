@@ -15,6 +15,8 @@ from ..attribution.baselines import nearest_units
 from ..checkpoint import Checkpoint
 from ..data import check_images, load_data
 from ..evaluation.significance import significance
+from ..execution import Passes
+from ..members.sharded import ShardedEnsemble, shard_members
 from ..progress import Progress
 from ..sampling import ablation_weights, replay
 from ..errors import StoreError
@@ -41,7 +43,8 @@ class Floor:
 def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike,
                 units: Union[Tensor, Sequence[int], None] = None, device: str = "cpu",
                 max_trajectories: int = 4096, *, nearest: int = 4, samples: Optional[int] = None,
-                overwrite: bool = False, written_by: str = "ablate", floor: Floor = Floor(), **extra: Tensor):
+                overwrite: bool = False, written_by: str = "ablate", floor: Floor = Floor(),
+                passes: Passes = Passes(), **extra: Tensor):
     """Exact counterfactuals: sample i re-run without unit ``units[i, k]`` for each k, and the
     same sample re-run without each of ``floor.phantoms`` phantom rows (code rows of the
     design's kind that belong to no unit): the noise floor every effect is judged against
@@ -51,7 +54,8 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike,
     each of the first ``samples`` samples (default all); or None for each sample's ``nearest``
     training units in pixels (then each sample's tests are all N units, since the K were chosen
     from them). Uses the sampler recorded in ``results`` (the same noise and steps as the
-    samples); ``extra``: more [S, K] arrays stored beside the counterfactuals. Counterfactuals
+    samples); ``passes``: how the members run (``shard_members``: each rank its members, every
+    sample); ``extra``: more [S, K] arrays stored beside the counterfactuals. Counterfactuals
     already in the file are replaced (as a whole) only with ``overwrite``.
     Returns (images [S, K, ...], distances [S, K], member evaluations).
     """
@@ -59,7 +63,7 @@ def ablate_step(checkpoint_path: os.PathLike, results: os.PathLike,
     with writer_lock(results, "results file"):
         on_writer(lambda: _check_replace(results, overwrite, written_by))
         return _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, samples, written_by,
-                       floor, extra)
+                       floor, extra, passes)
 
 
 def _check_replace(results: os.PathLike, overwrite: bool, written_by: str) -> None:
@@ -72,7 +76,8 @@ def _check_replace(results: os.PathLike, overwrite: bool, written_by: str) -> No
                          "to replace them, or work on a copy")
 
 
-def _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, samples, written_by, floor, extra):
+def _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, samples, written_by, floor, extra,
+            passes):
     checkpoint = Checkpoint.load(checkpoint_path)
     code = checkpoint.code
     if not isinstance(units, Tensor) or units.dim() != 2:
@@ -83,19 +88,26 @@ def _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, 
     seeds, images = read_samples(results, len(units), code=code, against=str(checkpoint_path))
     check_images(images, f"samples in {results}", shape=checkpoint.spec["data_shape"], allow_empty=True)
     codes.check_unit_ids(units, len(code), "units to ablate", allow_none=True)
-    ensemble = checkpoint.build().to(device)
+    ensemble = checkpoint.build()
+    if passes.shard_members:  # each rank its members, every sample (members/sharded.py)
+        ensemble, passes = shard_members(ensemble, dataclasses.replace(passes, shard_members=False)), Passes()
+    ensemble = ensemble.to(device)
+    sharded = isinstance(ensemble, ShardedEnsemble)
     phantoms = codes.phantom_rows(code, min(floor.phantoms, codes.free_phantom_rows(code)), floor.seed)
     K, P = units.shape[1], len(phantoms)
     weights = torch.cat([ablation_weights(code, [[u] if u >= 0 else [] for u in units.flatten().tolist()])
                          .view(len(units), K, -1),
                          codes.ablation_weights_of_rows(phantoms)[None].expand(len(units), P, -1)], 1)
-    mine = distributed.shard(len(units))  # every rank holds all members, runs its samples
+    # every rank holds all members and runs its samples; or, members sharded, every sample
+    mine = range(len(units)) if sharded else distributed.shard(len(units))
     share = len(units) / max(len(mine), 1)  # rank 0 counts every rank's samples by its own
     with Progress(len(units), written_by, "samples", enabled=distributed.world().main) as bar:
         result = replay(ensemble, checkpoint.schedule, read_sampler(results), seeds[mine.start : mine.stop],
-                        weights[mine.start : mine.stop], max_trajectories, progress=lambda n: bar.update(n * share))
-    replayed = distributed.gather_rows(result.images).cpu()
-    evaluations = int(distributed.gather_rows(torch.tensor([result.member_evaluations])).sum())
+                        weights[mine.start : mine.stop], max_trajectories, passes,
+                        progress=lambda n: bar.update(n * share))
+    gather = (lambda x: x) if sharded else distributed.gather_rows
+    replayed = gather(result.images).cpu()
+    evaluations = int(gather(torch.tensor([result.member_evaluations])).sum())
     moved = (replayed - images[:, None]).flatten(2).norm(dim=-1)
     counterfactuals, distances = replayed[:, :K], moved[:, :K]
     distances[units < 0] = float("nan")

@@ -11,6 +11,7 @@ from .. import distributed
 from ..checkpoint import Checkpoint
 from ..errors import DataError, StoreError
 from ..execution import Passes
+from ..members.sharded import ShardedEnsemble, shard_members
 from ..progress import Progress
 from ..sampling import sample
 from ..schedules import Sampler
@@ -27,7 +28,8 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
     """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance).
 
     Samples are written ``chunk`` at a time with done flags: ``resume`` continues a run that
-    was killed. Distributed, every rank holds all members and runs its share of each chunk.
+    was killed. Distributed, every rank holds all members and runs its share of each chunk; with
+    ``passes.shard_members`` every rank holds its share of the members and runs every sample.
     A sampler without a precision samples in the members' training precision; the file
     records the one used (every replay of the samples takes it).
     """
@@ -37,17 +39,22 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
                                    resume=resume))
     checkpoint = Checkpoint.load(checkpoint_path)
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
-    ensemble = checkpoint.build().to(device)
+    ensemble = checkpoint.build()
+    if passes.shard_members:  # each rank its members, every trajectory (members/sharded.py)
+        ensemble, passes = shard_members(ensemble, dataclasses.replace(passes, shard_members=False)), Passes()
+    ensemble = ensemble.to(device)
+    sharded = isinstance(ensemble, ShardedEnsemble)
     if sampler.precision is None:
         sampler = dataclasses.replace(sampler, precision=checkpoint.config["train"].get("precision", "fp32"))
     seeds = [int(s) for s in seeds]
     spec = dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
                 sampler=dataclasses.asdict(sampler))  # compared in canonical JSON by SampleStream
     with writer_lock(results, "results file"):
-        _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress)
+        _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress, sharded)
 
 
-def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress) -> None:
+def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress,
+                 sharded) -> None:
     stream, pending = None, None
     if distributed.world().main:
         try:
@@ -71,11 +78,12 @@ def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, s
     bar = Progress(len(seeds), "sample", "samples", initial=len(seeds) - left, enabled=progress and stream is not None)
     try:
         for start, stop in pending:
-            mine = distributed.shard(stop - start)
+            # every rank its share of the samples; or, members sharded, every sample (the same images)
+            mine = range(stop - start) if sharded else distributed.shard(stop - start)
             share = (stop - start) / max(len(mine), 1)  # rank 0 counts every rank's samples by its own
             images = sample(ensemble, checkpoint.schedule, sampler, seeds[start + mine.start : start + mine.stop],
                             passes, lambda done: bar.update(done * share))
-            images = distributed.gather_rows(images).cpu()
+            images = (images if sharded else distributed.gather_rows(images)).cpu()
             if stream is not None:
                 stream.write(range(start, stop), images.float().numpy())
     finally:
