@@ -5,13 +5,18 @@ noise predictions [M, B, *data_shape] with one call: member m sees only x[m]. Bu
 
 - :class:`StackedMLP`: a residual MLP denoiser with a time embedding whose weights are stacked
   [M, ...] and applied with batched matmuls (the demo's default);
-- :class:`StackedUNet`: the built-in small UNet (:class:`UNetMember`), its members folded into
-  grouped convolutions;
 - :class:`VmapEnsemble`: any ``nn.Module`` with ``forward(x, t)``, its parameters stacked and the
   module vmapped over members;
-- diffusers' ``UNet2DModel`` (:func:`diffusers_ensemble`), vmapped; each member saved as a
+- :class:`FoldedEnsemble`: any convolutional member module (Conv2d, ConvTranspose2d, GroupNorm,
+  Linear layers), its members folded into the batch and its layers into grouped convolutions and
+  batched matmuls: twice as fast as vmap on CPU;
+- :class:`StackedUNet`: the built-in small UNet (:class:`UNetMember`), written folded into
+  grouped convolutions (a quarter faster again);
+- diffusers' ``UNet2DModel`` (:func:`diffusers_ensemble`), folded; each member saved as a
   diffusers model folder (:func:`save_member`) and folders loaded back as an ensemble
   (:func:`load_members`).
+
+The three batched kinds store the same state (a VmapEnsemble's) and differ only in the forward.
 
 Members share initial weights when ``shared_init`` is set (common random numbers: two members
 then differ only by what they were trained on). The architectures are registered by name in
@@ -20,11 +25,13 @@ then differ only by what they were trained on). The architectures are registered
 
 from .base import Ensemble, PackedLayout, timestep_embedding
 from .diffusers_unet import SEED_CIFAR10, DiffusersMember, diffusers_ensemble, load_members, member_unet, save_member
+from .folded import FoldedEnsemble
 from .mlp import StackedMLP
 from .registry import ARCHITECTURES, Architecture, MemberOptions, build_ensemble, build_members
 from .unet import StackedUNet, UNetMember
 from .vmap import VmapEnsemble
 
-__all__ = ["Ensemble", "StackedMLP", "StackedUNet", "VmapEnsemble", "UNetMember", "DiffusersMember", "PackedLayout",
+__all__ = ["Ensemble", "StackedMLP", "StackedUNet", "VmapEnsemble", "FoldedEnsemble", "UNetMember", "DiffusersMember",
+           "PackedLayout",
            "build_ensemble", "diffusers_ensemble", "save_member", "load_members", "member_unet", "SEED_CIFAR10",
            "build_members", "MemberOptions", "Architecture", "ARCHITECTURES", "timestep_embedding"]

@@ -67,7 +67,7 @@ ARCHITECTURES: Dict[str, Architecture] = {
         lambda o, shape: dict(width=SMALL_WIDTH),
         lambda spec: StackedUNet(**{k: v for k, v in spec.items() if k != "kind"})),
     "diffusers": Architecture(
-        "a diffusers UNet2DModel of --unet-config, vmapped over members",
+        "a diffusers UNet2DModel of --unet-config, members folded into the batch",
         _diffusers_spec,
         _diffusers),
     "seed-cifar10": Architecture(

@@ -1,29 +1,31 @@
 """The built-in small UNet for images of 8x8 to 32x32: one member as a plain module
 (:class:`UNetMember`) and M of them as one batched ensemble (:class:`StackedUNet`).
 
-How the members are batched: folded into grouped convolutions (see :mod:`.grouped`). The other
-way, stacked parameters under ``torch.func.vmap`` (:class:`VmapEnsemble` of ``UNetMember``,
-still the path for diffusers and user modules), was measured against it on CPU (2 shared cores,
-8 members, 3x32x32, width 32, 8 examples per member; min of 8 interleaved runs): grouped
-convolutions took 413 ms per forward and 1.67 s per forward+backward, vmap 652 ms and 1.99 s
-(1.6x and 1.2x slower): vmap moves the member dimension in and out of the channels around
-every convolution and group norm, the grouped path folds it once. ``benchmarks/benchmark_members.py``
-measures both again side by side.
+How the members are batched: written folded into grouped convolutions (see :mod:`.grouped`).
+Against the other two ways, on CPU (Xeon, 2 cores, 8 members of width 32 at 3x32x32, 16
+examples each, fastest of 7 interleaved runs, ``benchmarks/benchmark_members.py``): a sampling
+step took 237 ms against 349 ms for stacked parameters under ``torch.func.vmap`` (1.47x) and
+291 ms for the generic fold of :class:`FoldedEnsemble` (1.23x); a training step 438 ms
+against 539 ms (1.23x) and 549 ms (1.25x). vmap moves the member dimension in and out of the
+channels around every convolution and group norm, the generic fold around every convolution;
+this one folds it once. The same 8 members called one by one took 193 ms and 566 ms on that
+quiet machine: oneDNN runs grouped convolutions at a lower rate than plain ones, and a CPU has
+no launch overhead for batching to save (on 2 cores shared with other work the batched step
+was the faster, 1.3x to 2.9x, because its fewer, larger operations wait less on each other).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import stack_module_state
 
-from .base import Ensemble, timestep_embedding
+from .base import timestep_embedding
 from .grouped import (GroupedConv2d, GroupedConvTranspose2d, GroupedGroupNorm, StackedLinear, add_per_channel,
                       cat_channels, fold, unfold)
-from .vmap import build_member_modules
+from .vmap import VmapEnsemble
 
 
 class _ResBlock(nn.Module):
@@ -79,56 +81,21 @@ class _GroupedResBlock(nn.Module):
         return self.skip(h) + self.conv2(F.silu(self.norm2(a)))
 
 
-class StackedUNet(Ensemble):
-    """M :class:`UNetMember` denoisers in one call, their weights stacked [M, ...] under the
-    names of ``UNetMember``'s parameters: member m's weights are ``{k: v[m]}`` of the state.
+class _FoldedUNet(nn.Module):
+    """M :class:`UNetMember` on member-folded activations, under ``UNetMember``'s names."""
 
-    The members are initialised as M ``UNetMember`` modules drawn from ``seed`` (one, copied,
-    with ``shared_init``). :meth:`member` gives member m back as a ``UNetMember``.
-    """
-
-    def __init__(self, n_members: int, data_shape: Sequence[int], width: int = 32, time_dim: int = 64,
-                 shared_init: bool = False, seed: int = 0):
+    def __init__(self, members: int, channels: int, width: int, time_dim: int):
         super().__init__()
-        self.n_members, self.data_shape = n_members, tuple(data_shape)
-        self.width, self.time_dim, self.shared_init, self.seed = width, time_dim, shared_init, seed
-        M, C = n_members, self.data_shape[0]
-        self.time = nn.Sequential(StackedLinear(M, time_dim, time_dim), nn.SiLU())
-        self.inp = GroupedConv2d(M, C, width, 3, padding=1)
-        self.down = _GroupedResBlock(M, width, width, time_dim)
-        self.pool = GroupedConv2d(M, width, 2 * width, 3, stride=2, padding=1)
-        self.mid = _GroupedResBlock(M, 2 * width, 2 * width, time_dim)
-        self.up = GroupedConvTranspose2d(M, 2 * width, width, 2, stride=2)
-        self.dec = _GroupedResBlock(M, 2 * width, width, time_dim)
-        self.out = nn.Sequential(GroupedGroupNorm(M, 8, width), nn.SiLU(), GroupedConv2d(M, width, C, 3, padding=1))
-        members = build_member_modules(self._new_member, n_members, shared_init, seed)
-        stacked, _ = stack_module_state(members)
-        self.load_state_dict(stacked)
-        self.register_load_state_dict_pre_hook(_from_vmap_keys)
-
-    def _new_member(self) -> UNetMember:
-        return UNetMember(self.data_shape[0], self.width, self.time_dim)
-
-    def spec(self) -> dict:
-        return dict(kind="unet", n_members=self.n_members, data_shape=list(self.data_shape), width=self.width,
-                    time_dim=self.time_dim, shared_init=self.shared_init, seed=self.seed)
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[Tuple[str, nn.Parameter]]:
-        """In the order of the vmapped ``unet`` members before issue 13 (names sorted), so that
-        their checkpoints' optimiser states and gradient features carry over."""
-        named = super().named_parameters(prefix, recurse, remove_duplicate)
-        return iter(sorted(named, key=lambda item: item[0].replace(".", "__")))
-
-    def stacked_parameters(self) -> Dict[str, Tensor]:
-        """{a member's parameter name: the members' parameters stacked [M, ...]}."""
-        return dict(self.named_parameters())
-
-    def member(self, m: int) -> UNetMember:
-        """Member m as a plain ``UNetMember`` (a copy of its weights)."""
-        module = self._new_member().to(next(self.parameters()).device)
-        module.load_state_dict({k: v[m] for k, v in self.state_dict().items()})
-        return module
+        self.time_dim = time_dim
+        self.time = nn.Sequential(StackedLinear(members, time_dim, time_dim), nn.SiLU())
+        self.inp = GroupedConv2d(members, channels, width, 3, padding=1)
+        self.down = _GroupedResBlock(members, width, width, time_dim)
+        self.pool = GroupedConv2d(members, width, 2 * width, 3, stride=2, padding=1)
+        self.mid = _GroupedResBlock(members, 2 * width, 2 * width, time_dim)
+        self.up = GroupedConvTranspose2d(members, 2 * width, width, 2, stride=2)
+        self.dec = _GroupedResBlock(members, 2 * width, width, time_dim)
+        self.out = nn.Sequential(GroupedGroupNorm(members, 8, width), nn.SiLU(),
+                                 GroupedConv2d(members, width, channels, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         M, B = x.shape[:2]
@@ -139,8 +106,24 @@ class StackedUNet(Ensemble):
         return unfold(self.out(self.dec(cat_channels(h, h0, M), e)), M)
 
 
-def _from_vmap_keys(module, state, prefix, *args) -> None:
-    """Checkpoints of the ``unet`` members from before :class:`StackedUNet` hold the same
-    stacked tensors as a :class:`VmapEnsemble`'s: ``params.down__conv1__weight``."""
-    for key in [k for k in state if k.startswith(prefix + "params.")]:
-        state[prefix + key[len(prefix + "params."):].replace("__", ".")] = state.pop(key)
+class StackedUNet(VmapEnsemble):
+    """M :class:`UNetMember` denoisers in one call, in grouped convolutions.
+
+    The members are built and stored as a :class:`VmapEnsemble` of ``UNetMember`` stores them
+    (the same state, so the same checkpoints, spec, :meth:`member` and :meth:`select`): only
+    the forward differs.
+    """
+
+    def __init__(self, n_members: int, data_shape: Sequence[int], width: int = 32, time_dim: int = 64,
+                 shared_init: bool = False, seed: int = 0):
+        channels = data_shape[0]
+        spec = dict(kind="unet", n_members=n_members, data_shape=list(data_shape), width=width, time_dim=time_dim,
+                    shared_init=shared_init, seed=seed)
+        super().__init__(lambda: UNetMember(channels, width, time_dim), n_members, data_shape, shared_init, seed,
+                         spec)
+        self.width, self.time_dim = width, time_dim
+        with torch.device("meta"):
+            self._folded = [_FoldedUNet(n_members, channels, width, time_dim)]  # the weights: the stacked state
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self._on_stacked(self._folded[0], x, t)

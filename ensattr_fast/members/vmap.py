@@ -1,5 +1,6 @@
 """Any ``nn.Module`` with ``forward(x, t)`` as an ensemble: parameters stacked over members and
-the module vmapped over them."""
+the module vmapped over them. The stacked state (``params.<name>``, ``buffer__<name>``) is also
+that of the ensembles that run the same members another way (:mod:`.folded`, :mod:`.unet`)."""
 
 from __future__ import annotations
 
@@ -38,13 +39,12 @@ class VmapEnsemble(Ensemble):
         self.n_members, self.data_shape, self._spec = n_members, tuple(data_shape), spec
         self.vectorize = vectorize
         members = build_member_modules(factory, n_members, shared_init, seed)
-        first = members[0]
         params, buffers = stack_module_state(members)
         self.params = nn.ParameterDict({_key(k): nn.Parameter(v) for k, v in params.items()})
         for k, v in buffers.items():
             self.register_buffer("buffer__" + _key(k), v)
         self._names = {_key(k): k for k in params} | {_key(k): k for k in buffers}
-        self._base = [copy.deepcopy(first).to("meta")]  # a list: not a submodule
+        self._base = [copy.deepcopy(members[0]).to("meta")]  # a list: not a submodule
 
     def spec(self) -> dict:
         if self._spec is None:
@@ -80,9 +80,16 @@ class VmapEnsemble(Ensemble):
         module.load_state_dict({k: v[m] for k, v in (params | buffers).items()})
         return module.train(self.training)
 
+    def _on_stacked(self, module: nn.Module, *args) -> Tensor:
+        """``module(*args)`` with the stacked parameters and buffers in place of its own (a
+        skeleton that is not a submodule: it follows the ensemble's train or eval mode here)."""
+        if module.training != self.training:
+            module.train(self.training)
+        return functional_call(module, self._stacked(), args)
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         base = self._base[0]
-        if base.training != self.training:  # not a submodule: .train() and .eval() miss it
+        if base.training != self.training:
             base.train(self.training)
 
         def call(params, buffers, x_m, t_m):
