@@ -58,9 +58,10 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _fastest(functions, reps, device):
-    """Fastest wall time of each function, runs interleaved (after one warm-up run each)."""
-    best = [float("inf")] * len(functions)
+def _fastest(functions, reps, device, budget_s):
+    """Fastest wall time of each function, runs interleaved after one warm-up run each: ``reps``
+    rounds, or fewer (at least one) once the rounds have taken ``budget_s`` seconds."""
+    best, start_all = [float("inf")] * len(functions), time.perf_counter()
     for r in range(reps + 1):
         for i, f in enumerate(functions):
             _sync(device)
@@ -69,6 +70,8 @@ def _fastest(functions, reps, device):
             _sync(device)
             if r:
                 best[i] = min(best[i], time.perf_counter() - start)
+        if r and time.perf_counter() - start_all > budget_s:
+            break
     return best
 
 
@@ -80,21 +83,21 @@ def _record(suite, case, ours, baseline, min_ratio=None):
                         met=None if min_ratio is None else ratio >= min_ratio))
 
 
-def _against_members(suite, name, ensemble, members, call, B, device, min_ratio, reps):
+def _against_members(suite, name, ensemble, members, call, B, device, min_ratio, reps, budget_s):
     """The batched ensemble against its members, each run by ``call(member, x, t)``."""
     x, t, eps = _inputs(B, device)
     one_by_one = lambda: torch.stack([call(member, x[m], t[m]) for m, member in enumerate(members)])  # noqa: E731
     with torch.no_grad():
         want = one_by_one()
         check_close([ensemble(x, t)], [want], name, rtol=0, atol=1e-4 * want.abs().max().item())
-        ours, base = _fastest([lambda: ensemble(x, t), one_by_one], reps, device)
+        ours, base = _fastest([lambda: ensemble(x, t), one_by_one], reps, device, budget_s)
     _record(suite, f"{name} batched vs one by one, sampling step (M={M}, B={B})", ours, base, min_ratio)
     ours, base = _fastest([_training_step(ensemble, x, t, eps), _one_by_one_training_step(members, call, x, t, eps)],
-                          reps, device)
+                          reps, device, budget_s)
     _record(suite, f"{name} batched vs one by one, training step (M={M}, B={B})", ours, base, min_ratio)
 
 
-def _against_paths(suite, name, ensembles, B, device, reps):
+def _against_paths(suite, name, ensembles, B, device, reps, budget_s):
     """Batched ensembles of the same members against the first of them."""
     x, t, eps = _inputs(B, device)
     (first, ours), others = ensembles[0], ensembles[1:]
@@ -102,10 +105,10 @@ def _against_paths(suite, name, ensembles, B, device, reps):
         for other_name, other in others:
             want = other(x, t)
             check_close([ours(x, t)], [want], f"{name} vs {other_name}", rtol=0, atol=1e-4 * want.abs().max().item())
-        times = _fastest([lambda e=e: e(x, t) for _, e in ensembles], reps, device)
+        times = _fastest([lambda e=e: e(x, t) for _, e in ensembles], reps, device, budget_s)
     for (other_name, _), base in zip(others, times[1:]):
         _record(suite, f"{name} {first} vs {other_name}, sampling step", times[0], base)
-    times = _fastest([_training_step(e, x, t, eps) for _, e in ensembles], reps, device)
+    times = _fastest([_training_step(e, x, t, eps) for _, e in ensembles], reps, device, budget_s)
     for (other_name, _), base in zip(others, times[1:]):
         _record(suite, f"{name} {first} vs {other_name}, training step", times[0], base)
 
@@ -139,21 +142,21 @@ def _memory(suite, preset):
 
 def run(quick: bool, device: str) -> Suite:
     suite = Suite("members", quick)
-    B, reps = (8, 3) if quick else (16, 7)
+    B, reps, budget_s = (8, 3, 5.0) if quick else (16, 7, 30.0)
     small = StackedUNet(M, SHAPE, width=SMALL_WIDTH, seed=0).to(device)
     _against_members(suite, "unet-small", small, [small.member(m) for m in range(M)],
-                     lambda member, x, t: member(x, t), B, device, 1.5, reps)
+                     lambda member, x, t: member(x, t), B, device, 1.5, reps, budget_s)
     factory = lambda: UNetMember(SHAPE[0], SMALL_WIDTH)  # noqa: E731
     paths = [("grouped", StackedUNet(M, SHAPE, width=SMALL_WIDTH, seed=1)),
              ("batch-folded", FoldedEnsemble(factory, M, SHAPE, seed=1)),
              ("vmap", VmapEnsemble(factory, M, SHAPE, seed=1))]
-    _against_paths(suite, "unet-small", [(n, e.to(device)) for n, e in paths], B, device, reps)
+    _against_paths(suite, "unet-small", [(n, e.to(device)) for n, e in paths], B, device, reps, budget_s)
     try:
         ensemble = diffusers_ensemble(SMALL_DIFFUSERS, M, seed=0).to(device)
     except ImportError:
         return suite
     _against_members(suite, "diffusers (32, 64)", ensemble, [member_unet(ensemble, m) for m in range(M)],
-                     lambda unet, x, t: unet(x, t).sample, B // 4, device, 1.3, reps)
+                     lambda unet, x, t: unet(x, t).sample, B // 4, device, 1.3, reps, budget_s)
     if device == "cpu" and not quick:
         for preset in ("unet-small", "seed-cifar10"):
             if preset in ARCHITECTURES:
