@@ -12,6 +12,7 @@ a fraction of a millisecond over NVLink.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 from torch import Tensor
@@ -20,7 +21,7 @@ from .. import distributed
 from ..execution import MemberPasses, Passes
 from .base import Ensemble, PackedLayout
 
-__all__ = ["ShardedEnsemble", "shard_members"]
+__all__ = ["ShardedEnsemble", "shard_members", "place_members"]
 
 
 class ShardedEnsemble(Ensemble):
@@ -68,3 +69,11 @@ def shard_members(ensemble: Ensemble, passes: Passes = Passes()) -> ShardedEnsem
                          "each rank needs at least one")
     return ShardedEnsemble(ensemble.select(members), members, ensemble.n_members, passes)
 
+
+def place_members(ensemble: Ensemble, passes: Passes, device) -> Tuple[Ensemble, Passes]:
+    """``ensemble`` on ``device`` as sampling and ablation run it: this rank's share of the
+    members with ``passes.shard_members`` (the passes then apply inside the shard), else all
+    of them. Returns the ensemble and the passes the sampler is left to apply."""
+    if passes.shard_members:
+        return shard_members(ensemble, dataclasses.replace(passes, shard_members=False)).to(device), Passes()
+    return ensemble.to(device), passes

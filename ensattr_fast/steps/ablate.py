@@ -16,7 +16,7 @@ from ..checkpoint import Checkpoint
 from ..data import check_images, load_data
 from ..evaluation.significance import significance
 from ..execution import Passes
-from ..members.sharded import ShardedEnsemble, shard_members
+from ..members.sharded import ShardedEnsemble, place_members
 from ..progress import Progress
 from ..sampling import ablation_weights, replay
 from ..errors import StoreError
@@ -88,11 +88,8 @@ def _ablate(checkpoint_path, results, units, device, max_trajectories, nearest, 
     seeds, images = read_samples(results, len(units), code=code, against=str(checkpoint_path))
     check_images(images, f"samples in {results}", shape=checkpoint.spec["data_shape"], allow_empty=True)
     codes.check_unit_ids(units, len(code), "units to ablate", allow_none=True)
-    ensemble = checkpoint.build()
-    if passes.shard_members:  # each rank its members, every sample (members/sharded.py)
-        ensemble, passes = shard_members(ensemble, dataclasses.replace(passes, shard_members=False)), Passes()
-    ensemble = ensemble.to(device)
-    sharded = isinstance(ensemble, ShardedEnsemble)
+    ensemble, passes = place_members(checkpoint.build(), passes, device)
+    sharded = isinstance(ensemble, ShardedEnsemble)  # each rank its members, every sample
     phantoms = codes.phantom_rows(code, min(floor.phantoms, codes.free_phantom_rows(code)), floor.seed)
     K, P = units.shape[1], len(phantoms)
     weights = torch.cat([ablation_weights(code, [[u] if u >= 0 else [] for u in units.flatten().tolist()])

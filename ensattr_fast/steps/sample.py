@@ -11,7 +11,7 @@ from .. import distributed
 from ..checkpoint import Checkpoint
 from ..errors import DataError, StoreError
 from ..execution import Passes
-from ..members.sharded import ShardedEnsemble, shard_members
+from ..members.sharded import ShardedEnsemble, place_members
 from ..progress import Progress
 from ..sampling import sample
 from ..schedules import Sampler
@@ -39,11 +39,8 @@ def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Seque
                                    resume=resume))
     checkpoint = Checkpoint.load(checkpoint_path)
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
-    ensemble = checkpoint.build()
-    if passes.shard_members:  # each rank its members, every trajectory (members/sharded.py)
-        ensemble, passes = shard_members(ensemble, dataclasses.replace(passes, shard_members=False)), Passes()
-    ensemble = ensemble.to(device)
-    sharded = isinstance(ensemble, ShardedEnsemble)
+    ensemble, passes = place_members(checkpoint.build(), passes, device)
+    sharded = isinstance(ensemble, ShardedEnsemble)  # each rank its members, every trajectory
     if sampler.precision is None:
         sampler = dataclasses.replace(sampler, precision=checkpoint.config["train"].get("precision", "fp32"))
     seeds = [int(s) for s in seeds]
