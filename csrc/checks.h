@@ -13,14 +13,13 @@
 namespace ensattr_fast {
 
 inline void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank) {
-  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must have rank ", rank, ", got shape ",
-              t.sizes());
+  TORCH_CHECK(t.dim() == rank, op, ": ", name, " must have rank ", rank, ", got shape ", t.sizes());
 }
 
 inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim,
                        int64_t expected, const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".size(", dim, ") must equal ", what,
-              " = ", expected, ", got shape ", t.sizes());
+  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, ".size(", dim, ") must equal ", what, " = ",
+              expected, ", got shape ", t.sizes());
 }
 
 inline void check_device(const char* op, const char* name, const at::Tensor& t,
@@ -41,8 +40,8 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
 
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
                         at::ScalarType expected) {
-  TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " must have dtype ", expected,
-              ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " must have dtype ", expected, ", got ",
+              t.scalar_type());
 }
 
 // The dtype in which an op accumulates and returns statistics of `st`.
@@ -67,8 +66,8 @@ inline MseShape check_masked_member_mse(const char* op, const at::Tensor& pred,
               ": target shape ", target.sizes(), " does not match pred shape ", pred.sizes(),
               " (expected [M,B,D] or [B,D])");
   check_rank(op, "mask", mask, 2);
-  TORCH_CHECK(mask.size(0) == M && mask.size(1) == B, op, ": mask must have shape [M,B] = [",
-              M, ", ", B, "], got shape ", mask.sizes());
+  TORCH_CHECK(mask.size(0) == M && mask.size(1) == B, op, ": mask must have shape [M,B] = [", M,
+              ", ", B, "], got shape ", mask.sizes());
   check_device(op, "target", target, pred);
   check_device(op, "mask", mask, pred);
   check_dtype(op, "target", target, pred.scalar_type());
@@ -101,8 +100,7 @@ struct StepShape {
 };
 
 inline StepShape check_ensemble_step(const char* op, const at::Tensor& member_eps,
-                                     const at::Tensor& x,
-                                     const std::optional<at::Tensor>& noise,
+                                     const at::Tensor& x, const std::optional<at::Tensor>& noise,
                                      const std::optional<at::Tensor>& sample_of,
                                      const at::Tensor& row_ptr, const at::Tensor& rows,
                                      const at::Tensor& weights, bool write_packed) {
@@ -119,8 +117,8 @@ inline StepShape check_ensemble_step(const char* op, const at::Tensor& member_ep
   check_rank(op, "rows", rows, 1);
   check_rank(op, "weights", weights, 1);
   check_size(op, "weights", weights, 0, rows.size(0), "len(rows)");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_ptr", row_ptr},
-                                {"rows", rows}}) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor&>{"row_ptr", row_ptr}, {"rows", rows}}) {
     check_device(op, name, t, x);
     check_dtype(op, name, t, at::kLong);
   }
@@ -145,8 +143,8 @@ inline StepShape check_ensemble_step(const char* op, const at::Tensor& member_ep
       check_device(op, "sample_of", *sample_of, x);
       check_dtype(op, "sample_of", *sample_of, at::kLong);
     } else {
-      TORCH_CHECK(S == T, op, ": without sample_of, noise must have one row per trajectory (",
-                  T, "), got shape ", noise->sizes());
+      TORCH_CHECK(S == T, op, ": without sample_of, noise must have one row per trajectory (", T,
+                  "), got shape ", noise->sizes());
     }
   } else {
     TORCH_CHECK(!sample_of.has_value(), op, ": sample_of was given without noise");
@@ -160,8 +158,8 @@ inline StepShape check_ensemble_step(const char* op, const at::Tensor& member_ep
 // accesses in range and the Python wrapper runs these once per CSR (ops.py).
 inline void check_ensemble_step_indices(const char* op, const at::Tensor& row_ptr,
                                         const at::Tensor& rows,
-                                        const std::optional<at::Tensor>& sample_of,
-                                        int64_t packed, int64_t noise_rows, bool write_packed) {
+                                        const std::optional<at::Tensor>& sample_of, int64_t packed,
+                                        int64_t noise_rows, bool write_packed) {
   const int64_t T = row_ptr.numel() - 1, R = rows.numel();
   TORCH_CHECK(T >= 0, op, ": row_ptr must have T + 1 >= 1 entries, got none");
   for (const auto* t : {&row_ptr, &rows}) {
@@ -171,8 +169,8 @@ inline void check_ensemble_step_indices(const char* op, const at::Tensor& row_pt
   const int64_t* ptr = row_ptr.const_data_ptr<int64_t>();
   TORCH_CHECK(ptr[0] == 0, op, ": row_ptr[0] must be 0, got ", ptr[0]);
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(ptr[t + 1] >= ptr[t], op, ": row_ptr must be non-decreasing, but row_ptr[",
-                t + 1, "] = ", ptr[t + 1], " < row_ptr[", t, "] = ", ptr[t]);
+    TORCH_CHECK(ptr[t + 1] >= ptr[t], op, ": row_ptr must be non-decreasing, but row_ptr[", t + 1,
+                "] = ", ptr[t + 1], " < row_ptr[", t, "] = ", ptr[t]);
   }
   TORCH_CHECK(ptr[T] == R, op, ": row_ptr[T] must equal len(rows) = ", R, ", got ", ptr[T]);
   const int64_t* r = rows.const_data_ptr<int64_t>();
@@ -203,9 +201,8 @@ struct ScoreShape {
   bool has_prev;
 };
 
-inline ScoreShape check_code_scores(const char* op, const char* stats_name,
-                                    const at::Tensor& code, const at::Tensor& stats,
-                                    int64_t stats_rank, int64_t k,
+inline ScoreShape check_code_scores(const char* op, const char* stats_name, const at::Tensor& code,
+                                    const at::Tensor& stats, int64_t stats_rank, int64_t k,
                                     const std::optional<at::Tensor>& prev_values,
                                     const std::optional<at::Tensor>& prev_indices) {
   check_rank(op, "code", code, 2);
@@ -222,13 +219,12 @@ inline ScoreShape check_code_scores(const char* op, const char* stats_name,
               ": prev_values and prev_indices must be given together");
   if (prev_values.has_value()) {
     const auto acc = accumulate_type(stats.scalar_type());
-    for (const auto& [name, t, dtype] :
-         {std::tuple<const char*, const at::Tensor&, at::ScalarType>{"prev_values", *prev_values,
-                                                                     acc},
-          {"prev_indices", *prev_indices, at::kLong}}) {
+    for (const auto& [name, t, dtype] : {std::tuple<const char*, const at::Tensor&, at::ScalarType>{
+                                             "prev_values", *prev_values, acc},
+                                         {"prev_indices", *prev_indices, at::kLong}}) {
       check_rank(op, name, t, 2);
-      TORCH_CHECK(t.size(0) == S && t.size(1) == k, op, ": ", name, " must have shape [", S,
-                  ", ", k, "], got shape ", t.sizes());
+      TORCH_CHECK(t.size(0) == S && t.size(1) == k, op, ": ", name, " must have shape [", S, ", ",
+                  k, "], got shape ", t.sizes());
       check_device(op, name, t, code);
       check_dtype(op, name, t, dtype);
     }

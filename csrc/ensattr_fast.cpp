@@ -26,8 +26,7 @@ static std::string build_info() {
   info += "\"openmp\": false, ";
 #endif
   info += "\"torch\": \"" + std::to_string(TORCH_VERSION_MAJOR) + "." +
-          std::to_string(TORCH_VERSION_MINOR) + "." +
-          std::to_string(TORCH_VERSION_PATCH) + "\", ";
+          std::to_string(TORCH_VERSION_MINOR) + "." + std::to_string(TORCH_VERSION_PATCH) + "\", ";
   info += "\"compiler\": \"" __VERSION__ "\"}";
   return info;
 }
@@ -41,8 +40,8 @@ TORCH_LIBRARY(ensattr_fast, m) {
       "masked_member_mse_backward(Tensor grad_per_example, Tensor grad_per_member, "
       "Tensor pred, Tensor target, Tensor mask) -> Tensor");
 
-  // member_eps [P,D], x [T,D], noise [S,D] or None, sample_of [T] or None,
-  // CSR row_ptr [T+1], rows [R], weights [R] -> x_next [T,D], eps_bar [T,D], packed_next [P or 0, D]
+  // member_eps [P,D], x [T,D], noise [S,D] or None, sample_of [T] or None, CSR row_ptr [T+1],
+  // rows [R], weights [R] -> x_next [T,D], eps_bar [T,D], packed_next [P or 0, D]
   m.def(
       "ensemble_step(Tensor member_eps, Tensor x, Tensor? noise, Tensor? sample_of, "
       "Tensor row_ptr, Tensor rows, Tensor weights, float a, float b, float c, float d, "
@@ -52,7 +51,8 @@ TORCH_LIBRARY(ensattr_fast, m) {
       "ensemble_step_check_indices(Tensor row_ptr, Tensor rows, Tensor? sample_of, int packed, "
       "int noise_rows, bool write_packed) -> ()");
 
-  // code [N,M] uint8 with gram [S,M,M] or losses [Q,M] -> scores [S,N], top values [S,k], top units [S,k]
+  // code [N,M] uint8 with gram [S,M,M] or losses [Q,M]
+  //   -> scores [S,N], top values [S,k], top units [S,k]
   m.def(
       "code_first_order(Tensor code, Tensor gram, int k, int unit_offset, "
       "Tensor? prev_values, Tensor? prev_indices) -> (Tensor, Tensor, Tensor)");

@@ -75,8 +75,7 @@ bool centred_gram(const scalar_t* g, int64_t M, std::vector<double>& sym) {
     }
   if (!std::isfinite(total)) return false;
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < M; ++j)
-      sym[i * M + j] += -row[i] / M - row[j] / M + total / (M * M);
+    for (int64_t j = 0; j < M; ++j) sym[i * M + j] += -row[i] / M - row[j] / M + total / (M * M);
   return true;
 }
 
@@ -109,7 +108,8 @@ void pair_tables(const std::vector<double>& gp, int64_t M, int64_t C, acc_t* tab
         for (int j = 0; j < 4; ++j) {
           double sum = 0;
           for (int i = 0; i < 4; ++i)
-            if ((x >> i & 1) && 4 * p + i < M && 4 * q + j < M) sum += gp[(4 * p + i) * M + 4 * q + j];
+            if ((x >> i & 1) && 4 * p + i < M && 4 * q + j < M)
+              sum += gp[(4 * p + i) * M + 4 * q + j];
           partial[x][j] = sum;
         }
       for (int x = 0; x < 16; ++x)
@@ -147,13 +147,15 @@ void first_order_block(const Nibbles& nib, const scalar_t* table, int64_t begin,
     const scalar_t quad = quad_form<kC>(table, nib.pattern.data() + u * nib.count, nib.count);
     const int32_t k = nib.excluders[u];
     // no excluder: no ablation; every member excluded: the ablated ensemble is the full one
-    out[u] = k == 0 ? nan : k == nib.members ? scalar_t(0) : std::sqrt(std::max(quad, scalar_t(0))) / k;
+    out[u] = k == 0             ? nan
+             : k == nib.members ? scalar_t(0)
+                                : std::sqrt(std::max(quad, scalar_t(0))) / k;
   }
 }
 
 template <typename scalar_t>
-void first_order_scores(const Nibbles& nib, const scalar_t* gram, int64_t S, int64_t N,
-                        int64_t M, scalar_t* scores) {
+void first_order_scores(const Nibbles& nib, const scalar_t* gram, int64_t S, int64_t N, int64_t M,
+                        scalar_t* scores) {
   const int64_t C = nib.count, pairs = C * (C + 1) / 2;
   const int64_t blocks = (N + kUnitBlock - 1) / kUnitBlock;
   at::parallel_for(0, S * blocks, 1, [&](int64_t begin, int64_t end) {

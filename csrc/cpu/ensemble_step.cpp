@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_step_cpu(
     at::parallel_for(0, T, grain_rows(D), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* zt = z == nullptr ? nullptr : z + (so ? so[t] : t) * D;
-        step_trajectory<scalar_t>(t, D, eps, xp, zt, ptr, r, w, a, b, c, d, s, clip_min,
-                                  clip_max, xn, eb, pk);
+        step_trajectory<scalar_t>(t, D, eps, xp, zt, ptr, r, w, a, b, c, d, s, clip_min, clip_max,
+                                  xn, eb, pk);
       }
     });
   });
@@ -104,8 +104,8 @@ void ensemble_step_check_indices_cpu(const at::Tensor& row_ptr, const at::Tensor
     check_dtype(kOp, "sample_of", *sample_of, at::kLong);
     so = sample_of->contiguous();
   }
-  check_ensemble_step_indices(kOp, row_ptr.contiguous(), rows.contiguous(), so, packed,
-                              noise_rows, write_packed);
+  check_ensemble_step_indices(kOp, row_ptr.contiguous(), rows.contiguous(), so, packed, noise_rows,
+                              write_packed);
 }
 
 }  // namespace

@@ -54,9 +54,9 @@ void squared_error_rows(const scalar_t* pred, const scalar_t* target, const MseS
 // grad_pred[m,b,:] = coef[m,b] (pred - target), where
 // coef = 2/D (grad_per_example + grad_per_member[m] mask[m,b] / sum_b mask[m,b]).
 template <typename scalar_t>
-void fused_backward(const scalar_t* grad_example, const scalar_t* grad_member,
-                    const scalar_t* pred, const scalar_t* target, const scalar_t* mask,
-                    const MseShape& s, scalar_t* grad_pred) {
+void fused_backward(const scalar_t* grad_example, const scalar_t* grad_member, const scalar_t* pred,
+                    const scalar_t* target, const scalar_t* mask, const MseShape& s,
+                    scalar_t* grad_pred) {
   const int64_t M = s.members, B = s.batch, D = s.dim;
   const scalar_t two_over_d = scalar_t(2) / std::max<int64_t>(D, 1);
   std::vector<scalar_t> coef(M * B);
@@ -104,10 +104,9 @@ at::Tensor backward_cpu(const at::Tensor& grad_example_, const at::Tensor& grad_
   const auto grad_example = grad_example_.contiguous(), grad_member = grad_member_.contiguous();
   auto grad_pred = at::empty(pred.sizes(), pred.options());
   AT_DISPATCH_FLOATING_TYPES(pred.scalar_type(), "masked_member_mse_backward", [&] {
-    fused_backward(grad_example.const_data_ptr<scalar_t>(),
-                   grad_member.const_data_ptr<scalar_t>(), pred.const_data_ptr<scalar_t>(),
-                   target.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), s,
-                   grad_pred.mutable_data_ptr<scalar_t>());
+    fused_backward(grad_example.const_data_ptr<scalar_t>(), grad_member.const_data_ptr<scalar_t>(),
+                   pred.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+                   mask.const_data_ptr<scalar_t>(), s, grad_pred.mutable_data_ptr<scalar_t>());
   });
   return grad_pred;
 }

@@ -5,8 +5,8 @@
 // units with one table read per pair of nibbles; larger M goes through 32 x 32 tiles of G'.
 // Loss contrast: tiles of the centred losses. A row of statistics holding an infinite or NaN
 // value cannot be centred (inf - inf) and is scored term by term from the raw values, as the
-// reference and the CPU kernels do. The running top-k: a warp-wide selection for k <= 32,
-// two stable sorts beyond (topk_by_sort.h).
+// reference and the CPU kernels do. The running top-k: a warp-wide selection for k <= 32
+// (topk.cuh), two stable sorts beyond (topk_by_sort.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -21,17 +21,17 @@
 
 #include "../checks.h"
 #include "../topk_by_sort.h"
+#include "topk.cuh"
 #include "utils.cuh"
 
 namespace ensattr_fast {
 namespace {
 
-constexpr int kTile = 32;                    // units, members and tile edge per block
-constexpr int kTileRows = 8;                 // warps per tiled block
-constexpr int kPerWarp = kTile / kTileRows;  // units (or queries) per warp
-constexpr int64_t kTableBytesMax = 100 * 1024;  // two table blocks per multiprocessor
+constexpr int kTile = 32;                               // units, members and tile edge per block
+constexpr int kTileRows = 8;                            // warps per tiled block
+constexpr int kPerWarp = kTile / kTileRows;             // units (or queries) per warp
+constexpr int64_t kTableBytesMax = 100 * 1024;          // two table blocks per multiprocessor
 constexpr int64_t kUnitsPerTableBlock = 16 * kThreads;  // amortises building the tables
-constexpr int64_t kTopkSlice = 2048;  // candidates per warp in the first top-k pass
 
 template <typename scalar_t>
 __device__ __forceinline__ double as_double(scalar_t v) {
@@ -115,15 +115,16 @@ __device__ double first_order_direct(const uint8_t* __restrict__ code_row,
   double quad = 0;
   for (int64_t i = 0; i < M; ++i) {
     const double vi = code_row[i] == 0 ? ex : in;
-    for (int64_t j = 0; j < M; ++j) quad += vi * (code_row[j] == 0 ? ex : in) * as_double(g[i * M + j]);
+    for (int64_t j = 0; j < M; ++j)
+      quad += vi * (code_row[j] == 0 ? ex : in) * as_double(g[i * M + j]);
   }
   return sqrt(quad < 0 ? 0.0 : quad);
 }
 
 // mean over E of L_q minus mean over I, from the raw losses.
 template <typename scalar_t>
-__device__ double loss_direct(const uint8_t* __restrict__ code_row,
-                              const scalar_t* __restrict__ l, int64_t M) {
+__device__ double loss_direct(const uint8_t* __restrict__ code_row, const scalar_t* __restrict__ l,
+                              int64_t M) {
   double sum_ex = 0, sum_in = 0;
   int64_t k = 0;
   for (int64_t m = 0; m < M; ++m) {
@@ -196,11 +197,11 @@ __device__ void build_pair_tables(const double* __restrict__ g, int M, int C, in
 // tables of s in shared memory, then thread tid scores units blockIdx.x * kThreads + tid + i *
 // gridDim.x * kThreads, one table read per pair of nibbles (random reads of shared memory).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) first_order_tables_kernel(
-    const uint8_t* __restrict__ code, const uint64_t* __restrict__ masks,
-    const int32_t* __restrict__ counts, const scalar_t* __restrict__ gram,
-    const double* __restrict__ centred, const double* __restrict__ means, int64_t S, int64_t N,
-    int M, acc_t* __restrict__ scores) {
+__global__ void __launch_bounds__(kThreads)
+    first_order_tables_kernel(const uint8_t* __restrict__ code, const uint64_t* __restrict__ masks,
+                              const int32_t* __restrict__ counts, const scalar_t* __restrict__ gram,
+                              const double* __restrict__ centred, const double* __restrict__ means,
+                              int64_t S, int64_t N, int M, acc_t* __restrict__ scores) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* tables = reinterpret_cast<acc_t*>(shared_bytes);
   const int C = (M + 3) / 4, pairs = C * (C + 1) / 2;
@@ -339,160 +340,12 @@ __global__ void loss_contrast_kernel(const uint8_t* __restrict__ code,
     for (int r = 0; r < kPerWarp; ++r) {
       const int64_t q = q0 + ty + kTileRows * r;
       if (q >= Q || u >= N) continue;
-      scores[q * N + u] =
-          !isfinite(row_mean[q]) ? static_cast<acc_t>(loss_direct(code + u * M, losses + q * M, M))
-          : valid                ? sum[r] * scale
-                                 : std::numeric_limits<acc_t>::quiet_NaN();
+      scores[q * N + u] = !isfinite(row_mean[q])
+                              ? static_cast<acc_t>(loss_direct(code + u * M, losses + q * M, M))
+                          : valid ? sum[r] * scale
+                                  : std::numeric_limits<acc_t>::quiet_NaN();
     }
   }
-}
-
-// ------------------------------------------------------------------------------- top-k
-
-// Larger value first; on equal values the lower unit index. Index < 0 means "no candidate".
-template <typename acc_t>
-__device__ __forceinline__ bool better(acc_t va, int64_t ia, acc_t vb, int64_t ib) {
-  if (ia < 0) return false;
-  if (ib < 0) return true;
-  return va > vb || (va == vb && ia < ib);
-}
-
-// The best k <= 32 candidates offered to a warp, sorted: lane l holds the l-th best (index -1:
-// none yet). All lanes call offer() together, each with its own candidate; a candidate that
-// beats the k-th best is inserted (one ballot, one shift), the others cost one ballot.
-template <typename acc_t>
-struct WarpTopk {
-  acc_t value = acc_t(0);
-  int64_t index = -1;
-
-  __device__ void offer(acc_t v, int64_t i, int k) {
-    const int lane = threadIdx.x % kWarpSize;
-    const bool valid = i >= 0 && v == v;  // NaN and empty slots never enter
-    acc_t worst_v = __shfl_sync(kFullMask, value, k - 1);
-    int64_t worst_i = __shfl_sync(kFullMask, index, k - 1);
-    unsigned pending = __ballot_sync(kFullMask, valid && better(v, i, worst_v, worst_i));
-    while (pending != 0) {
-      const int src = __ffs(pending) - 1;
-      const acc_t cv = __shfl_sync(kFullMask, v, src);
-      const int64_t ci = __shfl_sync(kFullMask, i, src);
-      // the lanes holding better entries form a prefix of length pos (< k: cv beats lane k-1)
-      const int pos = __popc(__ballot_sync(kFullMask, better(value, index, cv, ci)));
-      const acc_t above_v = __shfl_up_sync(kFullMask, value, 1);
-      const int64_t above_i = __shfl_up_sync(kFullMask, index, 1);
-      if (lane == pos) {
-        value = cv;
-        index = ci;
-      } else if (lane > pos) {
-        value = above_v;
-        index = above_i;
-      }
-      worst_v = __shfl_sync(kFullMask, value, k - 1);
-      worst_i = __shfl_sync(kFullMask, index, k - 1);
-      pending &= pending - 1;  // src is done
-      pending &= __ballot_sync(kFullMask, valid && better(v, i, worst_v, worst_i));
-    }
-  }
-};
-
-// Offers values[n] with unit indices[n] (or first_index + n when indices is null), n < count,
-// to a warp's top-k, 4 x 32 loads in flight.
-template <typename acc_t>
-__device__ void offer_range(WarpTopk<acc_t>& top, int k, const acc_t* __restrict__ values,
-                            const int64_t* __restrict__ indices, int64_t first_index,
-                            int64_t count) {
-  constexpr int kDepth = 4;
-  const int lane = threadIdx.x % kWarpSize;
-  for (int64_t base = 0; base < count; base += kDepth * kWarpSize) {
-    acc_t v[kDepth];
-    int64_t i[kDepth];
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) {
-      const int64_t n = base + d * kWarpSize + lane;
-      const bool in = n < count;
-      v[d] = in ? values[n] : acc_t(0);
-      i[d] = !in ? -1 : indices != nullptr ? indices[n] : first_index + n;
-    }
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) top.offer(v[d], i[d], k);
-  }
-}
-
-// First pass for long rows: warp per (row, slice of kTopkSlice scores), grid-stride; the
-// slice's best k (sorted, index -1 for none) into out [R, slices, k].
-template <typename acc_t>
-__global__ void topk_slices_kernel(const acc_t* __restrict__ scores, int64_t R, int64_t N,
-                                   int64_t slices, int k, int64_t unit_offset,
-                                   acc_t* __restrict__ out_values,
-                                   int64_t* __restrict__ out_indices) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / kWarpSize);
-  for (int64_t w = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / kWarpSize; w < R * slices;
-       w += warps) {
-    const int64_t row = w / slices, first = (w - row * slices) * kTopkSlice;
-    WarpTopk<acc_t> top;
-    offer_range(top, k, scores + row * N + first, static_cast<const int64_t*>(nullptr),
-                unit_offset + first, N - first < kTopkSlice ? N - first : kTopkSlice);
-    if (lane < k) {
-      out_values[w * k + lane] = top.value;
-      out_indices[w * k + lane] = top.index;
-    }
-  }
-}
-
-// Warp per row (grid-stride): the previous top-k [R, k] and the row's candidates [R, count]
-// (the scores, or the first pass's lists) merged into top [R, k]; empty slots get -inf, -1.
-template <typename acc_t>
-__global__ void topk_merge_kernel(const acc_t* __restrict__ prev_values,
-                                  const int64_t* __restrict__ prev_indices,
-                                  const acc_t* __restrict__ values,
-                                  const int64_t* __restrict__ indices, int64_t first_index,
-                                  int64_t count, int64_t R, int k, acc_t* __restrict__ top_values,
-                                  int64_t* __restrict__ top_indices) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / kWarpSize);
-  for (int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / kWarpSize; row < R;
-       row += warps) {
-    WarpTopk<acc_t> top;
-    if (prev_values != nullptr)
-      offer_range(top, k, prev_values + row * k, prev_indices + row * k, 0, k);
-    offer_range(top, k, values + row * count, indices != nullptr ? indices + row * count : nullptr,
-                first_index, count);
-    if (lane < k) {
-      top_values[row * k + lane] =
-          top.index >= 0 ? top.value : -std::numeric_limits<acc_t>::infinity();
-      top_indices[row * k + lane] = top.index;
-    }
-  }
-}
-
-// k <= kSelectTopkMax: rows of up to kTopkSlice scores in one pass, longer rows in two.
-template <typename acc_t>
-void merge_topk_cuda(const at::Tensor& scores, int k, int64_t unit_offset, const at::Tensor& pv,
-                     const at::Tensor& pi, at::Tensor& top_values, at::Tensor& top_indices,
-                     cudaStream_t stream) {
-  const int64_t R = scores.size(0), N = scores.size(1);
-  const int64_t slices = (N + kTopkSlice - 1) / kTopkSlice;
-  const acc_t* values = scores.const_data_ptr<acc_t>();
-  const int64_t* indices = nullptr;
-  int64_t first_index = unit_offset, count = N;
-  at::Tensor slice_values, slice_indices;
-  if (slices > 1) {
-    slice_values = at::empty({R, slices, k}, scores.options());
-    slice_indices = at::empty({R, slices, k}, scores.options().dtype(at::kLong));
-    topk_slices_kernel<<<blocks_for(R * slices * kWarpSize), kThreads, 0, stream>>>(
-        values, R, N, slices, k, unit_offset, slice_values.mutable_data_ptr<acc_t>(),
-        slice_indices.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    values = slice_values.const_data_ptr<acc_t>();
-    indices = slice_indices.const_data_ptr<int64_t>();
-    first_index = 0;
-    count = slices * k;
-  }
-  topk_merge_kernel<<<blocks_for(R * kWarpSize), kThreads, 0, stream>>>(
-      pv.defined() ? pv.const_data_ptr<acc_t>() : nullptr,
-      pi.defined() ? pi.const_data_ptr<int64_t>() : nullptr, values, indices, first_index, count,
-      R, k, top_values.mutable_data_ptr<acc_t>(), top_indices.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ------------------------------------------------------------------------------ the ops
@@ -535,8 +388,9 @@ void first_order_scores(const at::Tensor& code, const at::Tensor& gram, const Sc
     // building the tables (up to kUnitsPerTableBlock units)
     const int64_t samples = std::min<int64_t>(S, kMaxGridY);
     const int64_t wanted = (4 * int64_t{multiprocessors} + samples - 1) / samples;
-    const int64_t slices = std::min(std::max((N + kUnitsPerTableBlock - 1) / kUnitsPerTableBlock, wanted),
-                                    (N + kThreads - 1) / kThreads);
+    const int64_t slices =
+        std::min(std::max((N + kUnitsPerTableBlock - 1) / kUnitsPerTableBlock, wanted),
+                 (N + kThreads - 1) / kThreads);
     kernel<<<dim3(static_cast<unsigned>(slices), grid_y_for(S)), kThreads, table_bytes, stream>>>(
         code_p, masks_p, counts.const_data_ptr<int32_t>(), raw, centred.const_data_ptr<double>(),
         means.const_data_ptr<double>(), S, N, static_cast<int>(M),
@@ -556,8 +410,8 @@ void first_order_scores(const at::Tensor& code, const at::Tensor& gram, const Sc
 }
 
 template <typename scalar_t>
-void loss_contrast_scores(const at::Tensor& code, const at::Tensor& losses,
-                          const ScoreShape& shape, at::Tensor& scores, cudaStream_t stream) {
+void loss_contrast_scores(const at::Tensor& code, const at::Tensor& losses, const ScoreShape& shape,
+                          at::Tensor& scores, cudaStream_t stream) {
   using acc_t = opmath_t<scalar_t>;
   const int64_t Q = shape.rows, N = shape.units, M = shape.members;
   const scalar_t* raw = losses.const_data_ptr<scalar_t>();

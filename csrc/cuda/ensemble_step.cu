@@ -85,8 +85,8 @@ __global__ void ensemble_step_kernel(
     const scalar_t* __restrict__ eps, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ noise, const int64_t* __restrict__ sample_of,
     const int64_t* __restrict__ row_ptr, const int64_t* __restrict__ rows,
-    const acc_t* __restrict__ weights, int64_t T, int64_t D, int64_t P, int64_t R,
-    bool has_noise, int64_t noise_rows, StepCoefficients<acc_t> k, scalar_t* __restrict__ x_next,
+    const acc_t* __restrict__ weights, int64_t T, int64_t D, int64_t P, int64_t R, bool has_noise,
+    int64_t noise_rows, StepCoefficients<acc_t> k, scalar_t* __restrict__ x_next,
     scalar_t* __restrict__ eps_bar, scalar_t* __restrict__ packed) {
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const int64_t vectors = D / V;
@@ -102,7 +102,8 @@ __global__ void ensemble_step_kernel(
       acc_t eb[V];
 #pragma unroll
       for (int c = 0; c < V; ++c) eb[c] = 0;
-      const bool ok = csr_ok && gather<scalar_t, acc_t, V>(eps, rows, weights, begin, end, P, D, f, eb);
+      const bool ok =
+          csr_ok && gather<scalar_t, acc_t, V>(eps, rows, weights, begin, end, P, D, f, eb);
       const auto xv = load_vec<V>(x + i);
       Vec<scalar_t, V> zv;
       if (has_noise && z_ok) zv = load_vec<V>(noise + z * D + f);
@@ -153,12 +154,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ensemble_step_cuda(
   auto packed = at::empty({write_packed ? shape.packed : 0, D}, x.options());
   if (T * D == 0) return {x_next, eps_bar, packed};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "ensemble_step_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ensemble_step_cuda",
+                                  [&] {
     using acc_t = opmath_t<scalar_t>;
-    const StepCoefficients<acc_t> k{static_cast<acc_t>(a),        static_cast<acc_t>(b),
-                                    static_cast<acc_t>(c),        static_cast<acc_t>(d),
-                                    static_cast<acc_t>(s),        static_cast<acc_t>(clip_min),
+    const StepCoefficients<acc_t> k{static_cast<acc_t>(a),       static_cast<acc_t>(b),
+                                    static_cast<acc_t>(c),       static_cast<acc_t>(d),
+                                    static_cast<acc_t>(s),       static_cast<acc_t>(clip_min),
                                     static_cast<acc_t>(clip_max)};
     const scalar_t* eps_p = member_eps.const_data_ptr<scalar_t>();
     const scalar_t* x_p = x.const_data_ptr<scalar_t>();

@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kThreads)
     if (warps_per_row == 1) {
       if (lane == 0 && r < rows) per_example[r] = sum * inv_d;
     } else {  // uniform over the block: tpr is a kernel argument
-      __syncthreads();  // the previous rows' partials have been read
+      // the previous rows' partials have been read
+      __syncthreads();
       if (lane == 0) partial[warp] = sum;
       __syncthreads();
       if (in_row == 0 && r < rows) {
@@ -114,7 +115,8 @@ __global__ void row_coefficients_kernel(const acc_t* __restrict__ grad_example,
   }
 }
 
-// Rows as in squared_error_rows_kernel: grad_pred[r, :] = coef[r] (pred[r, :] - target[r or r % B, :]).
+// Rows as in squared_error_rows_kernel:
+// grad_pred[r, :] = coef[r] (pred[r, :] - target[r or r % B, :]).
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads)
     grad_rows_kernel(const acc_t* __restrict__ coef, const scalar_t* __restrict__ pred,
@@ -134,7 +136,8 @@ __global__ void __launch_bounds__(kThreads)
       Vec<scalar_t, V> out;
 #pragma unroll
       for (int e = 0; e < V; ++e)
-        out.v[e] = static_cast<scalar_t>(c * (static_cast<acc_t>(a.v[e]) - static_cast<acc_t>(b.v[e])));
+        out.v[e] =
+            static_cast<scalar_t>(c * (static_cast<acc_t>(a.v[e]) - static_cast<acc_t>(b.v[e])));
       store_vec<V>(g + v * V, out);
     }
   }
@@ -152,8 +155,7 @@ void with_vector_width(int64_t D, std::initializer_list<const void*> pointers, L
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& pred_,
-                                                const at::Tensor& target_,
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& pred_, const at::Tensor& target_,
                                                 const at::Tensor& mask_) {
   const auto s = check_masked_member_mse("masked_member_mse", pred_, target_, mask_);
   c10::cuda::CUDAGuard guard(pred_.device());
@@ -218,8 +220,9 @@ at::Tensor backward_cuda(const at::Tensor& grad_example_, const at::Tensor& grad
     with_vector_width<scalar_t>(s.dim, {p, t, g}, [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int tpr = threads_per_row(s.dim / V);
-      grad_rows_kernel<scalar_t, acc_t, V><<<blocks_for(rows, kThreads / tpr), kThreads, 0, stream>>>(
-          coef.const_data_ptr<acc_t>(), p, t, rows, s.batch, s.dim, s.broadcast_target, tpr, g);
+      grad_rows_kernel<scalar_t, acc_t, V>
+          <<<blocks_for(rows, kThreads / tpr), kThreads, 0, stream>>>(
+              coef.const_data_ptr<acc_t>(), p, t, rows, s.batch, s.dim, s.broadcast_target, tpr, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
