@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from ensattr_fast.cli import main
-from ensattr_fast.progress import Progress, style
+from ensattr_fast.cli.main import main
+from ensattr_fast.runtime.progress import Progress, style
 
 LINE = re.compile(r"^train: (\d+)/200 steps \((\d+)%\), [\d.,]+ steps/s, ETA \d+:\d\d:\d\d(, loss [\d.]+)?$")
 

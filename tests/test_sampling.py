@@ -6,9 +6,9 @@ import torch
 
 from ensattr_fast import codes
 from ensattr_fast.codes import CodeError
+from ensattr_fast.diffusion.sampling import ablate, ablation_weights, sample, seeded_normal
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.sampling import ablate, ablation_weights, sample, seeded_normal
-from ensattr_fast.schedules import NoiseSchedule, Sampler
 
 SCHEDULE = NoiseSchedule.linear(100)
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from ensattr_fast import codes
-from ensattr_fast.checkpoint import Checkpoint, CheckpointError
 from ensattr_fast.data import Dataset
+from ensattr_fast.diffusion.schedules import NoiseSchedule
 from ensattr_fast.errors import ConfigError, DataError
 from ensattr_fast.members import StackedMLP, UNetMember, VmapEnsemble
 from ensattr_fast.ops import masked_member_mse
-from ensattr_fast.schedules import NoiseSchedule
 from ensattr_fast.training import TrainConfig, Trainer
+from ensattr_fast.training.checkpoint import Checkpoint, CheckpointError
 
 SCHEDULE = NoiseSchedule.linear(200)
 

@@ -5,7 +5,9 @@ and checked against it.
 - :mod:`.loss`: each member's diffusion loss on a query, contrasted over the code;
 - :mod:`.gradients`: TRAK and D-TRAK features of every member and their combinations;
 - :mod:`.baselines`: pixel nearest neighbours;
-- :mod:`.methods`: the registry of method names.
+- :mod:`.blocks`: every unit scored against every row, block by block, into block sinks;
+- :mod:`.full_kernel`: the kernel of the full (unprojected) gradients, for small training sets;
+- :mod:`.methods`: the registry of methods and how each statistic is computed.
 """
 
 from ..codes import group_code

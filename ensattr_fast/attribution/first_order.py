@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
+from ..diffusion.sampling import seeded_normal
+from ..diffusion.schedules import NoiseSchedule, Sampler
 from ..members import Ensemble
-from ..sampling import seeded_normal
-from ..schedules import NoiseSchedule, Sampler
 
 __all__ = ["FirstOrderGrams", "first_order_grams"]
 

@@ -17,10 +17,10 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor
 
+from ..diffusion.schedules import NoiseSchedule
 from ..errors import MethodError
 from ..members import Ensemble
 from ..members.mlp import StackedMLP
-from ..schedules import NoiseSchedule
 from .gradients import FeatureSpec, _noised, layer_rows, linear_layers, per_example_gradients
 
 __all__ = ["EXACT_BUDGET", "check_exact_budget", "exact_example_scores", "exact_member_scores"]

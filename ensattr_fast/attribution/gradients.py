@@ -47,11 +47,11 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from ..data import check_images
+from ..diffusion.schedules import NoiseSchedule
 from ..errors import ConfigError, MethodError
 from ..members import Ensemble
 from ..members.mlp import StackedMLP, _StackedLinear
-from ..progress import Progress
-from ..schedules import NoiseSchedule
+from ..runtime.progress import Progress
 from .projection import CountSketch, RankOneProjection, member_seed
 
 __all__ = ["FeatureSpec", "CountSketch", "gradient_features", "dataset_features", "member_scores", "combine",

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from ..data import check_images
+from ..diffusion.schedules import NoiseSchedule
 from ..members import Ensemble
 from ..ops import masked_member_mse
-from ..schedules import NoiseSchedule
 
 __all__ = ["member_losses"]
 

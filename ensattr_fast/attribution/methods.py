@@ -1,47 +1,154 @@
 """The attribution methods, by name: the one registry that the command line's help, the
-attribute step, the demo and the exact check read.
+attribute step, the audit, the exact check, the noise floors and ``metrics`` read.
 
-A method is the statistic of each row (sample) it needs, the scorer that turns the statistic
-and the code into a score per unit, and, for gradient methods, how the members combine:
+A method is the statistic each row (sample) needs, and the scorer that turns it and the code
+into a score per unit; the scorer also owns how its statistics are computed (from a
+:class:`Rows`):
 
 | scorer | statistic of a row | score of unit u |
 | --- | --- | --- |
-| ``first_order`` | G [M, M], Gram of the sampler's Jacobian in the member weights | sqrt(dw_u^T G dw_u): predicted counterfactual distance |
+| ``first_order`` | G [M, M], Gram of the sampler's Jacobian in the member weights | sqrt(dw_u^T G dw_u) |
 | ``loss`` | L [M], each member's diffusion loss on the row | excluders' mean loss minus includers' |
 | ``gradient`` | projected gradient features of the row under each member | TRAK kernel scores, combined over members |
 
-A new method is one :class:`Method` entry in :data:`METHODS` (and, for a new statistic, its
-computation in :mod:`ensattr_fast.steps.attribute`).
+``first_order``'s score is the predicted counterfactual distance.
+
+The first two score by the ``code_scores`` kernel (``by_code``): a unit's score depends on it
+only through its code row, so phantom rows give their noise floor. A new method over an existing
+statistic is one :class:`Method` entry in :data:`METHODS`; a new statistic is one function in
+its scorer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
+from torch import Tensor
+
+from ..diffusion.schedules import NoiseSchedule, Sampler
 from ..errors import MethodError
-from .gradients import COMBINATIONS
+from ..members import Ensemble
+from .first_order import first_order_grams
+from .full_kernel import exact_member_scores
+from .gradients import COMBINATIONS, FeatureSpec, combine, dataset_features, gradient_features, member_scores
+from .loss import member_losses
 
-__all__ = ["Method", "METHODS", "DEFAULT_METHODS", "get_method", "parse_methods", "describe_methods"]
+__all__ = ["Rows", "Scorer", "CodeScorer", "GradientScorer", "SCORERS", "Method", "METHODS", "DEFAULT_METHODS",
+           "get_method", "parse_methods", "describe_methods"]
+
+
+@dataclasses.dataclass
+class Rows:
+    """What the methods score: the members, the rows (samples, with the seeds and sampler that
+    drew them) and the code. ``keep(name, compute)`` is where statistics are kept between runs
+    (the results file's ``/statistics``, so that a resumed run scores the very same numbers);
+    ``data()`` loads the training data when a method needs it."""
+
+    ensemble: Ensemble
+    schedule: NoiseSchedule
+    sampler: Sampler
+    seeds: List[int]
+    images: Tensor  # [S, *data_shape]
+    code: Tensor  # uint8 [N, M]
+    unit_of: Tensor  # int64 [n_examples]
+    data: Callable[[], object]
+    draws: int = 64  # shared (t, eps) draws per loss
+    chunk: int = 16  # samples per pass of the first-order Jacobian
+    features: FeatureSpec = FeatureSpec()
+    keep: Callable[[str, Callable[[], Tensor]], Tensor] = lambda name, compute: compute()
+    progress: bool = False
+    _memo: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def once(self, key, compute: Callable[[], object]):
+        """``compute()`` the first time ``key`` is asked for, its value after."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+
+class Scorer:
+    """How a method's statistic becomes a score per unit."""
+
+    name: str
+    by_code = False  # scores by code_scores from one statistic per row
+    predicts_distance = False  # scores are predicted distances ||x^(-u) - x||, comparable with exact ablation
+
+
+class CodeScorer(Scorer):
+    """Scores by the ``code_scores`` kernel: ``argument`` (``gram`` or ``losses``) is the
+    statistic every row gives it; ``statistics`` compute the ones it keeps together."""
+
+    by_code = True
+
+    def __init__(self, name: str, argument: str, statistics: Dict[str, Callable[[Rows], Tensor]],
+                 predicts_distance: bool = False):
+        self.name, self.argument, self.statistics = name, argument, statistics
+        self.predicts_distance = predicts_distance
+
+    def statistic(self, method: "Method", rows: Rows) -> Tensor:
+        """The statistic of every row that ``method`` scores [S, ...]; all of this scorer's
+        statistics are kept (one computation gives them)."""
+        kept = {name: rows.keep(name, lambda compute=compute: compute(rows))
+                for name, compute in self.statistics.items()}
+        return kept[method.statistic]
+
+
+class GradientScorer(Scorer):
+    """TRAK kernel scores of gradient features [S, N], each member's combined over members."""
+
+    name = "gradient"
+
+    def scores(self, method: "Method", rows: Rows) -> Tensor:
+        per_member = rows.once(("gradient", method.feature_kind), lambda: self.member_scores(method, rows))
+        return combine(per_member, rows.code, method.combination)
+
+    @staticmethod
+    def member_scores(method: "Method", rows: Rows) -> Tensor:
+        """Each member's scores [M, S, N]: projected features of the training data and of the
+        rows (both kept), or the kernel of the full gradients (``features.exact``)."""
+        spec = dataclasses.replace(rows.features, kind=method.feature_kind)
+        ensemble, schedule, n_units = rows.ensemble, rows.schedule, len(rows.code)
+        if spec.exact:  # no features to keep: the Grams of the full gradients, then the kernel
+            return exact_member_scores(ensemble, schedule, rows.data(), rows.images, spec, rows.unit_of, n_units)
+        train = rows.keep(f"features_{spec.kind}{spec.tag}_train",
+                          lambda: dataset_features(ensemble, schedule, rows.data(), spec, rows.progress))
+        queries = rows.keep(f"features_{spec.kind}{spec.tag}",
+                            lambda: gradient_features(ensemble, schedule, rows.images, spec))
+        return member_scores(train, queries, rows.unit_of, n_units)
+
+
+def _grams(rows: Rows):
+    # both Grams come from one pass through the sampler
+    return rows.once("grams", lambda: first_order_grams(rows.ensemble, rows.schedule, rows.sampler, rows.seeds,
+                                                        chunk=rows.chunk))
+
+
+FIRST_ORDER = CodeScorer("first_order", "gram", {"gram_exact": lambda rows: _grams(rows).exact,
+                                                  "gram_direct": lambda rows: _grams(rows).direct},
+                         predicts_distance=True)
+LOSS = CodeScorer("loss", "losses", {"losses": lambda rows: member_losses(rows.ensemble, rows.schedule, rows.images,
+                                                                          rows.draws)})
+GRADIENT = GradientScorer()
+SCORERS: Dict[str, Scorer] = {s.name: s for s in (FIRST_ORDER, LOSS, GRADIENT)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
     statistic: str  # what each row needs: gram_exact, gram_direct, losses, features_dtrak, features_trak
-    scorer: str  # first_order, loss (both by the code_scores op) or gradient
+    scorer: Scorer
     combination: Optional[str] = None  # gradient methods: mean, includers or contrast
     description: str = ""
 
     @property
     def predicts_distance(self) -> bool:
-        """Scores are predicted distances ||x^(-u) - x||, comparable with exact ablation."""
-        return self.scorer == "first_order"
+        return self.scorer.predicts_distance
 
     @property
     def feature_kind(self) -> Optional[str]:
         """``dtrak`` or ``trak`` for gradient methods."""
-        return self.statistic[len("features_"):] if self.scorer == "gradient" else None
+        return self.statistic[len("features_"):] if self.scorer is GRADIENT else None
 
 
 def _gradient_methods() -> List[Method]:
@@ -49,17 +156,16 @@ def _gradient_methods() -> List[Method]:
     for kind, output in (("dtrak", "squared output norm"), ("trak", "diffusion loss")):
         for how in COMBINATIONS:
             name = kind if how == "mean" else f"{kind}_{how}"
-            out.append(Method(name, f"features_{kind}", "gradient", how,
+            out.append(Method(name, f"features_{kind}", GRADIENT, how,
                               f"{kind.upper().replace('DTRAK', 'D-TRAK')} ({output} gradients), {how} over members"))
     return out
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in [
-    Method("first_order", "gram_exact", "first_order",
-           description="first order: the Jacobian through the whole sampler"),
-    Method("direct", "gram_direct", "first_order",
+    Method("first_order", "gram_exact", FIRST_ORDER, description="first order: the Jacobian through the whole sampler"),
+    Method("direct", "gram_direct", FIRST_ORDER,
            description="first order, direct: member outputs along the trajectory only"),
-    Method("loss", "losses", "loss", description="excluders' minus includers' diffusion loss"),
+    Method("loss", "losses", LOSS, description="excluders' minus includers' diffusion loss"),
     *_gradient_methods(),
 ]}
 
@@ -76,7 +182,7 @@ def get_method(name: str) -> Method:
 
 def parse_methods(methods: Union[str, Iterable[str]]) -> List[Method]:
     """Methods from a comma-separated list or names; every unknown one named in one error."""
-    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m).strip() for m in methods]
     names = list(dict.fromkeys(n for n in names if n))  # each once, in the order given
     unknown = sorted({n for n in names if n not in METHODS})
     if unknown:

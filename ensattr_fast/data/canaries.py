@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..files import atomic_output, check_output
+from ..runtime.files import atomic_output, check_output
 from .dataset import Dataset
 
 __all__ = ["plant_canaries", "save_canaries", "Canaries"]

@@ -17,7 +17,6 @@ from .disk import DiskImages
 from .layout import _as_index
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Images float32 [n, C, H, W] in data scale [-1, 1] (a tensor, or :class:`DiskImages` read
@@ -55,10 +54,12 @@ class Dataset:
 
     @property
     def in_memory(self) -> bool:
+        """Whether the images are a tensor in memory (else they stay on disk)."""
         return isinstance(self.images, Tensor)
 
     @property
     def data_shape(self) -> Tuple[int, ...]:
+        """The shape of one image [C, H, W]."""
         return tuple(self.images.shape[1:])
 
     def read(self, index: Union[Tensor, Sequence[int], np.ndarray]) -> Tensor:

@@ -12,7 +12,7 @@ trajectory's member outputs through a CSR list, applies the sampler update with 
 noise and writes the next packed input.
 
 The members run in the sampler's precision (a sample replays bit for bit only in its own) and
-in passes of K members where asked (:class:`~ensattr_fast.execution.Passes`: the same numbers
+in passes of K members where asked (:class:`~ensattr_fast.members.passes.Passes`: the same numbers
 as one pass of all).
 """
 
@@ -24,10 +24,10 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .errors import CodeError
-from .execution import MemberPasses, Passes, precision_scope
-from .members import Ensemble, PackedLayout
-from .ops import ensemble_step
+from ..errors import CodeError
+from ..members import Ensemble, PackedLayout
+from ..members.passes import MemberPasses, Passes, precision_scope
+from ..ops import ensemble_step
 from .schedules import NoiseSchedule, Sampler
 
 __all__ = ["ablation_weights", "seeded_normal", "run_trajectories", "sample", "ablate", "replay", "Trajectories"]

@@ -17,8 +17,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
-from .execution import check_precision
+from ..errors import ConfigError
+from ..members.passes import PRECISIONS, check_precision
+from ..runtime.fields import Choice, Float, Int, Maybe, Switch, option
 
 __all__ = ["NoiseSchedule", "SamplerStep", "Sampler"]
 
@@ -31,11 +32,13 @@ class NoiseSchedule:
 
     @classmethod
     def linear(cls, steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        """The seed's schedule: betas linear from ``beta_start`` to ``beta_end`` over ``steps``."""
         betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
         return cls(tuple(betas.tolist()))
 
     @property
     def steps(self) -> int:
+        """T, the number of noise levels."""
         return len(self.betas)
 
     @property
@@ -66,31 +69,42 @@ class SamplerStep:
         return (self.a, self.b, self.c, self.d, self.s)
 
 
+def _clip(off: bool) -> Optional[Tuple[float, float]]:
+    return None if off else (-1.0, 1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """DDPM ancestral sampling (all T steps) or DDIM (``steps`` of them, stochasticity ``eta``).
 
     ``clip``: range of x0_hat, or None. DDIM with eta = 1 over all T steps equals DDPM.
-    ``precision``: the members' precision (:data:`ensattr_fast.execution.PRECISIONS`); a
+    ``precision``: the members' precision (:data:`ensattr_fast.members.passes.PRECISIONS`); a
     sample replays bit for bit only in its own, so every replay of it takes the sampler it was
     drawn with. None: fp32 (``ensattr sample`` fills in the members' training precision).
     """
 
-    kind: str = "ddim"
-    steps: Optional[int] = 50
-    eta: float = 0.0
-    clip: Optional[Tuple[float, float]] = (-1.0, 1.0)
-    precision: Optional[str] = None
+    kind: str = option("ddim", Choice("ddim", "ddpm"), "DDIM (any number of steps) or DDPM (all T)", flag="--sampler")
+    steps: Optional[int] = option(50, Maybe(Int(1, 1000)), "DDIM steps", flag="--sampling-steps")
+    eta: float = option(0.0, Float(0, 1), "DDIM stochasticity (0: deterministic, 1: DDPM-like)")
+    clip: Optional[Tuple[float, float]] = option((-1.0, 1.0), Switch(), "do not clip x0-hat to [-1, 1]",
+                                                 flag="--no-clip", convert=_clip)
+    precision: Optional[str] = option(None, Maybe(Choice(*PRECISIONS)),
+                                      "of the members (default: the precision they were trained in); recorded with "
+                                      "the samples, whose every replay (ablate, attribute) uses it")
 
     def __post_init__(self):
         if self.kind not in ("ddpm", "ddim"):
             raise ConfigError(f"sampler kind must be 'ddpm' or 'ddim', got {self.kind!r}")
         if self.kind == "ddim" and (self.steps is None or self.steps < 1):
             raise ConfigError(f"DDIM needs steps >= 1, got {self.steps}")
-        if not 0.0 <= self.eta <= 1.0:
+        if not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta must lie in [0, 1], got {self.eta}")
         if self.precision is not None:
             check_precision(self.precision)
+        if self.clip is not None:
+            object.__setattr__(self, "clip", tuple(float(c) for c in self.clip))
+        if self.kind == "ddpm":  # DDPM runs every step of the schedule
+            object.__setattr__(self, "steps", None)
 
     def plan(self, schedule: NoiseSchedule) -> List[SamplerStep]:
         """The steps to run, first (noisiest) to last."""

@@ -1,5 +1,10 @@
-"""The noise floor of ``ensattr attribute``'s answers: the significance of every code-based
-score against phantom rows, and each sample's copy certificate.
+"""The noise floor every answer is judged against: phantom ablations beside each exact
+counterfactual (:class:`NoiseFloor`, :func:`floor_arrays`), phantom rows beside every code-based
+score, and each sample's copy certificate.
+
+- Exact counterfactuals. Each sample is re-drawn, from its own noise, without each of P phantom
+  rows (code rows of the design's kind that belong to no unit); every counterfactual's distance
+  gets an empirical p-value, z-score and Benjamini-Hochberg q-value against its sample's P.
 
 - Scores. A unit's first-order or loss score depends on it only through its code row, so the
   floor of a row (sample) is the scores of P phantom rows (rows of the design's kind that
@@ -16,24 +21,55 @@ score against phantom rows, and each sample's copy certificate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .. import codes
 from ..attribution.methods import Method
-from ..evaluation.significance import benjamini_hochberg, empirical_pvalues
 from ..ops import code_scores
+from ..runtime.fields import Float, Int, check_fields, option
 from ..store import ResultsWriter, open_results
+from .significance import benjamini_hochberg, empirical_pvalues, significance
 
-__all__ = ["score_floors", "certify", "summary", "SCORE_PHANTOMS"]
+__all__ = ["NoiseFloor", "floor_arrays", "score_floors", "certify", "summary", "SCORE_PHANTOMS"]
 
 #: phantom rows scored per row: cheap (one code_scores call), and p-values resolve to 1e-3
 SCORE_PHANTOMS = 1024
 _BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseFloor:
+    """The noise floor of exact counterfactuals: ``phantoms`` ablations of phantom rows per
+    sample (fewer when the code leaves fewer free), from the same noise as the sample; effects
+    judged at false discovery rate ``alpha`` over ``tests`` hypotheses per sample (None: the
+    units ablated)."""
+
+    phantoms: int = option(32, Int(0, 2**16), "phantom ablations per sample: the noise floor every exact effect "
+                                               "is judged against (fewer when the code leaves fewer rows free; "
+                                               "0: none)")
+    alpha: float = option(0.05, Float(0, 1, low_open=True, high_open=True),
+                          "false discovery rate at which effects are called significant")
+    tests: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, "noise floor: ")
+
+
+def floor_arrays(distances: torch.Tensor, floor_distance: torch.Tensor, phantoms: torch.Tensor,
+                 floor: NoiseFloor) -> dict:
+    """What ``/counterfactuals`` stores of the floor: the phantom rows and distances [S, P], and
+    the significance of each counterfactual distance [S, K] against its sample's floor."""
+    judged = significance(distances.numpy(), floor_distance.numpy(), floor.alpha, floor.tests)
+    return dict(judged, floor_distance=floor_distance.float().numpy(), floor_code=phantoms.numpy(),
+                attrs=dict(phantoms=len(phantoms), kind="code rows of the design's weights that no unit has",
+                           alpha=floor.alpha, tests=floor.tests or distances.shape[1], seed=floor.seed))
 
 
 def score_floors(results: os.PathLike, code: torch.Tensor, methods: Sequence[Method], alpha: float = 0.05,
@@ -44,11 +80,10 @@ def score_floors(results: os.PathLike, code: torch.Tensor, methods: Sequence[Met
     found = {}
     with open_results(results) as r:
         for method in methods:
-            if method.scorer == "gradient" or method.name not in r.methods or not len(rows):
+            if not method.scorer.by_code or method.name not in r.methods or not len(rows):
                 continue
             statistic = torch.from_numpy(r.statistic(method.statistic))
-            key = "gram" if method.scorer == "first_order" else "losses"
-            floor = code_scores(rows, **{key: statistic.double()}).scores.float().numpy()  # [R, P]
+            floor = code_scores(rows, **{method.scorer.argument: statistic.double()}).scores.float().numpy()  # [R, P]
             index = r.topk(method.name)[0][()]
             found[method.name] = _judge(r.influence(method.name), floor, index, alpha)
     meta = dict(phantoms=len(rows), alpha=alpha, seed=seed, tests=len(code),

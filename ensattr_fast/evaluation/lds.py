@@ -21,12 +21,12 @@ from torch import Tensor
 
 from ..attribution import member_losses
 from ..attribution.baselines import pixel_similarity
-from ..checkpoint import Checkpoint
 from ..data import Dataset
+from ..diffusion.schedules import NoiseSchedule
 from ..members import build_ensemble
-from ..schedules import NoiseSchedule
 from ..store import open_results
 from ..training import TrainConfig, Trainer
+from ..training.checkpoint import Checkpoint
 from .metrics import lds
 
 __all__ = ["reference_subsets", "train_references", "train_full_model", "dtrak_baseline", "lds_table"]
@@ -86,7 +86,7 @@ def dtrak_baseline(model: Checkpoint, data: Dataset, queries: Tensor, unit_of: T
     return member_scores(train, gradient_features(ensemble, schedule, queries, spec), unit_of, n_units).mean(0)
 
 
-def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
+def lds_table(results: os.PathLike, checkpoint: Checkpoint, data: Dataset,
               references: os.PathLike, halves: int = 32, seeds: int = 2,
               steps: Optional[int] = None, draws: int = 256, rows: Optional[int] = None,
               device: str = "cpu", progress: bool = True, full_model: Optional[os.PathLike] = None) -> Dict[str, dict]:
@@ -96,7 +96,6 @@ def lds_table(results: os.PathLike, checkpoint_path: os.PathLike, data: Dataset,
     beside ``references``; trained there when missing), and D-TRAK averaged over M models each
     trained on all units (``dtrak_<M>_full_models``: the TRAK ensemble of the encoded ensemble's
     compute, beside ``full_model`` as ``<stem>.x<M>.pt``)."""
-    checkpoint = Checkpoint.load(checkpoint_path)
     n_units = len(checkpoint.code)
     with open_results(results) as r:
         # matrices over units only: unit-set (``_groups``) matrices have other columns

@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from ..data import Dataset
+from ..diffusion.sampling import replay
+from ..diffusion.schedules import NoiseSchedule, Sampler
 from ..errors import CodeError
 from ..members import Ensemble
-from ..sampling import replay
-from ..schedules import NoiseSchedule, Sampler
 from .significance import benjamini_hochberg, empirical_pvalues
 
 __all__ = ["Generator", "parse_generator", "Model", "nearest_copies", "distance_to_units", "proof_pool",

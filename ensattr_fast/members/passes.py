@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..runtime.fields import Int, Maybe, Switch, check_fields, option
 
 __all__ = ["PRECISIONS", "Passes", "MemberPasses", "precision_scope", "check_precision"]
 
@@ -81,20 +82,24 @@ class Passes:
     (each holds its own; member outputs gathered every step) instead of the trajectories, for
     ensembles larger than one device (:mod:`ensattr_fast.members.sharded`)."""
 
-    members_per_pass: Optional[int] = None
-    checkpoint_activations: bool = False
-    compile: bool = False
-    shard_members: bool = False
+    members_per_pass: Optional[int] = option(None, Maybe(Int(1, 4096)),
+                                             "evaluate the members K at a time (less memory, the same numbers; "
+                                             "default: all at once)")
+    checkpoint_activations: bool = option(False, Switch(), "recompute the members' activations in the backward "
+                                                           "instead of keeping them")
+    compile: bool = option(False, Switch(), "torch.compile the member forward (slow start)")
+    shard_members: bool = option(False, Switch(), "under torchrun: each rank holds its share of the members "
+                                                  "(the same numbers)")
 
     def __post_init__(self):
-        if self.members_per_pass is not None and self.members_per_pass < 1:
-            raise ConfigError(f"members_per_pass must be >= 1 (or None: all), got {self.members_per_pass}")
+        check_fields(self, "passes: ")
 
 
 class MemberPasses:
     """The forward of ``ensemble`` in passes of ``passes.members_per_pass`` members.
 
-    Passes hold at most K members, as evenly split as can be. A pass runs a skeleton of its members (``Ensemble.select``, its own weights dropped to the
+    Passes hold at most K members, as evenly split as can be. A pass runs a skeleton of its
+    members (``Ensemble.select``, its own weights dropped to the
     meta device) on views of the ensemble's stacked parameters and buffers: gradients land in
     the ensemble's own ``.grad``, and members never share weights, so a backward per pass
     gives every member the gradient of one backward over all of them. The numbers are those

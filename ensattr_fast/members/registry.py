@@ -5,26 +5,18 @@ stores. A new architecture is one :class:`Architecture` entry in :data:`ARCHITEC
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
-from ..errors import ArchitectureError
+from ..errors import ArchitectureError, ConfigError
+from ..runtime.fields import Choice, FilePath, Int, Kind, Width, check_fields, option
 from .base import Ensemble
 from .diffusers_unet import SEED_CIFAR10, diffusers_ensemble
 from .mlp import StackedMLP
 from .unet import StackedUNet
 
 __all__ = ["MemberOptions", "Architecture", "ARCHITECTURES", "build_members", "build_ensemble"]
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberOptions:
-    """What a user chooses about the members: the architecture and its sizes."""
-
-    arch: str = "mlp"
-    hidden: int = 256  # mlp: width
-    blocks: int = 3  # mlp: residual blocks
-    width: int = 32  # unet: channels
-    unet_config: Optional[dict] = None  # diffusers: UNet2DModel arguments (shape from the data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +68,50 @@ ARCHITECTURES: Dict[str, Architecture] = {
         lambda o, shape: _diffusers_spec(o, shape, SEED_CIFAR10),
         _diffusers),
 }
+
+
+class _ArchitectureName(Kind):
+    """A name in :data:`ARCHITECTURES` (read when parsed: plugins may add their own)."""
+
+    @property
+    def choices(self):
+        return tuple(ARCHITECTURES)
+
+    def parse(self, value) -> str:
+        return Choice(*ARCHITECTURES).parse(value)
+
+
+def _unet_config(path) -> dict:
+    """The UNet2DModel arguments in the JSON file ``path``."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--unet-config {path} cannot be read as JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--unet-config {path} must hold an object of UNet2DModel arguments")
+    return config
+
+
+def _describe_architectures() -> str:
+    return "members: " + "; ".join(f"{name}, {a.description}" for name, a in ARCHITECTURES.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberOptions:
+    """What a user chooses about the members: the architecture and its sizes."""
+
+    arch: str = option("mlp", _ArchitectureName(), _describe_architectures())
+    hidden: int = option(256, Int(1, 2**16), "width of the MLP members")
+    blocks: int = option(3, Int(0, 256), "residual blocks of the MLP members")
+    width: int = option(32, Width(), "channels of the built-in UNet members")
+    unet_config: Optional[dict] = option(None, FilePath(), "diffusers: JSON file of UNet2DModel arguments",
+                                         convert=_unet_config)  # the arguments (shape from the data)
+
+    def __post_init__(self):
+        _architecture(self.arch)  # an unknown one is an ArchitectureError, as when a checkpoint names it
+        check_fields(self, "members: ")
+        if self.unet_config is not None and not isinstance(self.unet_config, dict):
+            raise ConfigError(f"members: unet_config must be a dict of UNet2DModel arguments, got {self.unet_config!r}")
 
 
 def _architecture(name) -> Architecture:

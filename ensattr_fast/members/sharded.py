@@ -17,9 +17,9 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from .. import distributed
-from ..execution import MemberPasses, Passes
+from ..runtime import distributed
 from .base import Ensemble, PackedLayout
+from .passes import MemberPasses, Passes
 
 __all__ = ["ShardedEnsemble", "shard_members", "place_members"]
 

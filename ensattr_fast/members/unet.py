@@ -3,7 +3,7 @@
 
 How the members are batched: written folded into grouped convolutions (see :mod:`.grouped`).
 Against the other two ways, on CPU (Xeon, 2 cores, 8 members of width 32 at 3x32x32, 16
-examples each, fastest of 7 interleaved runs, ``benchmarks/benchmark_members.py``): a sampling
+examples each, fastest of 7 interleaved runs, ``benchmarks/timing/benchmark_members.py``): a sampling
 step took 237 ms against 349 ms for stacked parameters under ``torch.func.vmap`` (1.47x) and
 291 ms for the generic fold of :class:`FoldedEnsemble` (1.23x); a training step 438 ms
 against 539 ms (1.23x) and 549 ms (1.25x). vmap moves the member dimension in and out of the
@@ -23,8 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import timestep_embedding
-from .grouped import (GroupedConv2d, GroupedConvTranspose2d, GroupedGroupNorm, StackedLinear, add_per_channel,
-                      cat_channels, fold, unfold)
+from .grouped import (
+    GroupedConv2d,
+    GroupedConvTranspose2d,
+    GroupedGroupNorm,
+    StackedLinear,
+    add_per_channel,
+    cat_channels,
+    fold,
+    unfold,
+)
 from .vmap import VmapEnsemble
 
 

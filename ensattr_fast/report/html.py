@@ -159,7 +159,7 @@ def write_report_html(path: os.PathLike, title: str, samples: np.ndarray, counte
     """Write the page: a summary, then one ``<section>`` per sample (the sample, its top
     training units by ``top['method']``, a sortable table of its counterfactuals with their
     verdict against the noise floor, its certificate). Arrays as in
-    :func:`ensattr_fast.figures.counterfactual_figure`; ``summary``: the counts of the file."""
+    :func:`ensattr_fast.report.figures.counterfactual_figure`; ``summary``: the counts of the file."""
     sections = []
     for i in range(min(rows, len(units))):
         seed = f" (seed {int(seeds[i])})" if seeds is not None and i < len(seeds) else ""

@@ -1,6 +1,6 @@
 """The collectives the steps use across processes and machines (``torch.distributed``); one
 process is the same code with a world of size 1. Joining the process group that ``torchrun``
-describes is the command line's job (:func:`ensattr_fast.cli.launch`).
+describes is the command line's job (:func:`ensattr_fast.cli.main.launch`).
 
 The work splits so that the heavy loops exchange nothing:
 

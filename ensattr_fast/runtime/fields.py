@@ -1,132 +1,199 @@
-"""The types of the command line's values: each option's type and range, shared by the flags
-and the ``--config`` file (whose values go through the same parsers), and a parser whose every
-refusal is one line."""
+"""Typed option fields: an options dataclass says once, in each field's metadata, the flag that
+sets it, its help, and the type and range of its values (a :class:`~.kinds.Kind`). Its
+``__post_init__`` calls :func:`check_fields`, which checks and normalises every value against
+them, whatever gave it (a flag, a config file, Python). The command line's parser is generated
+from the same fields (:mod:`ensattr_fast.cli.parser`), config files are read into the same
+dataclasses (:func:`build`), so each option is written once.
+
+>>> @dataclasses.dataclass(frozen=True)
+... class Options:
+...     steps: int = option(2000, Int(1), "optimisation steps")
+...     def __post_init__(self):
+...         check_fields(self)
+>>> build(Options, {"steps": "30"}).steps
+30
+"""
 
 from __future__ import annotations
 
-import argparse
-import math
-from typing import List
+import dataclasses
+import os
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .kinds import (
+    BIG,
+    SEED_LIMIT,
+    Choice,
+    Device,
+    FilePath,
+    Float,
+    Int,
+    Kind,
+    Maybe,
+    Seeds,
+    Switch,
+    Text,
+    UnitKind,
+    Units,
+    Width,
+)
 
-__all__ = ["BIG", "SEED_LIMIT", "UsageError"]
+__all__ = ["BIG", "SEED_LIMIT", "Kind", "Int", "Float", "Choice", "Switch", "Text", "FilePath", "Seeds", "Device",
+           "Units", "UnitKind", "Width", "Maybe", "Option", "option", "nested", "check_fields", "leaves", "Leaf",
+           "build", "update", "as_record"]
 
-#: counts no run of this package comes near; anything larger is a typo
-BIG = 10**9
-SEED_LIMIT = 2**63
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """What a field's metadata holds: its help, its kind, its flag (default ``--field-name``),
+    whether the command line requires it, and ``convert``, where the flag gives another form
+    than the field holds (``--no-clip`` sets ``clip`` to None): then ``kind`` is the flag's and
+    the dataclass checks the field itself."""
 
-
-class UsageError(ConfigError):
-    """A refused command line; ``prog`` is the command (``ensattr train``)."""
-
-    def __init__(self, prog: str, message: str):
-        super().__init__(message)
-        self.prog = prog
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with every refused argument one :class:`UsageError` line (no usage block)."""
-
-    def error(self, message):
-        raise UsageError(self.prog, message)
+    help: str
+    kind: Kind
+    flag: Optional[str] = None
+    convert: Optional[Callable[[Any], Any]] = None
+    required: bool = False
 
 
-def _int(low: int, high: int = BIG):
-    """An integer in [low, high], from a flag or a config value."""
-    def parse(text) -> int:
+def option(default: Any = dataclasses.MISSING, kind: Optional[Kind] = None, help: str = "", *,
+           flag: Optional[str] = None, convert: Optional[Callable[[Any], Any]] = None,
+           required: bool = False) -> Any:
+    """A dataclass field that is an option: ``steps: int = option(2000, Int(1), "steps")``."""
+    meta = Option(help, kind or Text(), flag, convert, required)
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"option": meta})
+    return dataclasses.field(default=default, metadata={"option": meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Nested:
+    cls: type
+    skip: Tuple[str, ...]
+    defaults: Mapping[str, Any]
+
+
+def nested(cls: type, skip: Sequence[str] = (), **defaults: Any) -> Any:
+    """A field holding another options dataclass (``TrainConfig`` inside the train step's
+    options), with some of its defaults changed and some fields not offered (``skip``)."""
+    return dataclasses.field(default_factory=lambda: cls(**defaults),
+                             metadata={"nested": _Nested(cls, tuple(skip), dict(defaults))})
+
+
+def check_fields(obj: Any, what: str = "") -> None:
+    """Check every option field of ``obj`` against its kind, normalising it (lists of seeds to
+    tuples, text to numbers); a value out of range is one :class:`ConfigError` naming it
+    (``what``: the words before its name, e.g. "training ")."""
+    for f in dataclasses.fields(obj):
+        meta = f.metadata.get("option")
+        if meta is None or meta.convert is not None:
+            continue
+        value = getattr(obj, f.name)
+        if value is None and f.default is None:
+            continue
         try:
-            value = int(str(text).strip(), 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {value}")
-        return value
-    return parse
+            parsed = meta.kind.parse(value)
+        except ValueError as error:
+            raise ConfigError(f"{what}{f.name.replace('_', ' ')} {error}") from None
+        object.__setattr__(obj, f.name, parsed)
 
 
-def _float(low: float, high: float, low_open: bool = False, high_open: bool = False):
-    """A finite number in the interval from ``low`` to ``high`` (ends open where asked)."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One option of a (nested) options dataclass: its flag's ``dest`` (also its config key),
+    the path of field names to it, its metadata and its default."""
 
-    def parse(text) -> float:
+    dest: str
+    path: Tuple[str, ...]
+    option: Option
+    default: Any
+
+    @property
+    def flag(self) -> str:
+        return self.option.flag or "--" + self.path[-1].replace("_", "-")
+
+
+def leaves(cls: type, skip: Sequence[str] = (), defaults: Optional[Mapping[str, Any]] = None,
+           prefix: Tuple[str, ...] = ()) -> Iterator[Leaf]:
+    """Every option of ``cls``, nested dataclasses walked into, in field order."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if "nested" in f.metadata:
+            inner = f.metadata["nested"]
+            yield from leaves(inner.cls, inner.skip, inner.defaults, prefix + (f.name,))
+        elif "option" in f.metadata:
+            meta = f.metadata["option"]
+            if f.name in defaults:
+                default = defaults[f.name]
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            flag = meta.flag or "--" + f.name.replace("_", "-")
+            yield Leaf(flag.lstrip("-").replace("-", "_"), prefix + (f.name,), meta, default)
+
+
+def build(cls: type, values: Mapping[str, Any], where: str = "options") -> Any:
+    """``cls`` with the options ``values`` gives by ``dest`` (flags' and config keys' names,
+    dashes or underscores), each parsed by its kind; the others keep their defaults. An unknown
+    name or a bad value is one :class:`ConfigError` naming it and ``where`` it came from."""
+    return update(cls(), values, where)
+
+
+def update(obj: Any, values: Mapping[str, Any], where: str = "options") -> Any:
+    """A copy of the options ``obj`` with the options ``values`` gives (as :func:`build`).
+    A field's own name serves where no flag has it (``methods`` for ``--method``); through it,
+    a field a flag converts takes the field's value (``clip=None`` for ``--no-clip``)."""
+    by_dest = {leaf.dest: leaf for leaf in leaves(type(obj))}
+    names = [leaf.path[-1] for leaf in by_dest.values()]
+    by_name = {leaf.path[-1]: leaf for leaf in by_dest.values() if names.count(leaf.path[-1]) == 1}
+    tree: Dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        leaf = by_dest.get(key) or by_name.get(key)
+        if leaf is None:
+            raise ConfigError(f"{where}: no option {key!r} (options: {', '.join(sorted(by_dest))})")
+        as_field = key not in by_dest and leaf.option.convert is not None
         try:
-            value = float(str(text).strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text!r}") from None
-        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-        if not math.isfinite(value) or not inside:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
+            parsed = value if as_field else leaf.option.kind.parse(value)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {leaf.flag} {error}") from None
+        node = tree
+        for name in leaf.path[:-1]:
+            node = node.setdefault(name, {})
+        node[leaf.path[-1]] = leaf.option.convert(parsed) if leaf.option.convert and not as_field else parsed
+    return _replace(obj, tree)
+
+
+def _replace(obj: Any, tree: Mapping[str, Any]) -> Any:
+    if not tree:
+        return obj
+    changes = {name: _replace(getattr(obj, name), value) if isinstance(value, dict) and
+               dataclasses.is_dataclass(getattr(obj, name)) else value for name, value in tree.items()}
+    return dataclasses.replace(obj, **changes)
+
+
+def as_record(obj: Any) -> Dict[str, Any]:
+    """``obj`` as JSON values (nested dataclasses as objects, tuples as lists, paths as text),
+    the form steps keep their options in."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple, range)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         return value
-    return parse
+    return plain(obj)
 
 
-def _width(text) -> int:
-    value = _int(8, 4096)(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the UNet's group norms), got {value}")
-    return value
-
-
-def _seeds(text: str) -> List[int]:
-    """``256`` (seeds 0..255), ``100:164`` (a range) or ``1,5,9`` (a list): distinct seeds in
-    [0, 2^63) (none at all is the step's to refuse)."""
-    text = str(text).strip()
-    seed = _int(0, SEED_LIMIT - 1)
-    try:
-        if ":" in text:
-            start, stop = (seed(v) for v in text.split(":"))
-            seeds = list(range(start, stop))
-        elif "," in text:
-            seeds = [seed(v) for v in text.split(",")]
-        else:
-            seeds = list(range(_int(0, BIG)(text)))
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"seeds are N, A:B or a,b,c with each seed in [0, 2^63): {error}") from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"{text!r} lists a seed twice: every sample needs its own seed")
-    return seeds
-
-
-def _device(text) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N``, available on this machine."""
-    import torch
-
-    try:
-        device = torch.device(str(text).strip())
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} usable CUDA devices")
-    return str(text).strip()
-
-
-def _units(text) -> List[int]:
-    """Unit ids, comma-separated (``3,17,250``); whether they exist is the code's to say."""
-    unit = _int(-2**62, 2**62)
-    try:
-        units = [unit(v) for v in str(text).split(",")]
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"unit ids are comma-separated integers, e.g. 3,17,250: {error}") from None
-    return units
-
-
-def _unit_kind(kinds):
-    """One of ``kinds`` (``example``, ``class``, ``group``), or ``clusters:K`` with an integer
-    K >= 2 (written back as ``clusters:K``, the form plans store)."""
-    fixed = [kind for kind in kinds if ":" not in kind]
-
-    def parse(text) -> str:
-        text = str(text).strip()
-        if text in fixed:
-            return text
-        name, colon, count = text.partition(":")
-        if name == "clusters" and colon:
-            try:
-                return f"clusters:{_int(2, BIG)(count)}"
-            except argparse.ArgumentTypeError as error:
-                raise argparse.ArgumentTypeError(f"clusters:K takes a number of clusters K: {error}") from None
-        raise argparse.ArgumentTypeError(f"must be {', '.join(fixed)} or clusters:K (K >= 2), got {text!r}")
-    return parse
+def flags_of(cls: type) -> List[str]:
+    """Every flag of ``cls`` (for tests and help texts)."""
+    return [leaf.flag for leaf in leaves(cls)]

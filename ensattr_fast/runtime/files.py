@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-from .errors import StoreError
+from ..errors import StoreError
 
 __all__ = ["writing", "holder", "atomic_output", "check_output", "same_file", "open_elsewhere"]
 
@@ -134,8 +134,18 @@ def check_output(path: os.PathLike, option: str, overwrite: bool = False,
     folder = path.absolute().parent
     while not folder.exists():  # the folders an output needs are made when it is written
         folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or not _can_make_entries(folder):
         raise StoreError(f"{option} {path}: {folder} is not a folder this process can write to")
+
+
+def _can_make_entries(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``: ``os.access`` says yes to root everywhere, even
+    in /proc, so make (and remove) an empty folder there."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".ensattr-probe-"))
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -1,22 +1,42 @@
-"""The steps of an audit, one module per command: each reads what the previous one wrote (a
-plan file, a checkpoint, a results file), takes typed arguments, and reads and writes files
-only through :mod:`ensattr_fast.store`. The command line calls them; so can a user's script.
+"""The steps of an audit, one module per command, each a function of a :class:`Session` (the
+audit's files and what was read from them, once) and its typed options
+(:mod:`.options`), returning typed results; files are read and written only through
+:mod:`ensattr_fast.store`. :class:`ensattr_fast.Audit` and the command line call them.
 
-plan -> train -> sample -> attribute / ablate -> metrics, lds, report; ``demo`` chains them.
+plan -> train -> sample -> attribute / ablate / audit -> metrics, lds, report; memorization
+beside them; ``demo`` chains them.
 """
 
-from ._floors import summary as significance_summary
-from .ablate import Floor, ablate_step
-from .audit import audit_step
-from .attribute import attribute_step, exact_check, read_groups
-from .demo import run_demo
-from .lds import lds_step
-from .memorization import memorization_step, summary as memorization_summary
-from .metrics import metrics_step
-from .plan import make_plan
-from .report import report_step
-from .sample import sample_step
+from .ablate import ablate
+from .attribute import Attribution, attribute, exact_check
+from .demo import demo
+from .groups import GroupAudit, audit_groups
+from .lds import lds
+from .memorization import Copies, memorization
+from .metrics import metrics
+from .options import (
+                      STEP_OPTIONS,
+                      AblateOptions,
+                      AttributeOptions,
+                      DemoOptions,
+                      GroupAuditOptions,
+                      LdsOptions,
+                      MemorizationOptions,
+                      MetricsOptions,
+                      PlanOptions,
+                      ReportOptions,
+                      SampleOptions,
+                      TrainOptions,
+                      read_groups,
+)
+from .plan import Plan, plan
+from .report import report
+from .sample import Samples, sample
+from .session import Session
 from .train import train
 
-__all__ = ["make_plan", "train", "sample_step", "ablate_step", "Floor", "audit_step", "significance_summary", "attribute_step", "exact_check", "read_groups",
-           "metrics_step", "lds_step", "report_step", "run_demo", "memorization_step", "memorization_summary"]
+__all__ = ["Session", "plan", "train", "sample", "ablate", "attribute", "exact_check", "audit_groups", "memorization",
+           "metrics", "lds", "report", "demo", "Plan", "Samples", "Attribution", "GroupAudit", "Copies",
+           "STEP_OPTIONS", "PlanOptions", "TrainOptions", "SampleOptions", "AblateOptions", "AttributeOptions",
+           "GroupAuditOptions", "MemorizationOptions", "MetricsOptions", "LdsOptions", "ReportOptions", "DemoOptions",
+           "read_groups"]

@@ -7,8 +7,9 @@ import contextlib
 import os
 from typing import Callable
 
-from .. import distributed, errors
-from ..files import writing
+from .. import errors
+from ..runtime import distributed
+from ..runtime.files import writing
 from ..store import unreadable
 
 

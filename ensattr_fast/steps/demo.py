@@ -1,4 +1,4 @@
-"""``ensattr demo``: the whole method on the embedded digits, end to end.
+"""``demo``: the whole method on the embedded digits, end to end.
 
 Example units (default): 16 members on a balanced constant-weight code, one unit per image;
 samples; first-order, direct and loss-based influence of every unit on the first samples,
@@ -15,26 +15,32 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from ..data import load_data
+from ..evaluation.floors import summary
 from ..evaluation.judge import train_judge
-from ..files import check_output
-from ..members import MemberOptions
-from ..schedules import Sampler
-from ..store import ResultsWriter, open_results, read_plan
-from ..training import TrainConfig
-from ._floors import summary
-from .ablate import ablate_step
-from .attribute import attribute_step
-from .plan import make_plan
-from .report import report_step
-from .sample import sample_step
+from ..runtime.files import check_output
+from ..store import ResultsWriter, read_plan
+from .ablate import ablate
+from .attribute import attribute
+from .options import (
+    AblateOptions,
+    AttributeOptions,
+    DemoOptions,
+    PlanOptions,
+    ReportOptions,
+    SampleOptions,
+    TrainOptions,
+)
+from .plan import plan
+from .report import report
+from .sample import sample
+from .session import Session
 from .train import train
 
-__all__ = ["run_demo"]
+__all__ = ["demo"]
 
 
 def _step(name: str, start: float) -> float:
@@ -43,44 +49,48 @@ def _step(name: str, start: float) -> float:
     return now
 
 
-def run_demo(out: Path, config: TrainConfig, sampler: Sampler, members: MemberOptions = MemberOptions(),
-             units: str = "example", n_members: Optional[int] = None, samples: int = 256, attribute: int = 32,
-             per_sample: int = 8, device: str = "cpu", overwrite: bool = False) -> dict:
+def demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     """Every step on the digits under ``out``; returns the sample-quality figures (and, for
     class units, how often each ablated ensemble still draws its removed class). Files of an
     earlier demo in ``out`` are replaced only with ``overwrite``."""
     start = time.perf_counter()
     out = Path(out)
-    by_class = units == "class"
-    n_members = n_members or (20 if by_class else 16)
-    plan, checkpoint, results = out / "plan.h5", out / "ensemble.pt", out / "results.h5"
-    for path in (plan, checkpoint, results, out / "report.png", out / "report.html"):
-        check_output(path, "--out", overwrite)
+    by_class = options.units == "class"
+    n_members = options.members or (20 if by_class else 16)
+    config, device = options.train, options.device
+    session = Session(out / "plan.h5", out / "ensemble.pt", out / "results.h5")
+    for path in (session.plan_path, session.checkpoint_path, session.results_path, out / "report.png",
+                 out / "report.html"):
+        check_output(path, "--out", options.overwrite)
 
-    stats = make_plan(plan, "digits", units, n_members, design="sparse" if by_class else "balanced",
-                      excluders=2, seed=config.seed, overwrite=True)
-    _step(f"plan: {stats}", start)
-    train(plan, checkpoint, config, members, device, overwrite=True)
-    _step(f"trained {n_members} members for {config.steps} steps -> {checkpoint}", start)
-    sample_step(checkpoint, results, range(samples), sampler, device, overwrite=True)
-    with open_results(results) as r:
-        drawn = torch.from_numpy(r.samples[()])
-    _step(f"{samples} samples -> {results}", start)
+    planned = plan(session.plan_path, PlanOptions(data="digits", units=options.units, members=n_members,
+                                                  design="sparse" if by_class else "balanced", excluders=2,
+                                                  seed=config.seed, overwrite=True))
+    _step(f"plan: {planned.stats}", start)
+    train(session.plan_path, session.checkpoint_path,
+          TrainOptions(train=config, architecture=options.architecture, checkpoint_every=0, overwrite=True,
+                       device=device))
+    _step(f"trained {n_members} members for {config.steps} steps -> {session.checkpoint_path}", start)
+    drawn = sample(session, session.results_path, SampleOptions(seeds=range(options.samples), sampler=options.sampler,
+                                                                overwrite=True, device=device)).images
+    samples = options.samples
+    _step(f"{samples} samples -> {session.results_path}", start)
 
     data = load_data("digits")
-    _, _, planned = read_plan(plan)
+    _, _, units = read_plan(session.plan_path)
     if by_class:
-        ablated = torch.arange(planned.n_units).expand(samples, -1).clone()
-        images, distances, evaluations = ablate_step(checkpoint, results, ablated, device)
-        _step(f"{ablated.numel()} exact counterfactuals ({evaluations:,} member evaluations), "
-              f"mean distance {distances.mean():.3f}", start)
+        ablated = torch.arange(units.n_units).expand(samples, -1).clone()
+        found = ablate(session, AblateOptions(device=device), ablated)
+        _step(f"{ablated.numel()} exact counterfactuals ({found.member_evaluations:,} member evaluations), "
+              f"mean distance {found.distances.mean():.3f}", start)
     else:
-        n = min(attribute, samples)
-        agreement = attribute_step(checkpoint, results, n, k=max(10, per_sample), check=per_sample, device=device)
-        _step(f"influence of all {planned.n_units} units on {n} samples (dtrak, first_order, direct, loss); "
-              f"exact check of each sample's top {per_sample}: {agreement}", start)
+        n = min(options.attribute, samples)
+        attribution = attribute(session, AttributeOptions(samples=n, topk=max(10, options.per_sample),
+                                                          check=options.per_sample, device=device))
+        _step(f"influence of all {units.n_units} units on {n} samples (dtrak, first_order, direct, loss); "
+              f"exact check of each sample's top {options.per_sample}: {attribution.agreement}", start)
 
-    print(summary(results), flush=True)
+    print(summary(session.results), flush=True)
 
     judge = train_judge(data)
     quality = judge.judge(drawn)
@@ -88,11 +98,11 @@ def run_demo(out: Path, config: TrainConfig, sampler: Sampler, members: MemberOp
     if by_class:
         # share of the class-c ablation's samples confidently labelled c, for every class c
         quality["ablated_confident_as_removed_class"] = [
-            judge.judge(images[:, c])["confident_of_class"][c] for c in range(planned.n_units)
+            judge.judge(found.images[:, c])["confident_of_class"][c] for c in range(units.n_units)
         ]
-    with ResultsWriter(results, "a") as writer:
+    with ResultsWriter(session.results, "a") as writer:
         writer.set_attrs(quality=quality)
-    report_step(results, out / "report.png", overwrite=True)
+    report(session, out / "report.png", ReportOptions(overwrite=True))
     _step(f"report -> {out / 'report.png'}, {out / 'report.html'}", start)
     print(f"sample quality: {quality['relative_confident']:.2f} of the held-out real digits' share "
           f"of confident labels; class shares {[round(s, 3) for s in quality['class_shares']]}")

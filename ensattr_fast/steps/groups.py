@@ -1,4 +1,4 @@
-"""``ensattr audit``: the hierarchical audit of samples over group units, in one command.
+"""``audit``: the hierarchical audit of samples over group units, in one command.
 
 1. Every sample is re-drawn exactly without each group (the members that never saw it), from
    its own noise, beside phantom ablations: the groups are ranked by how far their removal moves
@@ -23,55 +23,72 @@ import torch
 
 from ..attribution import FeatureSpec, combine, dataset_features, gradient_features, member_scores
 from ..attribution.methods import get_method
-from ..checkpoint import Checkpoint
-from ..data import load_data
 from ..errors import CodeError, MethodError
-from ..store import ResultsWriter, cached_statistic, count_samples, open_results, read_samples
-from .ablate import Floor, ablate_step
+from ..evaluation.counterfactuals import Counterfactuals
+from ..store import ResultsWriter, cached_statistic, count_samples, open_results
+from .ablate import ablate
+from .options import AblateOptions, GroupAuditOptions
+from .session import Session
 
-__all__ = ["audit_step", "AUDIT_MAX_GROUPS"]
+__all__ = ["GroupAudit", "audit_groups", "describe", "AUDIT_MAX_GROUPS"]
 
 #: every sample is re-drawn once per group: past this many groups, audit a subset of samples
 AUDIT_MAX_GROUPS = 4096
 
 
-def audit_step(checkpoint_path: os.PathLike, results: os.PathLike, samples: int = 32, top_groups: int = 3,
-               examples: int = 10, method: str = "dtrak", device: str = "cpu", floor: Floor = Floor(),
-               overwrite: bool = False) -> dict:
-    """Rank each of the first ``samples`` samples' groups by exact ablation (with significance)
-    and, inside its ``top_groups`` groups, the ``examples`` training examples that ``method``
-    (a gradient method) scores highest. Returns the audit's arrays."""
-    chosen = get_method(method)
-    if chosen.scorer != "gradient":
-        raise MethodError(f"--method {method}: the audit ranks examples inside groups with a gradient method "
+@dataclasses.dataclass
+class GroupAudit:
+    """Each sample's ``groups`` int64 [S, G'] (its top groups, largest exact effect first), the
+    ``examples`` int64 [S, G', E] ranked inside each (-1 where a group has fewer) with their
+    ``example_scores`` float32, and the exact counterfactuals of every group."""
+
+    groups: np.ndarray
+    examples: np.ndarray
+    example_scores: np.ndarray
+    counterfactuals: Counterfactuals
+
+    def arrays(self) -> dict:
+        """The arrays of ``/audit``, by name."""
+        return dict(groups=self.groups, examples=self.examples, example_scores=self.example_scores)
+
+
+def audit_groups(session: Session, options: GroupAuditOptions = GroupAuditOptions()) -> GroupAudit:
+    """Rank each of the first ``options.samples`` samples' groups by exact ablation (with
+    significance) and, inside its ``top_groups`` groups, the ``examples`` training examples that
+    ``options.method`` (a gradient method) scores highest."""
+    chosen = get_method(options.method)
+    if chosen.scorer.by_code:
+        raise MethodError(f"--method {options.method}: the audit ranks examples inside groups with a gradient method "
                           "(dtrak, trak, ...)")
-    checkpoint = Checkpoint.load(checkpoint_path)
+    checkpoint = session.checkpoint
     n_groups = len(checkpoint.code)
     if n_groups > AUDIT_MAX_GROUPS:
         raise CodeError(f"the audit re-draws every sample once per group; {n_groups} groups is more than "
                         f"{AUDIT_MAX_GROUPS}: plan fewer, larger groups (--units group or clusters:K)")
-    rows = min(samples, count_samples(results))
+    rows = min(options.samples, count_samples(session.results))
     every = torch.arange(n_groups).expand(rows, -1).clone()
-    _, distances, _ = ablate_step(checkpoint_path, results, every, device, overwrite=overwrite, written_by="audit",
-                                  floor=dataclasses.replace(floor, tests=n_groups))
-    top = torch.argsort(-distances.nan_to_num(-1.0), dim=1, stable=True)[:, : min(top_groups, n_groups)]
-    scores = _example_scores(checkpoint, results, rows, chosen, device)  # [S, n]
-    index, value = _top_examples(scores, checkpoint.unit_of, top, examples)
-    arrays = dict(groups=top.numpy(), examples=index, example_scores=value)
-    with ResultsWriter(results, "a") as writer:
-        writer.write_group("audit", arrays, {"audit": dict(method=method, top_groups=top.shape[1], examples=examples)})
-    return arrays
+    ablation = AblateOptions(floor=dataclasses.replace(options.floor, tests=n_groups), overwrite=options.overwrite,
+                             device=options.device)
+    found = ablate(session, ablation, every, written_by="audit")
+    top = torch.argsort(-found.distances.nan_to_num(-1.0), dim=1, stable=True)[:, : min(options.top_groups, n_groups)]
+    scores = _example_scores(session, rows, chosen, options.device)  # [S, n]
+    index, value = _top_examples(scores, checkpoint.unit_of, top, options.examples)
+    audit = GroupAudit(top.numpy(), index, value, found)
+    with ResultsWriter(session.results, "a") as writer:
+        writer.write_group("audit", audit.arrays(), {"audit": dict(method=options.method, top_groups=top.shape[1],
+                                                                   examples=options.examples)})
+    return audit
 
 
-def _example_scores(checkpoint: Checkpoint, results: os.PathLike, rows: int, method, device: str) -> torch.Tensor:
+def _example_scores(session: Session, rows: int, method, device: str) -> torch.Tensor:
     """Every training example's score [S, n] by a gradient method, examples as their own units;
     the features are those ``ensattr attribute`` keeps (shared through ``/statistics``)."""
-    ensemble, schedule = checkpoint.build().to(device), checkpoint.schedule
-    _, queries = read_samples(results, rows)
+    checkpoint = session.checkpoint
+    ensemble, schedule = session.ensemble(device), checkpoint.schedule
+    _, queries = session.samples(rows)
     spec = FeatureSpec(kind=method.feature_kind)
-    data = load_data(checkpoint.data_source)
-    train = cached_statistic(results, f"features_{spec.kind}_train",
-                             lambda: dataset_features(ensemble, schedule, data, spec, False))
+    train = cached_statistic(session.results, f"features_{spec.kind}_train",
+                             lambda: dataset_features(ensemble, schedule, session.data(), spec, False))
     query = gradient_features(ensemble, schedule, queries, spec)
     n = train.shape[1]
     per_example = member_scores(train, query, torch.arange(n), n)  # [M, S, n]

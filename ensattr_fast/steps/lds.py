@@ -1,31 +1,40 @@
-"""``ensattr lds``: the linear datamodeling score of every influence matrix of a results file,
-against models of the ensemble's own architecture retrained on random halves of the units."""
+"""``lds``: the linear datamodeling score of every influence matrix of a results file, against
+models of the ensemble's own architecture retrained on random halves of the units."""
 
 from __future__ import annotations
 
-import os
-from typing import Dict, Optional
+from typing import Dict
 
-from ..checkpoint import Checkpoint
-from ..data import load_data
 from ..errors import StoreError
 from ..evaluation.lds import lds_table
-from ..files import same_file
+from ..runtime.files import same_file
 from ..store import open_results
+from .metrics import json_output
+from .options import LdsOptions
+from .session import Session
 
-__all__ = ["lds_step"]
+__all__ = ["lds"]
 
 
-def lds_step(results: os.PathLike, checkpoint_path: os.PathLike, references: os.PathLike, halves: int = 32,
-             seeds: int = 2, steps: Optional[int] = None, draws: int = 256, rows: Optional[int] = None,
-             device: str = "cpu") -> Dict[str, dict]:
-    """LDS per method (see :func:`ensattr_fast.evaluation.lds.lds_table`); the reference models
-    are kept in ``references`` and trained there when missing."""
-    for what, given in (("--checkpoint", checkpoint_path), ("--results", results)):
+def lds(session: Session, options: LdsOptions, progress: bool = True) -> Dict[str, dict]:
+    """LDS per method (see :func:`ensattr_fast.evaluation.lds.lds_table`): mean over queries,
+    its 95% interval and the number of queries. The reference models are kept in
+    ``options.references`` and trained there when missing; ``options.json``: the table is also
+    written there."""
+    references = options.references
+    if references is None:
+        raise StoreError("lds needs a file for its reference models (--references)")
+    for what, given in (("--checkpoint", session.checkpoint_path), ("--results", session.results)):
         if same_file(references, given):
             raise StoreError(f"--references {references} is also the {what} this step reads; give another file")
-    checkpoint = Checkpoint.load(checkpoint_path)
-    with open_results(results) as r:
-        r.check_code(checkpoint.code, str(checkpoint_path))
-    return lds_table(results, checkpoint_path, load_data(checkpoint.data_source), references, halves, seeds,
-                     steps, draws, rows, device)
+    write = json_output(options.json, options.overwrite, {"--results": session.results,
+                                                          "--checkpoint": session.checkpoint_path,
+                                                          "--references": references})
+    checkpoint = session.checkpoint
+    with open_results(session.results) as r:
+        r.check_code(checkpoint.code, str(session.checkpoint_path))
+    table = lds_table(session.results, checkpoint, session.data(), references, options.halves,
+                      options.models_per_half, options.steps, options.draws, options.samples, options.device,
+                      progress)
+    write(table)
+    return table

@@ -1,69 +1,85 @@
-"""``ensattr memorization``: the near-copies of training units that a generator draws, each
+"""``memorization``: the near-copies of training units that a generator draws, each
 proven by an exact counterfactual (the same seed without the copied unit) against a phantom
 floor (:mod:`ensattr_fast.evaluation.memorization`)."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict
 
 import numpy as np
 
-from ..checkpoint import Checkpoint
-from ..data import load_data
-from ..errors import CheckpointError, CodeError, DataError
+from ..errors import CheckpointError, DataError
 from ..evaluation.memorization import Model, find_and_prove, parse_generator
-from ..files import atomic_output, check_output, writing
-from ..schedules import Sampler
+from ..runtime.files import atomic_output, check_output, writing
 from ..store import write_memorization
+from ..training.checkpoint import Checkpoint
+from .options import MemorizationOptions
+from .session import Session
 
-__all__ = ["memorization_step", "generator_option", "summary"]
-
-
-def generator_option(text: str) -> str:
-    """The ``--generator`` type: ``full``, ``member:M`` or ``members:a,b,c``, written back in
-    its normal form (whether the members exist is the checkpoint's to say)."""
-    try:
-        return parse_generator(text).name
-    except CodeError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+__all__ = ["Copies", "memorization", "summary"]
 
 
-def memorization_step(checkpoint_path: os.PathLike, out: os.PathLike, generator: str = "full",
-                      seeds: Sequence[int] = range(512), sampler: Sampler = Sampler(), threshold: float = 1.0,
-                      generator_checkpoint: Optional[os.PathLike] = None, phantoms: int = 64, alpha: float = 0.05,
-                      seed: int = 0, device: str = "cpu", max_trajectories: int = 4096,
-                      overwrite: bool = False) -> Dict[str, np.ndarray]:
-    """Sample ``seeds`` from ``generator`` (members of ``checkpoint_path``'s ensemble, or of
-    ``generator_checkpoint``, a model on the same data and units), find near-copies (nearest
-    training image within ``threshold``), prove each by exact ablation against ``phantoms``
-    random sub-ensembles (false discovery rate ``alpha`` over the copies), and write the new
-    file ``out`` (``/memorization``; replaced only with ``overwrite``). Returns its arrays."""
-    spec = parse_generator(generator)
-    inputs = {"--checkpoint": checkpoint_path, "--generator-checkpoint": generator_checkpoint}
-    check_output(out, "--out", overwrite, inputs=inputs)
-    if not seeds:
+@dataclasses.dataclass
+class Copies:
+    """What ``memorization`` found: the arrays of ``/memorization`` (one row per seed: the
+    sample, its nearest training unit and distance, ``is_copy``, the proof's counterfactual,
+    distance, ``moved``, p- and q-value, ``proven``; see docs/results-format.md)."""
+
+    arrays: Dict[str, np.ndarray]
+    threshold: float
+
+    @property
+    def copies(self) -> int:
+        """How many samples are near-copies of a training unit."""
+        return int(self.arrays["is_copy"].sum())
+
+    @property
+    def proven(self) -> int:
+        """How many copies an exact counterfactual proves."""
+        return int(self.arrays["proven"].sum())
+
+    def summary(self) -> str:
+        """The one line ``ensattr memorization`` prints."""
+        return summary(self.arrays, self.threshold)
+
+
+def memorization(session: Session, out: os.PathLike, options: MemorizationOptions = MemorizationOptions(),
+                 max_trajectories: int = 4096) -> Copies:
+    """Sample ``options.seeds`` from ``options.generator`` (members of the session's ensemble,
+    or of ``generator_checkpoint``, a model on the same data and units), find near-copies
+    (nearest training image within ``threshold``), prove each by exact ablation against the
+    floor's phantoms (random sub-ensembles; false discovery rate ``floor.alpha`` over the
+    copies), and write the new file ``out`` (``/memorization``; replaced only with
+    ``overwrite``)."""
+    spec = parse_generator(options.generator)
+    inputs = {"--checkpoint": session.checkpoint_path, "--generator-checkpoint": options.generator_checkpoint}
+    check_output(out, "--out", options.overwrite, inputs=inputs)
+    if not options.seeds:
         raise DataError("--seeds names no seed: nothing to sample")
-    checkpoint = Checkpoint.load(checkpoint_path)
-    other = Checkpoint.load(generator_checkpoint) if generator_checkpoint is not None else checkpoint
-    _check_same_data(checkpoint, other, generator_checkpoint)
+    checkpoint = session.checkpoint
+    other = Checkpoint.load(options.generator_checkpoint) if options.generator_checkpoint is not None else checkpoint
+    _check_same_data(checkpoint, other, options.generator_checkpoint)
     spec.weights(other.code.shape[1])  # refuses members the generator does not have, before any work
-    data = load_data(checkpoint.data_source)
+    data = session.data()
     if data.fingerprint() != checkpoint.data_fingerprint:
-        raise DataError(f"the training data of {checkpoint_path} has changed since it was trained")
-    ens = Model(checkpoint.build().to(device), checkpoint.code)
+        raise DataError(f"the training data of {session.checkpoint_path} has changed since it was trained")
+    device, floor, sampler = options.device, options.floor, options.sampler
+    ens = Model(session.ensemble(device), checkpoint.code)
     gen = ens if other is checkpoint else Model(other.build().to(device), other.code)
-    arrays = find_and_prove(ens, gen, spec, data, checkpoint.unit_of, checkpoint.schedule, sampler, list(seeds),
-                            threshold, phantoms, alpha, seed, max_trajectories)
+    arrays = find_and_prove(ens, gen, spec, data, checkpoint.unit_of, checkpoint.schedule, sampler,
+                            list(options.seeds), options.threshold, floor.phantoms, floor.alpha, floor.seed,
+                            max_trajectories)
     described = dict(spec=spec.name, members=None if spec.members is None else list(spec.members),
-                     checkpoint=str(generator_checkpoint or checkpoint_path))
+                     checkpoint=str(options.generator_checkpoint or session.checkpoint_path))
     with writing(out, "memorization file"), atomic_output(out) as tmp:
-        write_memorization(tmp, arrays, described, threshold=threshold, phantoms=phantoms, alpha=alpha, seed=seed,
+        write_memorization(tmp, arrays, described, threshold=options.threshold, phantoms=floor.phantoms,
+                           alpha=floor.alpha, seed=floor.seed,
                            sampler=dict(kind=sampler.kind, steps=sampler.steps, eta=sampler.eta,
                                         clip=list(sampler.clip) if sampler.clip else None),
-                           ensemble=str(checkpoint_path), unit_names=[str(n) for n in checkpoint.unit_names])
-    return arrays
+                           ensemble=str(session.checkpoint_path), unit_names=[str(n) for n in checkpoint.unit_names])
+    return Copies(arrays, options.threshold)
 
 
 def _check_same_data(checkpoint: Checkpoint, other: Checkpoint, where) -> None:

@@ -1,4 +1,4 @@
-"""``ensattr metrics``: validity metrics of a results file (counterfactual radius, agreement of
+"""``metrics``: validity metrics of a results file (counterfactual radius, agreement of
 each distance-predicting method with exact ablation) and, with the checkpoint, the false
 attribution rate of the ABC protocol."""
 
@@ -7,35 +7,53 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
-
 import torch
 
 from ..attribution.baselines import nearest_units
 from ..attribution.methods import METHODS
-from ..checkpoint import Checkpoint
-from ..data import load_data
+from ..diffusion.sampling import ablate
 from ..evaluation.metrics import agreement, counterfactual_radius, mean_interval
-from ..sampling import ablate
-from ..files import writing
+from ..runtime.files import atomic_output, check_output, writing
+from ..store import ResultsWriter, open_results, recover_after_kill
 from ._rules import existing
-from ..store import ResultsWriter, open_results, read_sampler, recover_after_kill
+from .options import MetricsOptions
+from .session import Session
 
-__all__ = ["metrics_step"]
+__all__ = ["metrics", "json_output"]
 
 _PREDICTED = "predicted_"
 
 
-def metrics_step(results: os.PathLike, checkpoint_path: Optional[os.PathLike] = None,
-                 samples: int = 32, device: str = "cpu", seed: int = 0) -> dict:
-    """Counterfactual radius and agreement from the file; with a checkpoint, also the false
-    attribution rate (ABC protocol, see :mod:`ensattr_fast.evaluation.metrics`)."""
+def metrics(session: Session, options: MetricsOptions = MetricsOptions(), seed: int = 0) -> dict:
+    """Counterfactual radius and agreement from the session's results file; with a checkpoint,
+    also the false attribution rate (ABC protocol, see :mod:`ensattr_fast.evaluation.metrics`).
+    ``options.json``: also written there (never over an input; an existing file only with
+    ``overwrite``)."""
+    results = session.results
+    write = json_output(options.json, options.overwrite,
+                        {"--results": results, "--checkpoint": session.checkpoint_path})
     existing(results)
     with writing(results, "results file"):
         recover_after_kill(results)
-        return _metrics(results, checkpoint_path, samples, device, seed)
+        found = _metrics(session, options.samples, options.device, seed)
+    write(found)
+    return found
+
+
+def json_output(path: Optional[os.PathLike], overwrite: bool, inputs: dict) -> Callable[[object], None]:
+    """Check a ``--json`` output before the step runs; returns a writer of it for after."""
+    if path is None:
+        return lambda payload: None
+    check_output(path, "--json", overwrite, inputs=inputs)
+
+    def write(payload) -> None:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
+
+    return write
 
 
 def _exact_significance(arrays: dict, attrs) -> dict:
@@ -61,12 +79,13 @@ def _score_significance(judged: dict) -> dict:
             **judged["meta"]}
 
 
-def _metrics(results, checkpoint_path, samples, device, seed) -> dict:
+def _metrics(session: Session, samples: int, device: str, seed: int) -> dict:
     found: dict = {}
-    checkpoint = None if checkpoint_path is None else Checkpoint.load(checkpoint_path)
+    results = session.results
+    checkpoint = None if session.checkpoint_path is None else session.checkpoint
     with open_results(results) as r:
         if checkpoint is not None:
-            r.check_code(checkpoint.code, str(checkpoint_path))
+            r.check_code(checkpoint.code, str(session.checkpoint_path))
         if r.has_counterfactuals:
             arrays = r.counterfactual_arrays(images=False)
             radius = counterfactual_radius(arrays["distance"])
@@ -83,7 +102,8 @@ def _metrics(results, checkpoint_path, samples, device, seed) -> dict:
         certificate = r.certificate()
         if certificate is not None:
             meta = certificate["meta"]
-            found["certificate"] = {**meta, "bound_rule": meta.get("bound"), "radius": mean_interval(certificate["radius"]),
+            found["certificate"] = {**meta, "bound_rule": meta.get("bound"),
+                                    "radius": mean_interval(certificate["radius"]),
                                     "bound": mean_interval(certificate["bound"])}
         seeds = r.seeds[:samples].tolist()
         images = torch.from_numpy(r.samples[:samples])
@@ -91,13 +111,13 @@ def _metrics(results, checkpoint_path, samples, device, seed) -> dict:
         n_units = r.code.shape[0]
     if checkpoint is None:
         return found
-    data = load_data(checkpoint.data_source)
+    data = session.data()
     nearest = nearest_units(images, data, unit_of, 1)[:, 0]
     g = torch.Generator().manual_seed(seed)
     random_units = torch.randint(n_units, (len(seeds),), generator=g)
-    ensemble = checkpoint.build().to(device)
+    ensemble = session.ensemble(device)
     sets = [[[int(a)], [int(b)]] for a, b in zip(nearest, random_units)]
-    result = ablate(ensemble, checkpoint.schedule, read_sampler(results), checkpoint.code,
+    result = ablate(ensemble, checkpoint.schedule, session.sampler(), checkpoint.code,
                     seeds, sets, per_sample=True)
     after = result.images.cpu()
     still_nearest = torch.stack([nearest_units(after[:, j], data, unit_of, 1)[:, 0] for j in range(2)], 1)

@@ -1,53 +1,68 @@
-"""``ensattr sample``: full-ensemble samples into a new results file, chunk by chunk."""
+"""``sample``: full-ensemble samples into a new results file, chunk by chunk."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import List
 
-from .. import distributed
-from ..checkpoint import Checkpoint
+from torch import Tensor
+
+from ..diffusion import sampling
+from ..diffusion.schedules import Sampler
 from ..errors import DataError, StoreError
-from ..execution import Passes
 from ..members.sharded import ShardedEnsemble, place_members
-from ..progress import Progress
-from ..sampling import sample
-from ..schedules import Sampler
-from ..store import ResultsWriter, SampleStream, file_hash, versions
-from ..files import check_output
+from ..runtime import distributed
+from ..runtime.files import check_output
+from ..runtime.progress import Progress
+from ..store import ResultsWriter, SampleStream, versions
 from ._rules import on_writer, writer_lock
+from .options import SampleOptions
+from .session import Session
 
-__all__ = ["sample_step"]
+__all__ = ["Samples", "sample"]
 
 
-def sample_step(checkpoint_path: os.PathLike, results: os.PathLike, seeds: Sequence[int],
-                sampler: Sampler, device: str = "cpu", overwrite: bool = False, resume: bool = False,
-                chunk: int = 256, passes: Passes = Passes(), progress: bool = True) -> None:
-    """Full-ensemble samples of ``seeds`` into a new results file (code, units, provenance).
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """Full-ensemble samples: the seed that replays each, and the images [S, C, H, W]."""
 
-    Samples are written ``chunk`` at a time with done flags: ``resume`` continues a run that
-    was killed. Distributed, every rank holds all members and runs its share of each chunk; with
-    ``passes.shard_members`` every rank holds its share of the members and runs every sample.
-    A sampler without a precision samples in the members' training precision; the file
+    seeds: List[int]
+    images: Tensor
+    sampler: Sampler
+
+
+def sample(session: Session, out: os.PathLike, options: SampleOptions = SampleOptions(),
+           progress: bool = True) -> Samples:
+    """Full-ensemble samples of ``options.seeds`` into the new results file ``out`` (code,
+    units, provenance), from the session's checkpoint.
+
+    Samples are written ``options.chunk`` at a time with done flags: ``resume`` continues a run
+    that was killed. Distributed, every rank holds all members and runs its share of each chunk;
+    with ``passes.shard_members`` every rank holds its share of the members and runs every
+    sample. A sampler without a precision samples in the members' training precision; the file
     records the one used (every replay of the samples takes it).
     """
-    if not len(seeds):
+    seeds, sampler = [int(s) for s in options.seeds], options.sampler
+    if not seeds:
         raise DataError("no seeds to sample: give --seeds N (N >= 1), A:B or a,b,c")
-    on_writer(lambda: check_output(results, "--out", overwrite, inputs={"--checkpoint": checkpoint_path},
-                                   resume=resume))
-    checkpoint = Checkpoint.load(checkpoint_path)
+    on_writer(lambda: check_output(out, "--out", options.overwrite, inputs={"--checkpoint": session.checkpoint_path},
+                                   resume=options.resume))
+    checkpoint = session.checkpoint
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
-    ensemble, passes = place_members(checkpoint.build(), passes, device)
+    ensemble, passes = place_members(session.ensemble(options.device), options.passes, options.device)
     sharded = isinstance(ensemble, ShardedEnsemble)  # each rank its members, every trajectory
     if sampler.precision is None:
         sampler = dataclasses.replace(sampler, precision=checkpoint.config["train"].get("precision", "fp32"))
-    seeds = [int(s) for s in seeds]
-    spec = dict(checkpoint_hash=file_hash(checkpoint_path), seeds=seeds, chunk=chunk,
+    spec = dict(checkpoint_hash=checkpoint.file_hash, seeds=seeds, chunk=options.chunk,
                 sampler=dataclasses.asdict(sampler))  # compared in canonical JSON by SampleStream
-    with writer_lock(results, "results file"):
-        _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress, sharded)
+    with writer_lock(out, "results file"):
+        _sample_into(out, checkpoint, ensemble, seeds, sampler, options.resume, options.chunk, spec, passes,
+                     progress, sharded)
+    session.results_path = Path(out)
+    session.forget_samples()
+    return Samples(*session.samples(), sampler)
 
 
 def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress,
@@ -78,8 +93,9 @@ def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, s
             # every rank its share of the samples; or, members sharded, every sample (the same images)
             mine = range(stop - start) if sharded else distributed.shard(stop - start)
             share = (stop - start) / max(len(mine), 1)  # rank 0 counts every rank's samples by its own
-            images = sample(ensemble, checkpoint.schedule, sampler, seeds[start + mine.start : start + mine.stop],
-                            passes, lambda done: bar.update(done * share))
+            images = sampling.sample(ensemble, checkpoint.schedule, sampler,
+                                     seeds[start + mine.start : start + mine.stop],
+                                     passes, lambda done: bar.update(done * share))
             images = (images if sharded else distributed.gather_rows(images)).cpu()
             if stream is not None:
                 stream.write(range(start, stop), images.float().numpy())

@@ -10,7 +10,8 @@ from typing import Dict
 import numpy as np
 
 from ..errors import StoreError
-from .writer import ResultsWriter, read_hdf5, versions
+from .hdf5 import read_hdf5, versions
+from .writer import ResultsWriter
 
 __all__ = ["write_memorization", "read_memorization", "MEMORIZATION_ARRAYS"]
 
@@ -25,7 +26,7 @@ def write_memorization(path: os.PathLike, arrays: Dict[str, np.ndarray], generat
     ``proof_images`` [S, C, H, W] (NaN but for copies), ``proof_distance`` [S], ``moved`` [S],
     ``shift`` [S], ``floor`` [S, P], ``pvalue`` [S], ``qvalue`` [S], ``proven`` uint8 [S];
     the group's attributes ``generator`` and ``attrs`` as JSON. Callers write it aside and move
-    it in place (:func:`ensattr_fast.files.atomic_output`)."""
+    it in place (:func:`ensattr_fast.runtime.files.atomic_output`)."""
     missing = [name for name in MEMORIZATION_ARRAYS if name not in arrays]
     if missing:
         raise StoreError(f"memorization arrays missing: {missing}")

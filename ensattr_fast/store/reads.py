@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from .. import codes
+from ..diffusion.schedules import Sampler
 from ..errors import StoreError
-from ..schedules import Sampler
-from .writer import check_code, open_for_reading, read_hdf5
+from .hdf5 import check_code, open_for_reading, read_hdf5
 
-__all__ = ["read_plan", "read_samples", "read_unit_of", "count_samples", "counterfactuals_written_by", "read_sampler", "read_dataset"]
+__all__ = ["read_plan", "read_samples", "read_unit_of", "count_samples", "counterfactuals_written_by", "read_sampler",
+           "read_dataset"]
 
 
 def read_plan(path: os.PathLike):

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import StoreError
-from ..files import open_elsewhere, writing
+from ..runtime.files import open_elsewhere, writing
 
 __all__ = ["recover_after_kill", "open_for_appending", "unreadable"]
 

@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+from .hdf5 import check_code, open_for_reading
 from .recovery import unreadable
-from .writer import check_code, open_for_reading
 
 __all__ = ["open_results", "Results", "InfluenceView"]
 
@@ -100,6 +100,7 @@ class Results:
         self.close()
 
     def close(self) -> None:
+        """Close the file (``with open_results(path) as r:`` does)."""
         self.file.close()
 
     @property
@@ -116,27 +117,33 @@ class Results:
 
     @property
     def code(self) -> h5py.Dataset:
+        """``/code`` uint8 [N, M]: 1 where member m trained on unit u."""
         return self._get("code")
 
     @property
     def unit_of(self) -> h5py.Dataset:
+        """``/units/of_example`` int64 [n_examples]: the unit of each training example."""
         return self._get("units/of_example")
 
     @property
     def unit_names(self):
+        """The name of each unit (a class, a group, a file), or None."""
         names = self.file["units/name"] if "units/name" in self.file else None
         return None if names is None else [n.decode() if isinstance(n, bytes) else str(n) for n in names[()]]
 
     @property
     def samples(self) -> h5py.Dataset:
+        """``/samples/images`` float32 [S, C, H, W]: the full-ensemble samples."""
         return self._get("samples/images")
 
     @property
     def seeds(self) -> h5py.Dataset:
+        """``/samples/seed`` int64 [S]: the seed that replays each sample."""
         return self._get("samples/seed")
 
     @property
     def counterfactuals(self) -> h5py.Group:
+        """``/counterfactuals``: the exact counterfactuals and their floor."""
         return self._get("counterfactuals")
 
     def check_code(self, code, against: str) -> None:
@@ -146,6 +153,7 @@ class Results:
 
     @property
     def has_counterfactuals(self) -> bool:
+        """Whether an ablation, exact check or audit wrote counterfactuals."""
         return "counterfactuals" in self.file
 
     def counterfactual_arrays(self, rows: Optional[int] = None, images: bool = True) -> Dict[str, np.ndarray]:
@@ -156,9 +164,11 @@ class Results:
 
     @property
     def methods(self):
+        """The names of the influence matrices in the file."""
         return sorted(self.file["influence"]) if "influence" in self.file else []
 
     def influence(self, method: str) -> InfluenceView:
+        """``/influence/<method>`` [K, N], lazily: blocks not yet written read as NaN."""
         if f"influence/{method}" not in self.file:
             raise StoreError(f"{self.file.filename} has no influence matrix {method!r} (has: {self.methods})")
         return InfluenceView(self.file, method)

@@ -9,13 +9,15 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
+import torch
+from torch import Tensor
 
 from ..errors import StoreError
-from ..files import writing
+from ..runtime.files import writing
 from .recovery import open_for_appending
 
 _FILL = np.float32(np.nan)
@@ -106,6 +108,48 @@ class InfluenceStream:
         self.topk_done.flush()
 
 
+@contextlib.contextmanager
+def influence_streams(path: os.PathLike, matrices: Dict[str, Tuple[int, dict]], units: int, block_rows: int,
+                      block_units: int, k: int) -> Iterator[Dict[str, InfluenceStream]]:
+    """``with influence_streams(path, {name: (rows, spec)}, ...) as streams:`` the influence
+    matrices [rows, units] of ``path`` to write block by block (each created, or resumed where
+    its flags say), under the file's write lock; readers may open the file (SWMR) meanwhile."""
+    with writing(path, "results file"), open_for_appending(path) as f:
+        streams = {name: InfluenceStream(f, name, rows, units, block_rows, block_units, k, spec)
+                   for name, (rows, spec) in matrices.items()}
+        f.swmr_mode = True  # readers may open the file from now on
+        yield streams
+
+
+def write_scores(path: os.PathLike, name: str, scores: Tensor, k: int = 10, block_rows: int = 64,
+                  block_units: int = 16384, spec: Optional[dict] = None) -> InfluenceStream:
+    """Write a matrix computed elsewhere (gradient methods: [K, N]) as ``/influence/<name>``
+    and ``/topk/<name>``, in the blocks and with the done flags of every other method."""
+    with writing(path, "results file"), open_for_appending(path) as f:
+        stream = InfluenceStream(f, name, len(scores), scores.shape[1], block_rows, block_units, k,
+                                 dict(spec or {}, kind="precomputed"))
+        f.swmr_mode = True
+        for rb in range(stream.n_row_blocks):
+            rows = stream.row_range(rb)
+            block = scores[rows.start : rows.stop].float()
+            for ub in range(stream.n_unit_blocks):
+                if not stream.is_done(rb, ub):
+                    units = stream.unit_range(ub)
+                    stream.write_block(rb, ub, block[:, units.start : units.stop].numpy())
+            if not stream.topk_done[rb]:
+                top = block.nan_to_num(nan=-float("inf")).topk(min(k, block.shape[1]), dim=1)
+                values = top.values.numpy().copy()
+                indices = top.indices.numpy().copy()
+                empty = ~torch.isfinite(top.values).numpy()
+                values[empty], indices[empty] = np.nan, -1
+                pad = k - values.shape[1]
+                if pad > 0:  # fewer units than k
+                    values = np.pad(values, ((0, 0), (0, pad)), constant_values=np.nan)
+                    indices = np.pad(indices, ((0, 0), (0, pad)), constant_values=-1)
+                stream.write_topk(rb, values, indices)
+    return stream
+
+
 def canonical(spec: dict) -> dict:
     """A spec as JSON stores it (tuples as lists, keys in order): what two specs are compared as."""
     return json.loads(json.dumps(spec, sort_keys=True))
@@ -152,7 +196,8 @@ class SampleStream:
             else:
                 group = self.file.require_group("samples")
                 _create_early(group, "images", (n, *shape), (min(n, self.chunk), *shape), "f4", _FILL)
-                flags = self.file.require_group("progress").create_dataset("samples", data=np.zeros(self.n_chunks, np.uint8))
+                flags = self.file.require_group("progress").create_dataset("samples",
+                                                                           data=np.zeros(self.n_chunks, np.uint8))
                 flags.attrs["spec"] = json.dumps(canonical(spec))
             self.images, self.flags = self.file["samples/images"], self.file["progress/samples"]
             self.file.swmr_mode = True

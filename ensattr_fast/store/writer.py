@@ -1,93 +1,26 @@
-"""Writing results and plan files, and the checks every reader and writer shares: the
-code hash that ties a file to its ensemble, file hashes, versions, and a reader that turns a
-damaged file into one :class:`StoreError`. The layout these files follow is the contract in
-docs/results-format.md.
-
-Attributes are JSON, parsed with ``json.loads``, never evaluated.
-"""
+"""Writing results and plan files (:class:`ResultsWriter`), and the statistics a run keeps in
+them for its resumes (:func:`cached_statistic`). The layout these files follow is the contract
+in docs/results-format.md; attributes are JSON."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor
 
-from .._version import __version__
 from ..errors import StoreError
-from ..files import writing
-from .recovery import open_for_appending, unreadable
+from ..runtime.files import writing
+from .hdf5 import check_code, code_hash, open_for_reading
+from .recovery import open_for_appending
 
-__all__ = ["ResultsWriter", "StoreError", "code_hash", "file_hash", "read_hdf5", "versions", "check_code",
-           "cached_statistic"]
-
-
-def code_hash(code: Tensor) -> str:
-    array = np.ascontiguousarray(code.numpy().astype(np.uint8))
-    return hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
-
-
-def file_hash(path: os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def versions() -> dict:
-    return {"ensattr_fast": __version__, "torch": torch.__version__, "h5py": h5py.__version__,
-            "numpy": np.__version__}
-
-
-@contextlib.contextmanager
-def read_hdf5(path: os.PathLike, what: str = "results file") -> Iterator[h5py.File]:
-    """``with read_hdf5(path) as f:`` reads a results (or plan) file. A file that is missing,
-    truncated or not HDF5, or that lacks a dataset or attribute the block reads, raises one
-    :class:`StoreError` naming the file, not an OSError or a KeyError."""
-    try:
-        file = open_for_reading(path)
-    except OSError as error:
-        raise unreadable(path, error, what) from None
-    try:
-        with file:
-            yield file
-    except (KeyError, OSError, json.JSONDecodeError) as error:
-        detail = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise StoreError(f"{what} {path} is incomplete or damaged ({detail}); is it the file "
-                         "`ensattr sample` wrote?") from None
-
-
-def open_for_reading(path: os.PathLike) -> h5py.File:
-    """``path`` open read-only; in SWMR mode when a writer holds it (or was killed holding it).
-    Only then: an SWMR reader does not check a file's length, and on a truncated file it
-    retries its reads for ever."""
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        if "already open for write" not in str(error):
-            raise
-        return h5py.File(path, "r", swmr=True)
-
-
-def check_code(file: h5py.File, code: Tensor, against: str = "this one", required: bool = False) -> None:
-    """Refuse a file whose results belong to another ensemble than ``code`` (of ``against``:
-    the checkpoint it is used with); with ``required``, also one that names no ensemble."""
-    stored = file.attrs.get("code_hash")
-    if stored is None:
-        if required:
-            raise StoreError(f"{file.filename} records no code hash; is it the file `ensattr sample` wrote?")
-        return
-    if json.loads(stored) != code_hash(code):
-        raise StoreError(f"{file.filename} holds results of another ensemble than {against} (code hash "
-                         f"{json.loads(stored)[:12]}, {against} {code_hash(code)[:12]}); write to a new file")
+__all__ = ["ResultsWriter", "cached_statistic"]
 
 
 def cached_statistic(path: os.PathLike, name: str, compute) -> Tensor:
@@ -182,7 +115,8 @@ class ResultsWriter:
         group = self.file.require_group("groups")
         _replace(group, "name", np.array([str(n) for n in names], dtype=object), dtype=h5py.string_dtype())
         _replace(group, "ptr", np.cumsum([0] + [len(u) for u in units]).astype(np.int64))
-        _replace(group, "units", np.concatenate([np.asarray(u, np.int64) for u in units]) if units else np.zeros(0, np.int64))
+        _replace(group, "units",
+                 np.concatenate([np.asarray(u, np.int64) for u in units]) if units else np.zeros(0, np.int64))
 
     def write_counterfactuals(self, units: Tensor, images: Tensor, distance: Tensor, written_by: str = "ablate",
                               floor: Optional[dict] = None, **extra: Tensor) -> None:

@@ -14,11 +14,12 @@ Modes (docs/method.md, "Common random numbers"):
   holds 2 B examples so that each member still learns from about B per step.
 
 The members run in ``config.precision`` (float32 weights, Adam state and loss in every one;
-see :mod:`ensattr_fast.execution`), in passes of K members and with activation checkpointing
+see :mod:`ensattr_fast.members.passes`), in passes of K members and with activation checkpointing
 where asked (``passes``): the gradients of a pass are those of one pass over all members.
 """
 
+from .checkpoint import Checkpoint
 from .config import MODES, TrainConfig
 from .trainer import Trainer
 
-__all__ = ["TrainConfig", "Trainer", "MODES"]
+__all__ = ["TrainConfig", "Trainer", "MODES", "Checkpoint"]

@@ -8,41 +8,76 @@ in them is unpickled as code. Config and architecture travel as JSON strings.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
+import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
-from .members import Ensemble, VmapEnsemble, build_ensemble
-from .schedules import NoiseSchedule
+from ..diffusion.schedules import NoiseSchedule
+from ..errors import CheckpointError
+from ..members import Ensemble, VmapEnsemble, build_ensemble
 
 __all__ = ["Checkpoint", "CheckpointError"]
 
 FORMAT = "ensattr_fast.checkpoint/1"
 
 
-def _damaged_entry(path: Path) -> Optional[str]:
-    """The first entry of the checkpoint's zip archive whose CRC-32 does not match, if any.
+def _scan(path: Path) -> Tuple[str, Optional[str]]:
+    """One sequential read of the checkpoint: its SHA-256 (the hash results files record), and
+    the first entry of its zip archive whose CRC-32 does not match, if any.
 
-    ``torch.load`` does not check them, so damaged weights would load silently. Entries stored
-    with CRC 0 (``torch.serialization.set_crc32_options(False)``) cannot be checked."""
+    ``torch.load`` does not check the CRCs, so damaged weights would load silently; hashing and
+    checking in the same pass reads the file once (the load then maps it, and finds its pages in
+    the page cache). Entries stored with CRC 0 (``torch.serialization.set_crc32_options(False)``)
+    cannot be checked; compressed entries (torch stores none) are checked through ``zipfile``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        with zipfile.ZipFile(f) as archive:  # the central directory at the end: a small read
+            infos = archive.infolist()
+        spans = []
+        for info in infos:
+            f.seek(info.header_offset + 26)  # the local header's name and extra field lengths
+            name_length, extra_length = struct.unpack("<HH", f.read(4))
+            start = info.header_offset + 30 + name_length + extra_length
+            spans.append([start, start + info.compress_size, info, 0])
+        f.seek(0)
+        at = 0
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+            for span in spans:
+                lo, hi = max(span[0], at), min(span[1], at + len(block))
+                if lo < hi:
+                    span[3] = zlib.crc32(block[lo - at : hi - at], span[3])
+            at += len(block)
+    for _, _, info, crc in spans:
+        if not info.CRC:
+            continue
+        if info.compress_type == zipfile.ZIP_STORED:
+            if crc != info.CRC:
+                return digest.hexdigest(), info.filename
+        elif _damaged_compressed(path, info):
+            return digest.hexdigest(), info.filename
+    return digest.hexdigest(), None
+
+
+def _damaged_compressed(path: Path, info: zipfile.ZipInfo) -> bool:
     with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            if info.CRC:
-                try:
-                    with archive.open(info) as entry:
-                        while entry.read(1 << 22):
-                            pass
-                except zipfile.BadZipFile:
-                    return info.filename
-    return None
+        try:
+            with archive.open(info) as entry:
+                while entry.read(1 << 22):
+                    pass
+        except zipfile.BadZipFile:
+            return True
+    return False
 
 
 @dataclasses.dataclass
@@ -104,6 +139,7 @@ class Checkpoint:
                                   "edited") from None
 
     def save(self, path: os.PathLike) -> None:
+        """Write the checkpoint to ``path`` atomically (a temporary file, then a rename)."""
         payload = dataclasses.asdict(self)
         payload.update(format=FORMAT, spec=json.dumps(self.spec), config=json.dumps(self.config),
                        unit_names=json.dumps(list(self.unit_names)))
@@ -122,13 +158,17 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: os.PathLike) -> "Checkpoint":
+        """The checkpoint in ``path``, read once: its CRCs checked and its SHA-256 taken in one
+        pass (``.file_hash``, what results files record as ``checkpoint_hash``), then loaded
+        with ``weights_only`` from a map of the file. ``.path`` is where it was read."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
+        before = _identity(path)
         try:
-            damaged = _damaged_entry(path)
+            digest, damaged = _scan(path)
             if damaged is None:
-                payload = torch.load(path, map_location="cpu", weights_only=True)
+                payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:  # weights_only refused an object that could run code
             raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain "
                                   "values; ensattr_fast never loads those, since loading them can run "
@@ -141,13 +181,23 @@ class Checkpoint:
         if damaged is not None:
             raise CheckpointError(f"checkpoint {path} is corrupt: its entry {damaged} fails its "
                                   "CRC-32 check (damaged on disk or in transfer)")
+        if _identity(path) != before:
+            raise CheckpointError(f"checkpoint {path} was replaced while it was read (is a training run writing "
+                                  "it?); read it again when that run has written it")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not an ensattr_fast checkpoint (format {FORMAT})")
         payload.pop("format")
         try:
             for key in ("spec", "config", "unit_names"):
                 payload[key] = json.loads(payload[key])
-            return cls(**payload)
+            checkpoint = cls(**payload)
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"checkpoint {path} is incomplete or corrupt ({type(error).__name__}: "
                                   f"{error})") from None
+        checkpoint.path, checkpoint.file_hash = path, digest
+        return checkpoint
+
+
+def _identity(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns

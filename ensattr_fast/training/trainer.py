@@ -12,16 +12,16 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .. import distributed
-from ..checkpoint import Checkpoint
 from ..codes import member_pools, validate
 from ..data import Dataset
+from ..diffusion.schedules import NoiseSchedule
 from ..errors import CheckpointError, CodeError, ConfigError, DataError
-from ..execution import MemberPasses, Passes, precision_scope
 from ..members import Ensemble
+from ..members.passes import MemberPasses, Passes, precision_scope
 from ..ops import masked_member_mse
-from ..progress import Progress
-from ..schedules import NoiseSchedule
+from ..runtime import distributed
+from ..runtime.progress import Progress
+from .checkpoint import Checkpoint
 from .config import TrainConfig
 
 __all__ = ["Trainer"]
@@ -31,10 +31,10 @@ class Trainer:
     """Trains ``ensemble`` on ``data`` under ``code`` (units given by ``unit_of``).
 
     ``members``: the members of the code that ``ensemble`` holds, when it is one rank's shard
-    of a distributed run (see :mod:`ensattr_fast.distributed`); all of them by default. Every
+    of a distributed run (see :mod:`ensattr_fast.runtime.distributed`); all of them by default. Every
     shard draws the random numbers of all members and keeps its own, so the members of a
     sharded run train exactly as in one process. ``passes``: how the members are evaluated
-    (:class:`~ensattr_fast.execution.Passes`: K members per pass, activation checkpointing,
+    (:class:`~ensattr_fast.members.passes.Passes`: K members per pass, activation checkpointing,
     compile). fp16 scales the loss of all members together: a step in which any member's
     gradient overflows is skipped by all of them (as ``torch.amp.GradScaler`` does).
     """
@@ -68,7 +68,8 @@ class Trainer:
         if len(unit_of) != len(data):
             raise DataError(f"unit_of maps {len(unit_of)} examples but the data has {len(data)}")
         if len(unit_of) and (unit_of.min() < 0 or unit_of.max() >= len(code)):
-            raise CodeError(f"unit ids must lie in [0, {len(code)}), got {unit_of.min().item()}..{unit_of.max().item()}")
+            raise CodeError(f"unit ids must lie in [0, {len(code)}), got "
+                            f"{unit_of.min().item()}..{unit_of.max().item()}")
         if tuple(data.data_shape) != tuple(ensemble.data_shape):
             raise DataError(f"the data has shape {data.data_shape} but the ensemble expects {ensemble.data_shape}")
         self.device = torch.device(device)

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from ensattr_fast import codes, code_scores
+from ensattr_fast import codes
 from ensattr_fast.attribution import first_order_grams, group_code, member_losses
+from ensattr_fast.diffusion.sampling import ablation_weights, run_trajectories, sample
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.sampling import ablation_weights, run_trajectories, sample
-from ensattr_fast.schedules import NoiseSchedule, Sampler
+from ensattr_fast.ops import code_scores
 
 SCHEDULE = NoiseSchedule.linear(100)
 

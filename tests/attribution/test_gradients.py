@@ -7,14 +7,14 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ensattr_fast import codes
-from ensattr_fast.attribution import exact as exact_module
+from ensattr_fast.attribution import full_kernel as exact_module
 from ensattr_fast.attribution import projection
 from ensattr_fast.attribution.gradients import CountSketch, FeatureSpec, combine, gradient_features, member_scores
-from ensattr_fast.errors import ConfigError, MethodError
 from ensattr_fast.attribution.methods import METHODS, get_method
+from ensattr_fast.diffusion.schedules import NoiseSchedule
+from ensattr_fast.errors import ConfigError, MethodError
 from ensattr_fast.members import StackedMLP, UNetMember, VmapEnsemble
 from ensattr_fast.members.mlp import _StackedLinear
-from ensattr_fast.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.linear()
 
@@ -121,8 +121,10 @@ def test_combinations_of_member_scores():
 
 def test_method_names():
     assert (get_method("dtrak").feature_kind, get_method("dtrak").combination) == ("dtrak", "mean")
-    assert (get_method("trak_includers").feature_kind, get_method("trak_includers").combination) == ("trak", "includers")
-    assert (get_method("dtrak_contrast").feature_kind, get_method("dtrak_contrast").combination) == ("dtrak", "contrast")
+    assert (get_method("trak_includers").feature_kind,
+            get_method("trak_includers").combination) == ("trak", "includers")
+    assert (get_method("dtrak_contrast").feature_kind,
+            get_method("dtrak_contrast").combination) == ("dtrak", "contrast")
     assert get_method("first_order").feature_kind is None and "dtrak_median" not in METHODS
 
 
@@ -132,15 +134,16 @@ def test_attribute_streams_gradient_methods(tmp_path):
     import h5py
     import numpy as np
 
-    from ensattr_fast.checkpoint import Checkpoint
-    from ensattr_fast.cli import main
+    from ensattr_fast.cli.main import main
     from ensattr_fast.data import load_digits
+    from ensattr_fast.training.checkpoint import Checkpoint
 
     plan, ckpt, results = tmp_path / "plan.h5", tmp_path / "ensemble.pt", tmp_path / "results.h5"
     assert main(["plan", "--out", str(plan), "--members", "16"]) == 0
     assert main(["train", "--plan", str(plan), "--out", str(ckpt), "--steps", "4", "--hidden", "16",
                  "--blocks", "1", "--batch-size", "8"]) == 0
-    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(results), "--seeds", "3", "--sampling-steps", "3"]) == 0
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(results), "--seeds", "3",
+                 "--sampling-steps", "3"]) == 0
     assert main(["attribute", "--checkpoint", str(ckpt), "--results", str(results), "--samples", "3",
                  "--method", "dtrak,dtrak_includers,dtrak_contrast", "--block-rows", "2", "--check", "1"]) == 0
     checkpoint = Checkpoint.load(ckpt)
@@ -262,7 +265,7 @@ def brute_force_exact_scores(ensemble, train, queries, spec, damping):
     grads = dense_gradients(ensemble, torch.cat([train, queries]), spec)
     layers = [name for name, module in ensemble.named_modules() if isinstance(module, _StackedLinear)]
     n, M = len(train), ensemble.n_members
-    flat = torch.cat([torch.cat([grads[f"{l}.weight"], grads[f"{l}.bias"]], 2).flatten(2) for l in layers], -1)
+    flat = torch.cat([torch.cat([grads[f"{n}.weight"], grads[f"{n}.bias"]], 2).flatten(2) for n in layers], -1)
     out = []
     for m in range(M):
         phi, q = flat[:n, m], flat[n:, m]  # [n, P], [Q, P]
@@ -302,7 +305,8 @@ def test_exact_kernel_of_generic_members_uses_all_their_gradients():
 def test_exact_kernel_refuses_training_sets_past_its_budget():
     ensemble = StackedMLP(2, (1, 4, 4), hidden=8, blocks=1, time_dim=8, seed=3)
     images = torch.zeros(10, 1, 4, 4)
-    with pytest.raises(MethodError, match=r"exact kernel needs .* n=8 training examples.*limit of 1,000 bytes") as error:
+    with pytest.raises(MethodError,
+                       match=r"exact kernel needs .* n=8 training examples.*limit of 1,000 bytes") as error:
         exact_module.exact_member_scores(ensemble, SCHEDULE, images[:8], images[8:], FeatureSpec(exact=True),
                                          torch.arange(8), 8, budget=1000)
     assert "\n" not in str(error.value)
@@ -333,19 +337,19 @@ def test_projected_scores_tend_to_the_exact_kernel_as_the_dimension_grows():
 def test_attribute_takes_the_projection_dimension(tmp_path):
     import h5py
 
-    from ensattr_fast.cli import main
-    from ensattr_fast.option_types import UsageError
-    from ensattr_fast.options import parser
+    from ensattr_fast.cli.main import main
+    from ensattr_fast.cli.parser import UsageError, parse
 
-    args = parser().parse_args(["attribute", "--checkpoint", "c", "--results", "r"])
-    assert (args.projection_dim, args.exact_kernel) == (1024, False)
+    options = parse(["attribute", "--checkpoint", "c", "--results", "r"]).options
+    assert (options.projection_dim, options.exact_kernel) == (1024, False)
     with pytest.raises(UsageError, match=r"--projection-dim: must be an integer in \[1, 1048576\], got 0"):
-        parser().parse_args(["attribute", "--checkpoint", "c", "--results", "r", "--projection-dim", "0"])
+        parse(["attribute", "--checkpoint", "c", "--results", "r", "--projection-dim", "0"])
     plan, ckpt, results = tmp_path / "plan.h5", tmp_path / "ensemble.pt", tmp_path / "results.h5"
     assert main(["plan", "--out", str(plan), "--members", "16"]) == 0
     assert main(["train", "--plan", str(plan), "--out", str(ckpt), "--steps", "2", "--hidden", "8",
                  "--blocks", "1", "--batch-size", "8"]) == 0
-    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(results), "--seeds", "2", "--sampling-steps", "2"]) == 0
+    assert main(["sample", "--checkpoint", str(ckpt), "--out", str(results), "--seeds", "2",
+                 "--sampling-steps", "2"]) == 0
     assert main(["attribute", "--checkpoint", str(ckpt), "--results", str(results), "--method", "dtrak",
                  "--projection-dim", "24", "--check", "0"]) == 0
     with h5py.File(results, "r") as f:

@@ -7,12 +7,12 @@ import h5py
 import pytest
 import torch
 
+import ensattr_fast as ef
 from ensattr_fast import codes
-from ensattr_fast.cli import main
+from ensattr_fast.cli.main import main
 from ensattr_fast.codes.clusters import _fill_empty, kmeans
 from ensattr_fast.data import load_data, load_hdf5, units_for
 from ensattr_fast.errors import CodeError, DataError
-from ensattr_fast.steps import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_units_for_refuses_malformed_cluster_kinds(kind):
 
 def test_plan_on_eight_content_clusters(tmp_path):
     path = tmp_path / "plan.h5"
-    stats = make_plan(path, "digits", "clusters:8", 16, seed=5)
+    stats = ef.Audit(plan=path).plan(data="digits", units="clusters:8", members=16, seed=5).stats
     assert stats.n_units == 8 and stats.n_members == 16
     with h5py.File(path, "r") as f:
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["units/name"][()]]

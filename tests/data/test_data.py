@@ -10,9 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
+from ensattr_fast.data import (
+    DataError,
+    Dataset,
+    DiskImages,
+    check_images,
+    load_arrays,
+    load_dataset,
+    load_digits,
+    load_hdf5,
+    load_image_folder,
+    read_unit_metadata,
+)
 from ensattr_fast.data import disk as data_module
-from ensattr_fast.data import (DataError, Dataset, DiskImages, check_images, load_arrays, load_dataset,
-                               load_digits, load_hdf5, load_image_folder, read_unit_metadata)
 
 DIGITS_FINGERPRINT = "a31f849aa0e7a9afae366e305563c2bd809baee1a448c7e141a1f5d150909dd6"
 
@@ -353,7 +363,8 @@ def test_metadata_errors(tmp_path):
     (tmp_path / "missing.csv").write_text("example,group\nx.png,a\nz.png,\n")
     with pytest.raises(DataError, match=r"gives no group for example y.png \(2 of 3 examples without a group\)"):
         read_unit_metadata(tmp_path / "missing.csv", data)
-    (tmp_path / "unknown.json").write_text(json.dumps({"x.png": "a", "y.png": "a", "z.png": "b", "w.png": "c", "9": "d"}))
+    (tmp_path / "unknown.json").write_text(json.dumps({"x.png": "a", "y.png": "a", "z.png": "b", "w.png": "c",
+                                                       "9": "d"}))
     with pytest.raises(DataError, match="names 2 examples not in toy: w.png, 9"):
         read_unit_metadata(tmp_path / "unknown.json", data)
     (tmp_path / "header.csv").write_text("name,artist\nx.png,a\n")
@@ -376,7 +387,8 @@ def test_load_dataset_round_trip_for_every_kind(art, tmp_path, monkeypatch, h5_u
     assert len(digits) == 1797 and digits.fingerprint() == DIGITS_FINGERPRINT == load_digits().fingerprint()
 
     (tmp_path / "groups.json").write_text(json.dumps([f"half{i % 2}" for i in range(23)]))
-    spec = {"kind": "folder", "path": "art", "resolution": 16, "channels": 1, "fit": "resize", "metadata": "groups.json"}
+    spec = {"kind": "folder", "path": "art", "resolution": 16, "channels": 1, "fit": "resize",
+            "metadata": "groups.json"}
     folder = load_dataset(json.loads(json.dumps(spec)))
     direct = load_image_folder(root, 16, channels=1, fit="resize")
     assert folder.fingerprint() == direct.fingerprint() and folder.example_names == direct.example_names

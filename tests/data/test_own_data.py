@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from ensattr_fast import codes
-from ensattr_fast.checkpoint import Checkpoint
-from ensattr_fast.cli import main
+from ensattr_fast.cli.main import main
 from ensattr_fast.data import Dataset, load_hdf5
+from ensattr_fast.diffusion.schedules import NoiseSchedule
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.schedules import NoiseSchedule
 from ensattr_fast.training import TrainConfig, Trainer
+from ensattr_fast.training.checkpoint import Checkpoint
 
 GROUPS = [f"artist{g}" for g in range(10)]
 
@@ -125,7 +125,7 @@ def test_data_on_disk_trains_like_data_in_memory(tmp_path):
 def test_latents_train_and_report_through_a_decoder(tmp_path):
     """Members trained on precomputed latents (values outside [-1, 1], taken as they are);
     the report shows them through a decoder callback."""
-    from ensattr_fast.steps import report_step
+    import ensattr_fast as ef
 
     latents = np.random.default_rng(0).normal(0, 2, (24, 4, 4, 4)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
@@ -144,7 +144,7 @@ def test_latents_train_and_report_through_a_decoder(tmp_path):
         seen.append(tuple(z.shape))
         return torch.nn.functional.interpolate(z[:, :3].tanh(), scale_factor=2)
 
-    report_step(results, tmp_path / "report.png", decode=decode)
+    ef.Audit(results=results).report(tmp_path / "report.png", decode=decode)
     assert (tmp_path / "report.png").stat().st_size > 0
     assert seen and all(s[1:] == (4, 4, 4) for s in seen)
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensattr_fast import steps
-from ensattr_fast.checkpoint import Checkpoint
-from ensattr_fast.cli import main
+import ensattr_fast as ef
+from ensattr_fast.cli.main import main
 from ensattr_fast.data import Dataset, load_data, load_digits, plant_canaries, units_for
 from ensattr_fast.data.canaries import save_canaries
 from ensattr_fast.errors import CodeError, DataError
@@ -20,6 +19,7 @@ from ensattr_fast.evaluation.memorization import parse_generator, random_subsets
 from ensattr_fast.members import MemberOptions
 from ensattr_fast.store import read_memorization
 from ensattr_fast.training import TrainConfig
+from ensattr_fast.training.checkpoint import Checkpoint
 
 MEMBERS = 10
 
@@ -34,7 +34,8 @@ def trained(tmp_path_factory):
     assert main(["plan", "--out", str(work / "plan.h5"), "--data", str(work / "data.npz"), "--units", "group",
                  "--metadata", str(work / "groups.csv"), "--members", str(MEMBERS), "--design", "balanced"]) == 0
     config = TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup=20, ema_decay=None, seed=0)
-    steps.train(work / "plan.h5", work / "ensemble.pt", config, MemberOptions(hidden=128, blocks=1), progress=False)
+    ef.Audit(plan=work / "plan.h5", checkpoint=work / "ensemble.pt", progress=False).train(
+        ef.TrainOptions(train=config, architecture=MemberOptions(hidden=128, blocks=1)))
     code = Checkpoint.load(work / "ensemble.pt").code
     return work, planted.units[0], code
 
@@ -78,8 +79,8 @@ def test_a_planted_copy_found_in_a_member(trained, capsys):
 def test_the_excluders_draw_no_copy_of_the_canary(trained):
     work, canary, code = trained
     excluders = ",".join(str(int(m)) for m in torch.nonzero(code[canary] == 0).flatten())
-    arrays = steps.memorization_step(work / "ensemble.pt", work / "excluders.h5", f"members:{excluders}",
-                                     range(24), threshold=1.0, phantoms=8)
+    arrays = ef.Audit(checkpoint=work / "ensemble.pt").memorization(
+        work / "excluders.h5", generator=f"members:{excluders}", seeds=range(24), threshold=1.0, phantoms=8).arrays
     assert not ((arrays["is_copy"] == 1) & (arrays["nearest_unit"] == canary)).any()
     assert (arrays["nearest_unit"] != canary).mean() >= 0.9
 
@@ -130,8 +131,9 @@ def test_another_model_as_generator_is_proven_by_the_ensemble(trained, capsys):
                             TrainConfig(steps=20, batch_size=16, warmup=5, ema_decay=None), ensemble.spec,
                             progress=False)
     # every sample a "copy" at this threshold: each proof runs on the ensemble's excluders
-    arrays = steps.memorization_step(work / "ensemble.pt", work / "other.h5", "full", range(3), threshold=50.0,
-                                     generator_checkpoint=work / "full.pt", phantoms=4)
+    arrays = ef.Audit(checkpoint=work / "ensemble.pt").memorization(
+        work / "other.h5", generator="full", seeds=range(3), threshold=50.0, generator_checkpoint=work / "full.pt",
+        phantoms=4).arrays
     assert arrays["is_copy"].all() and np.isfinite(arrays["proof_distance"]).all()
     assert arrays["floor"].shape == (3, 4) and np.isfinite(arrays["pvalue"]).all()
     assert read_memorization(work / "other.h5")["attrs"]["generator"]["checkpoint"] == str(work / "full.pt")

@@ -8,14 +8,15 @@ says what the full-size demo reaches.
 import pytest
 import torch
 
-from ensattr_fast import codes, code_scores
+from ensattr_fast import codes
 from ensattr_fast.attribution import first_order_grams, member_losses
 from ensattr_fast.data import load_digits
+from ensattr_fast.diffusion.sampling import ablate, sample
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.evaluation.judge import train_judge
-from ensattr_fast.members import StackedMLP
 from ensattr_fast.evaluation.metrics import agreement
-from ensattr_fast.sampling import ablate, sample
-from ensattr_fast.schedules import NoiseSchedule, Sampler
+from ensattr_fast.members import StackedMLP
+from ensattr_fast.ops import code_scores
 from ensattr_fast.training import TrainConfig, Trainer
 
 pytestmark = pytest.mark.slow

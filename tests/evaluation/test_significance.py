@@ -8,16 +8,13 @@ import pytest
 import torch
 from scipy import stats
 
+import ensattr_fast as ef
 from ensattr_fast import codes
-from ensattr_fast.checkpoint import Checkpoint
+from ensattr_fast.diffusion.sampling import ablate, run_trajectories
 from ensattr_fast.errors import CodeError
 from ensattr_fast.evaluation.significance import benjamini_hochberg, empirical_pvalues, significance
-from ensattr_fast.members import MemberOptions
-from ensattr_fast.sampling import ablate, run_trajectories
-from ensattr_fast.schedules import Sampler
-from ensattr_fast.steps import Floor, ablate_step, attribute_step, make_plan, sample_step, train
 from ensattr_fast.store import open_results, read_sampler
-from ensattr_fast.training import TrainConfig
+from ensattr_fast.training.checkpoint import Checkpoint
 
 
 def test_phantom_rows_are_of_the_codes_kind_and_belong_to_no_unit():
@@ -74,19 +71,17 @@ def tiny(tmp_path_factory):
 
     images = load_digits().images[:8].numpy()
     np.save(d / "eight.npy", images)
-    from ensattr_fast.data import data_spec
-
-    make_plan(d / "plan.h5", data_spec(str(d / "eight.npy")), "example", 6, design="balanced")
-    train(d / "plan.h5", d / "ensemble.pt", TrainConfig(steps=30, batch_size=8, lr=3e-3, mode="independent"),
-          MemberOptions(hidden=32, blocks=1), progress=False)
-    sample_step(d / "ensemble.pt", d / "results.h5", range(4), Sampler("ddim", 6, 1.0))
+    audit = ef.Audit.open(d, progress=False)
+    audit.plan(data=str(d / "eight.npy"), members=6, design="balanced")
+    audit.train(steps=30, batch_size=8, lr=3e-3, mode="independent", hidden=32, blocks=1)
+    audit.sample(seeds=range(4), sampler="ddim", sampling_steps=6, eta=1.0)
     return d
 
 
 def test_exact_floor_equals_each_phantom_replayed_alone(tiny, tmp_path):
     results = tmp_path / "r.h5"
     results.write_bytes((tiny / "results.h5").read_bytes())
-    ablate_step(tiny / "ensemble.pt", results, [0, 5], floor=Floor(phantoms=5))
+    ef.Audit(checkpoint=tiny / "ensemble.pt", results=results).ablate([0, 5], phantoms=5)
     checkpoint = Checkpoint.load(tiny / "ensemble.pt")
     ensemble, sampler = checkpoint.build(), read_sampler(results)
     with open_results(results) as r:
@@ -114,8 +109,8 @@ def test_certificate_against_exhaustive_exact_ablation(tiny, tmp_path):
     for check in (n_units, 3):
         results = tmp_path / f"r{check}.h5"
         results.write_bytes((tiny / "results.h5").read_bytes())
-        attribute_step(tiny / "ensemble.pt", results, 4, methods=["first_order"], k=n_units, check=check,
-                       progress=False)
+        ef.Audit(checkpoint=tiny / "ensemble.pt", results=results, progress=False).attribute(
+            methods=["first_order"], samples=4, topk=n_units, check=check)
         with open_results(results) as r:
             certificate = r.certificate()
         if check == n_units:
@@ -131,7 +126,8 @@ def test_certificate_against_exhaustive_exact_ablation(tiny, tmp_path):
 def test_score_floor_is_stored_beside_the_top_units(tiny, tmp_path):
     results = tmp_path / "r.h5"
     results.write_bytes((tiny / "results.h5").read_bytes())
-    attribute_step(tiny / "ensemble.pt", results, 4, methods=["first_order", "loss"], k=4, check=0, progress=False)
+    ef.Audit(checkpoint=tiny / "ensemble.pt", results=results, progress=False).attribute(
+        methods=["first_order", "loss"], samples=4, topk=4, check=0)
     code = Checkpoint.load(tiny / "ensemble.pt").code
     with open_results(results) as r:
         for method in ("first_order", "loss"):

@@ -9,9 +9,9 @@ from torch.func import jvp
 
 from ensattr_fast.attribution import first_order_grams
 from ensattr_fast.attribution.gradients import FeatureSpec, _noised, _value, gradient_features, per_example_gradients
-from ensattr_fast.execution import MemberPasses, Passes
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import StackedUNet, UNetMember, VmapEnsemble, build_ensemble
-from ensattr_fast.schedules import NoiseSchedule, Sampler
+from ensattr_fast.members.passes import MemberPasses, Passes
 
 SCHEDULE = NoiseSchedule.linear()
 M, B = 3, 4

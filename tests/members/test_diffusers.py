@@ -11,13 +11,21 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from ensattr_fast import codes  # noqa: E402
-from ensattr_fast.checkpoint import Checkpoint  # noqa: E402
 from ensattr_fast.data import Dataset  # noqa: E402
-from ensattr_fast.members import (MemberOptions, StackedUNet, build_ensemble, build_members,  # noqa: E402
-                                  diffusers_ensemble, load_members, member_unet, save_member)
-from ensattr_fast.sampling import sample  # noqa: E402
-from ensattr_fast.schedules import NoiseSchedule, Sampler  # noqa: E402
+from ensattr_fast.diffusion.sampling import sample  # noqa: E402
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler  # noqa: E402
+from ensattr_fast.members import (  # noqa: E402
+    MemberOptions,
+    StackedUNet,
+    build_ensemble,
+    build_members,
+    diffusers_ensemble,
+    load_members,
+    member_unet,
+    save_member,
+)
 from ensattr_fast.training import TrainConfig, Trainer  # noqa: E402
+from ensattr_fast.training.checkpoint import Checkpoint  # noqa: E402
 
 UNET = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -77,7 +85,8 @@ def test_ddpm_steps_equal_diffusers():
         want = theirs.step(eps, step.t, x, generator=torch.Generator().manual_seed(step.t)).prev_sample
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(step.t), dtype=x.dtype)
         torch.testing.assert_close(_our_step(step, x, eps, noise, True), want, rtol=1e-10, atol=1e-10)
-        assert math.isclose(step.s**2, float(theirs._get_variance(step.t)) if step.t else 0.0, rel_tol=1e-10, abs_tol=1e-15)
+        assert math.isclose(step.s**2, float(theirs._get_variance(step.t)) if step.t else 0.0,
+                            rel_tol=1e-10, abs_tol=1e-15)
 
 
 def test_unet2dmodel_ensemble_trains_and_samples(tmp_path):

@@ -6,7 +6,8 @@ import sys
 import torch
 
 import ensattr_fast
-from ensattr_fast import _reference, code_scores, ensemble_step, masked_member_mse
+from ensattr_fast import _reference
+from ensattr_fast.ops import code_scores, ensemble_step, masked_member_mse
 
 
 def test_build_info_reports_the_registered_kernels():
@@ -52,7 +53,8 @@ def test_ops_under_torch_compile_fullgraph():
 
     def step(pred):
         per_example, per_member = masked_member_mse(pred, target, mask)
-        x_next, _, _ = ensemble_step(member_eps, x, row_ptr, rows, weights, coefficients=(1.0, -0.5, 0.9, 0.1, 0.0), clip=(-1.0, 1.0))
+        x_next, _, _ = ensemble_step(member_eps, x, row_ptr, rows, weights, coefficients=(1.0, -0.5, 0.9, 0.1, 0.0),
+                                     clip=(-1.0, 1.0))
         out = code_scores(code, losses=per_example[:, :2].T.contiguous(), k=3)
         return per_member.sum() + x_next.sum() + out.scores.sum(), out.top_indices
 

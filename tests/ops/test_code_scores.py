@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import DEVICES, device_dtype_cases, requires_cuda, tolerances
-from ensattr_fast import _reference, code_scores
-from ensattr_fast.ops import _ops
+
+from ensattr_fast import _reference
+from ensattr_fast.ops import _ops, code_scores
 
 KINDS = ["first_order", "loss"]
 

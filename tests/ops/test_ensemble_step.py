@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import DEVICES, device_dtype_cases, requires_cuda, tolerances
-from ensattr_fast import _reference, ensemble_step, ops
-from ensattr_fast.ops import _ops, check_step_indices
+
+from ensattr_fast import _reference, ops
+from ensattr_fast.ops import _ops, check_step_indices, ensemble_step
 
 COEFFS = (1.3, -0.4, 0.8, 0.25, 0.1)  # (a, b, c, d, s), generic values
 
@@ -207,7 +207,8 @@ def test_check_step_indices_names_the_problem():
         (dict(row_ptr=torch.tensor([0, 1, 1])), r"row_ptr\[T\] must equal len\(rows\) = 2, got 1"),
         (dict(rows=torch.tensor([0, 2])), r"rows\[1\] = 2 is out of range for member_eps with 2 rows"),
         (dict(rows=torch.tensor([-1, 1])), r"rows\[0\] = -1 is out of range"),
-        (dict(sample_of=torch.tensor([0, 3]), noise_rows=3), r"sample_of\[1\] = 3 is out of range for noise with 3 rows"),
+        (dict(sample_of=torch.tensor([0, 3]), noise_rows=3),
+         r"sample_of\[1\] = 3 is out of range for noise with 3 rows"),
     ]
     for change, message in cases:
         args = dict(row_ptr=row_ptr, rows=rows, n_packed=2, write_packed=True) | change

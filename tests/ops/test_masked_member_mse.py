@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import DEVICES, device_dtype_cases, requires_cuda, tolerances
-from ensattr_fast import _reference, masked_member_mse, ops
-from ensattr_fast.ops import _ops
+
+from ensattr_fast import _reference, ops
+from ensattr_fast.ops import _ops, masked_member_mse
 
 # (M, B, D): single member / example / feature, zero-size on each axis, and a ragged size.
 # Rows long enough for several threads per row on CUDA (D = 1032, 4104), D a multiple of the
@@ -195,4 +195,5 @@ def test_dtype_errors():
 @requires_cuda
 def test_device_error():
     with pytest.raises(RuntimeError, match="mask is on cpu but the other inputs are on cuda"):
-        _ops.masked_member_mse(torch.zeros(2, 3, 4, device="cuda"), torch.zeros(2, 3, 4, device="cuda"), torch.zeros(2, 3))
+        _ops.masked_member_mse(torch.zeros(2, 3, 4, device="cuda"), torch.zeros(2, 3, 4, device="cuda"),
+                               torch.zeros(2, 3))

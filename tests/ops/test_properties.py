@@ -12,12 +12,13 @@ property at the end of the file (the kernels once returned sqrt(rounding) there)
 import math
 
 import torch
+from conftest import tolerances
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import tolerances
-from ensattr_fast import _reference, code_scores, ensemble_step, masked_member_mse
-from ensattr_fast.schedules import NoiseSchedule, Sampler
+from ensattr_fast import _reference
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
+from ensattr_fast.ops import code_scores, ensemble_step, masked_member_mse
 
 PROPERTY = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

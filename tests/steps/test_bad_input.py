@@ -17,16 +17,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import requires_cuda
-from ensattr_fast import code_scores, codes, ensemble_step, masked_member_mse
-from ensattr_fast.data import DATASETS
+
+from ensattr_fast import codes
 from ensattr_fast.attribution import group_code, member_losses
-from ensattr_fast.cli import main
-from ensattr_fast.data import DataError, Dataset
+from ensattr_fast.cli.main import main
+from ensattr_fast.data import DATASETS, DataError, Dataset
+from ensattr_fast.diffusion.sampling import ablation_weights
+from ensattr_fast.diffusion.schedules import NoiseSchedule
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.sampling import ablation_weights
-from ensattr_fast.schedules import NoiseSchedule
+from ensattr_fast.ops import code_scores, ensemble_step, masked_member_mse
 from ensattr_fast.store import ResultsWriter
 
 N, SHAPE = 40, (1, 4, 4)

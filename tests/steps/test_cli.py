@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ensattr_fast.cli import main
+from ensattr_fast.cli.main import main
 from ensattr_fast.store import open_results
 
 

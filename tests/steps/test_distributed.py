@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ensattr_fast import distributed
-from ensattr_fast.checkpoint import Checkpoint
 from ensattr_fast.members import StackedMLP
+from ensattr_fast.runtime import distributed
+from ensattr_fast.training.checkpoint import Checkpoint
 
 # the demo's configuration (16 members, one unit per digit image, MLP of width 256 with 3
 # blocks, shared_noise, DDIM with eta 0), with fewer steps

@@ -14,7 +14,7 @@ import torch
 import ensattr_fast as ef
 from ensattr_fast import errors
 from ensattr_fast.attribution import get_method
-from ensattr_fast.cli import main
+from ensattr_fast.cli.main import main
 from ensattr_fast.members import MemberOptions, build_members
 
 
@@ -51,13 +51,13 @@ def test_a_plan_that_does_not_fit_its_data_is_a_data_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the plan maps 24 examples but toy has 20" in err
     with pytest.raises(errors.DataError, match="the plan maps 24 examples"):
-        ef.steps.train(tmp_path / "plan.h5", tmp_path / "e.pt", ef.TrainConfig(steps=1))
+        ef.Audit(plan=tmp_path / "plan.h5", checkpoint=tmp_path / "e.pt").train(steps=1)
 
 
 def test_the_command_line_prints_any_ensattr_error_as_one_line(monkeypatch, capsys, tmp_path):
-    import ensattr_fast.cli as cli
+    import ensattr_fast.cli.main as cli
 
-    def refuse(args):
+    def refuse(*args):
         raise errors.StoreError("first line\nsecond line")
 
     monkeypatch.setitem(cli.COMMANDS, "report", refuse)
@@ -67,8 +67,8 @@ def test_the_command_line_prints_any_ensattr_error_as_one_line(monkeypatch, caps
 
 
 def test_importing_the_package_leaves_the_plotting_backend_alone():
-    code = ("import matplotlib; before = matplotlib.get_backend(); import ensattr_fast, ensattr_fast.cli, "
-            "ensattr_fast.figures, ensattr_fast.steps; assert matplotlib.get_backend() == before, "
+    code = ("import matplotlib; before = matplotlib.get_backend(); import ensattr_fast, ensattr_fast.cli.main, "
+            "ensattr_fast.report.figures, ensattr_fast.steps; assert matplotlib.get_backend() == before, "
             "(before, matplotlib.get_backend()); print(before)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**__import__("os").environ, "MPLBACKEND": "svg"})

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import torch
 
-from ensattr_fast.checkpoint import Checkpoint
-from ensattr_fast.cli import main
+from ensattr_fast.cli.main import main
+from ensattr_fast.training.checkpoint import Checkpoint
 
 STEPS = 1000  # far more than five kills can reach: each run lives one checkpoint and a moment
 TRAIN = ["--steps", str(STEPS), "--hidden", "32", "--blocks", "1", "--batch-size", "32", "--checkpoint-every", "20",
@@ -79,7 +79,8 @@ def _flags(path):
 def test_killed_sampling_resumes_to_the_same_file(tmp_path):
     plan, ckpt = tmp_path / "plan.h5", tmp_path / "ensemble.pt"
     assert main(["plan", "--out", str(plan), "--members", "4", "--units", "class"]) == 0
-    assert main(["train", "--plan", str(plan), "--out", str(ckpt), "--steps", "5", "--hidden", "32", "--blocks", "1"]) == 0
+    assert main(["train", "--plan", str(plan), "--out", str(ckpt), "--steps", "5", "--hidden", "32",
+                 "--blocks", "1"]) == 0
     args = ["sample", "--checkpoint", str(ckpt), "--seeds", "400", "--chunk", "8", "--sampling-steps", "20"]
     assert main([*args, "--out", str(tmp_path / "whole.h5")]) == 0
 

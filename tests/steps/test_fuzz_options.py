@@ -15,12 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ensattr_fast import steps
-from ensattr_fast.cli import main
+import ensattr_fast.cli.main as cli_main
+from ensattr_fast.cli.main import main
 
 NUMBERS = ["-1", "0", "1", "2", str(10**30), str(2**63), "nan", "inf", "-inf", "1.5", "x", "", "1,1", "3:1", "true"]
 PRECISIONS = ["bf16", "fp16", "tf32", "fp64", "half", "", "1"]
-PATHS = ["{results}", "{plan}", "{checkpoint}", "{dir}", "{dir}/new/out.h5", "/proc/forbidden/out.h5", "{dir}/missing.h5"]
+PATHS = ["{results}", "{plan}", "{checkpoint}", "{dir}", "{dir}/new/out.h5", "/proc/forbidden/out.h5",
+         "{dir}/missing.h5"]
 
 # command -> (arguments that make a cheap valid run, {option: kinds of values to draw})
 COMMANDS = {
@@ -119,7 +120,7 @@ def test_every_command_refuses_bad_options_cleanly(inputs, command):
             argv = _argv(command, drawn, where)
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
-                    mock.patch.object(steps, "run_demo", lambda *a, **k: {}):
+                    mock.patch.object(cli_main, "demo", lambda *a, **k: {}):
                 code = main(argv)  # any exception but a refusal propagates: a traceback fails the test
             message = err.getvalue()
             assert code in (0, 2), (argv, code, message)

@@ -3,15 +3,12 @@ inside the top groups by the gradient method."""
 
 import numpy as np
 import pytest
-import torch
 
-from ensattr_fast.cli import main
-from ensattr_fast.data import data_spec, load_digits
-from ensattr_fast.errors import MethodError
+import ensattr_fast as ef
+from ensattr_fast.cli.main import main
+from ensattr_fast.data import load_digits
+from ensattr_fast.errors import ConfigError
 from ensattr_fast.members import MemberOptions
-from ensattr_fast.schedules import Sampler
-from ensattr_fast.steps import make_plan, sample_step, train
-from ensattr_fast.steps.audit import audit_step
 from ensattr_fast.store import open_results
 from ensattr_fast.training import TrainConfig
 
@@ -20,15 +17,17 @@ from ensattr_fast.training import TrainConfig
 def grouped(tmp_path_factory):
     d = tmp_path_factory.mktemp("audit")
     np.save(d / "forty.npy", load_digits().images[:40].numpy())
-    make_plan(d / "plan.h5", data_spec(str(d / "forty.npy")), "clusters:4", 8, design="sparse", excluders=2)
-    train(d / "plan.h5", d / "ensemble.pt", TrainConfig(steps=40, batch_size=16, lr=3e-3),
-          MemberOptions(hidden=32, blocks=1), progress=False)
-    sample_step(d / "ensemble.pt", d / "results.h5", range(3), Sampler("ddim", 5, 0.0))
+    audit = ef.Audit.create(str(d / "forty.npy"), 8, d, units="clusters:4", design="sparse", excluders=2,
+                            progress=False)
+    audit.train(ef.TrainOptions(train=TrainConfig(steps=40, batch_size=16, lr=3e-3),
+                                architecture=MemberOptions(hidden=32, blocks=1)))
+    audit.sample(seeds=range(3), sampler="ddim", sampling_steps=5)
     return d
 
 
 def test_audit_ranks_groups_exactly_and_examples_inside_them(grouped):
-    arrays = audit_step(grouped / "ensemble.pt", grouped / "results.h5", samples=3, top_groups=2, examples=4)
+    audit = ef.Audit.open(grouped)
+    arrays = audit.audit_groups(samples=3, top_groups=2, examples=4).arrays()
     with open_results(grouped / "results.h5") as r:
         cf = r.counterfactual_arrays(images=False)
         unit_of = r.unit_of[()]
@@ -44,7 +43,7 @@ def test_audit_ranks_groups_exactly_and_examples_inside_them(grouped):
             scores = arrays["example_scores"][s, j][: len(chosen)]
             assert (np.diff(scores) <= 0).all()  # best first
     # a second audit of the same file replaces its own counterfactuals without --overwrite
-    audit_step(grouped / "ensemble.pt", grouped / "results.h5", samples=2, top_groups=1, examples=2)
+    audit.audit_groups(samples=2, top_groups=1, examples=2)
 
 
 def test_audit_command_line(grouped, capsys):
@@ -56,5 +55,5 @@ def test_audit_command_line(grouped, capsys):
                  "--method", "loss"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'loss'" in err
-    with pytest.raises(MethodError, match="gradient method"):
-        audit_step(grouped / "ensemble.pt", grouped / "results.h5", method="loss")
+    with pytest.raises(ConfigError, match="gradient method"):
+        ef.Audit.open(grouped).audit_groups(method="loss")

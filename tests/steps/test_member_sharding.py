@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import ensattr
 
 from ensattr_fast import codes
+from ensattr_fast.diffusion.sampling import ablate
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import StackedMLP
 from ensattr_fast.members.sharded import shard_members
-from ensattr_fast.sampling import ablate
-from ensattr_fast.schedules import NoiseSchedule, Sampler
-
-from test_distributed import ensattr
 
 TRAIN = ["--steps", "6", "--batch-size", "32", "--hidden", "64", "--blocks", "1"]
 SAMPLE = ["--seeds", "6", "--sampling-steps", "8", "--chunk", "4"]

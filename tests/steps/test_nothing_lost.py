@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ensattr_fast.cli import main
-from ensattr_fast.files import holder
+from ensattr_fast.cli.main import main
+from ensattr_fast.runtime.files import holder
 
 TRAIN = ["--steps", "30", "--hidden", "32", "--blocks", "1", "--batch-size", "16"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -114,7 +114,8 @@ def test_ablate_after_attribute_replaces_the_whole_counterfactuals_group(files, 
                    "--overwrite") == 0
     with h5py.File(results, "r") as f:
         assert sorted(f["counterfactuals"]) == ["distance", "floor_code", "floor_distance", "images", "pvalue",
-                                                "qvalue", "significant", "units", "zscore"]  # no predictions of other units
+                                                "qvalue", "significant", "units",
+                                                "zscore"]  # no predictions of other units
         assert f["counterfactuals/units"].shape == (6, 2)
     assert ensattr("metrics", "--results", results) == 0  # it died with a broadcasting error on d7851f2
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ensattr_fast import codes, code_scores
-from ensattr_fast.store import open_results
-from ensattr_fast.store import ResultsWriter, StoreError
-from ensattr_fast.store import stream_influence
+from ensattr_fast import codes
+from ensattr_fast.ops import code_scores
+from ensattr_fast.steps.scoring import stream_influence
+from ensattr_fast.store import ResultsWriter, StoreError, open_results
 
 
 def make_inputs(N=300, M=12, K=20, seed=0):
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {tests!r})
     from test_store import make_inputs
-    from ensattr_fast.store import stream_influence
+    from ensattr_fast.steps.scoring import stream_influence
     code, methods = make_inputs(N=4000, M=16, K=512)
     stream_influence({path!r}, code, methods, k=6, block_rows=8, block_units=512, progress=False)
     """

@@ -1,0 +1,278 @@
+"""The options of every step, one typed dataclass each: what an audit step does, never where
+its files are (those are the :class:`~ensattr_fast.Audit`'s, or the command line's
+``--out``/``--results``...). Each field's metadata holds its flag, help and range
+(:mod:`ensattr_fast.runtime.fields`); the command line is generated from them, config files are
+read into them, and Python passes them (or keyword overrides) to :class:`~ensattr_fast.Audit`.
+
+Parts that lower layers own are nested: :class:`TrainConfig` (how members train),
+:class:`MemberOptions` (their architecture), :class:`Sampler`, :class:`Passes` (how members
+run), :class:`NoiseFloor` (what exact answers are judged against).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+from ..attribution.methods import DEFAULT_METHODS, METHODS
+from ..data import UNIT_KINDS, data_spec
+from ..diffusion.schedules import Sampler
+from ..evaluation.floors import NoiseFloor
+from ..members import MemberOptions
+from ..members.passes import Passes
+from ..runtime.fields import check_fields, nested, option
+from ..runtime.kinds import (
+    SEED_LIMIT,
+    Choice,
+    Device,
+    FilePath,
+    Float,
+    Int,
+    Maybe,
+    Seeds,
+    Switch,
+    Text,
+    UnitKind,
+    Units,
+)
+from ..training import TrainConfig
+from .kinds import GeneratorName, GradientMethod, MethodList, MethodName, UnitSets, read_groups
+
+__all__ = ["PlanOptions", "TrainOptions", "SampleOptions", "AblateOptions", "AttributeOptions", "GroupAuditOptions",
+           "MemorizationOptions", "MetricsOptions", "LdsOptions", "ReportOptions", "DemoOptions", "STEP_OPTIONS",
+           "read_groups"]
+
+
+def _post_init(self) -> None:
+    check_fields(self, f"{self.step}: ")
+
+
+_DEVICE = "the device the members run on: cpu, cuda or cuda:N"
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """``plan``: the code (which member trains on which unit) for a data set's units."""
+
+    step = "plan"
+    data: str = option("digits", Text(), "digits (built in), a folder of images (one subfolder per group, or flat), "
+                                         "an .npy/.npz array file or an .h5/.hdf5 file")
+    units: str = option("example", UnitKind(UNIT_KINDS),
+                        "one unit per example, per label, per group (folder or --metadata), or per content cluster: "
+                        "clusters:K, K clusters by seeded k-means on pixels")
+    metadata: Optional[Path] = option(None, Maybe(FilePath()), "CSV (columns example, group) or JSON giving each "
+                                                               "example's group")
+    resolution: int = option(32, Int(1, 16384), "image folders: side in pixels")
+    channels: int = option(3, Choice(1, 3), "image folders: grayscale or RGB")
+    fit: str = option("crop", Choice("crop", "resize"),
+                      "image folders: centre-crop after resizing the short side, or resize")
+    key: str = option("images", Text(), "arrays and HDF5: the images' key or dataset")
+    memory_budget: float = option(2.0, Float(0, 2**20, low_open=True),
+                                  "HDF5: GiB above which the images stay on disk and are read per batch")
+    no_scale: bool = option(False, Switch(), "arrays and HDF5: take values as they are (latents) instead of "
+                                             "checking [-1, 1]")
+    members: int = option(16, Int(1, 4096), "members of the ensemble (M)")
+    design: str = option("auto", Choice("auto", "balanced", "random", "sparse"),
+                         "auto: sparse exclusion for few large units, a balanced constant-weight code otherwise")
+    excluders: int = option(2, Int(1, 4096), "excluders per group (sparse)")
+    seed: int = option(0, Int(0, SEED_LIMIT - 1), "seed of the code (and of content clusters)")
+    overwrite: bool = option(False, Switch(), "replace an existing plan")
+
+    __post_init__ = _post_init
+
+    def dataset(self) -> Union[str, dict]:
+        """What the plan stores to reload the data: a built-in name, or the spec of its kind."""
+        return data_spec(self.data, self.resolution, self.channels, self.fit, self.key,
+                         int(self.memory_budget * 2**30), not self.no_scale, self.metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """``train``: every member of a planned ensemble at once, into one checkpoint."""
+
+    step = "train"
+    train: TrainConfig = nested(TrainConfig)
+    architecture: MemberOptions = nested(MemberOptions)
+    passes: Passes = nested(Passes, skip=("shard_members",))
+    checkpoint_every: int = option(250, Int(0), "steps between checkpoints (0: at the end only)")
+    resume: bool = option(False, Switch(), "continue from the checkpoint if it exists")
+    overwrite: bool = option(False, Switch(), "replace an existing checkpoint")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """``sample``: full-ensemble samples into a new results file, chunk by chunk."""
+
+    step = "sample"
+    seeds: Tuple[int, ...] = option(tuple(range(64)), Seeds(), "N, A:B or a,b,c")
+    sampler: Sampler = nested(Sampler)
+    passes: Passes = nested(Passes, skip=("checkpoint_activations",))
+    chunk: int = option(256, Int(1), "samples written (and flagged done) at a time")
+    resume: bool = option(False, Switch(), "continue an interrupted sampling into the results file")
+    overwrite: bool = option(False, Switch(), "replace an existing results file")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class AblateOptions:
+    """``ablate``: exact counterfactuals of the samples, each judged against its noise floor."""
+
+    step = "ablate"
+    units: Optional[Tuple[int, ...]] = option(None, Maybe(Units()), "units to ablate for every sample, e.g. '3,17,250'")
+    nearest: int = option(4, Int(1, 4096), "else: the k pixel-nearest units")
+    samples: Optional[int] = option(None, Maybe(Int(1)), "first S samples (default all)")
+    floor: NoiseFloor = nested(NoiseFloor)
+    passes: Passes = nested(Passes, skip=("checkpoint_activations",))
+    overwrite: bool = option(False, Switch(), "replace counterfactuals already in the results file")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeOptions:
+    """``attribute``: the influence of every unit on the first samples, by every method asked
+    for, streamed to the results file; then the exact check of each sample's top units."""
+
+    step = "attribute"
+    methods: Tuple[str, ...] = option(DEFAULT_METHODS, MethodList(), "comma-separated: " + ", ".join(METHODS),
+                                      flag="--method")
+    samples: int = option(32, Int(1), "rows: the first S samples")
+    topk: int = option(10, Int(1, 2**20), "top units kept per row")
+    block_rows: int = option(64, Int(1, 2**20), "rows per streamed block")
+    block_units: int = option(16384, Int(1, 2**24), "units per streamed block")
+    draws: int = option(64, Int(1, 2**20), "shared (t, eps) draws per loss")
+    projection_dim: int = option(1024, Int(1, 2**20), "numbers each gradient is projected to (dtrak/trak methods)")
+    exact_kernel: bool = option(False, Switch(), "dtrak/trak methods on the full gradients, no projection (small "
+                                                 "training sets only)")
+    check: int = option(8, Int(0, 4096), "exact ablation of each sample's top units (0: none)")
+    check_by: Optional[str] = option(None, Maybe(MethodName()), "method whose top units are checked (default: "
+                                                             "first_order when computed)")
+    groups: Optional[Union[Path, Dict[str, List[int]]]] = option(
+        None, Maybe(UnitSets()), "also score unit sets, from a JSON file {name: [units]}")
+    floor: NoiseFloor = nested(NoiseFloor)
+    overwrite: bool = option(False, Switch(), "let the exact check replace counterfactuals of `ensattr ablate`")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+    @property
+    def checked_by(self) -> str:
+        return self.check_by or ("first_order" if "first_order" in self.methods else self.methods[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupAuditOptions:
+    """``audit``: each sample's groups ranked by exact ablation with their significance, then
+    the examples inside its top groups by a gradient method."""
+
+    step = "audit"
+    samples: int = option(32, Int(1), "the first S samples")
+    top_groups: int = option(3, Int(1, 4096), "groups per sample whose examples are ranked")
+    examples: int = option(10, Int(1, 2**20), "examples ranked inside each top group")
+    method: str = option("dtrak", GradientMethod(), "gradient method that ranks the examples")
+    floor: NoiseFloor = nested(NoiseFloor)
+    overwrite: bool = option(False, Switch(), "replace counterfactuals of another step already in the results file")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class MemorizationOptions:
+    """``memorization``: near-copies of training units that a generator draws, each proven by
+    exact ablation against a phantom floor."""
+
+    step = "memorization"
+    generator: str = option("full", GeneratorName(), "the members that sample: full, member:M or members:a,b,c")
+    generator_checkpoint: Optional[Path] = option(
+        None, Maybe(FilePath()), "sample from this model's members instead (same data and units, e.g. one model "
+                                 "trained on everything); copies are proven by the ensemble's excluders")
+    seeds: Tuple[int, ...] = option(tuple(range(512)), Seeds(), "N, A:B or a,b,c")
+    threshold: float = option(1.0, Float(0, 1e6, low_open=True),
+                              "pixel L2 (data scale [-1, 1]) under which a sample copies its nearest training image")
+    sampler: Sampler = nested(Sampler, skip=("precision",))
+    # a phantom beyond a copy's effect still leaves p = 2/65 < 0.05
+    floor: NoiseFloor = nested(NoiseFloor, phantoms=64)
+    overwrite: bool = option(False, Switch(), "replace an existing memorization file")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsOptions:
+    """``metrics``: validity metrics of a results file (and, with the checkpoint, the false
+    attribution rate of the ABC protocol)."""
+
+    step = "metrics"
+    samples: int = option(32, Int(1), "samples for false attribution")
+    json: Optional[Path] = option(None, Maybe(FilePath()), "also write them here")
+    overwrite: bool = option(False, Switch(), "replace an existing --json")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class LdsOptions:
+    """``lds``: the linear datamodeling score of every influence matrix, against models of the
+    ensemble's architecture retrained on random halves of the units."""
+
+    step = "lds"
+    references: Optional[Path] = option(None, Maybe(FilePath()), "checkpoint of the reference models (trained "
+                                                                 "here if missing)", required=True)
+    halves: int = option(32, Int(1, 4096), "random halves of the units (R)")
+    models_per_half: int = option(2, Int(1, 64), "models per half, averaged", flag="--seeds")
+    steps: Optional[int] = option(None, Maybe(Int(1)), "training steps (default: the ensemble's)")
+    draws: int = option(256, Int(1, 2**20), "fixed (t, eps) draws per loss")
+    samples: Optional[int] = option(None, Maybe(Int(1)), "first S rows (default: all)")
+    json: Optional[Path] = option(None, Maybe(FilePath()), "also write the table here")
+    overwrite: bool = option(False, Switch(), "replace an existing --json")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """``report``: samples beside their counterfactuals, as a picture and an HTML page."""
+
+    step = "report"
+    rows: int = option(8, Int(1, 4096), "samples shown")
+    data: Optional[str] = option(None, Maybe(Text()), "the training data (as given to `ensattr plan --data`), for a "
+                                                      "results file that does not record it")
+    overwrite: bool = option(False, Switch(), "replace an existing report")
+
+    __post_init__ = _post_init
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """``demo``: every step on the embedded digits."""
+
+    step = "demo"
+    units: str = option("example", Choice("example", "class"), "one unit per digit image, or per class")
+    members: Optional[int] = option(None, Maybe(Int(2, 4096)), "16 (example units), 20 (class)")
+    samples: int = option(256, Int(1), "full-ensemble samples")
+    attribute: int = option(32, Int(1), "samples whose influence rows and exact checks are computed (example units)")
+    per_sample: int = option(8, Int(1, 4096), "top units ablated exactly per sample")
+    train: TrainConfig = nested(TrainConfig, steps=3500, lr=3e-3)
+    architecture: MemberOptions = nested(MemberOptions)
+    sampler: Sampler = nested(Sampler, skip=("precision",))
+    overwrite: bool = option(False, Switch(), "replace the files of an earlier demo")
+    device: str = option("cpu", Device(), _DEVICE)
+
+    __post_init__ = _post_init
+
+
+#: every command's options, by command
+STEP_OPTIONS = {cls.step: cls for cls in (DemoOptions, PlanOptions, TrainOptions, SampleOptions, AblateOptions,
+                                           GroupAuditOptions, AttributeOptions, MetricsOptions, LdsOptions,
+                                           MemorizationOptions, ReportOptions)}

@@ -1,0 +1,104 @@
+"""What the steps of one audit share: its files, and what has been read from them, each once.
+
+A command used to load its checkpoint in every step it called (``attribute`` loaded it, then
+its exact check loaded it again, and hashed it a third time); a :class:`Session` loads and
+hashes it in one read (:meth:`Checkpoint.load`), builds the ensemble once per device, loads the
+training data once, and keeps the samples it read, until a step writes new ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from torch import Tensor
+
+from ..data import Dataset, load_data
+from ..diffusion.schedules import Sampler
+from ..errors import StoreError
+from ..members import Ensemble
+from ..store import read_sampler, read_samples
+from ..training.checkpoint import Checkpoint
+
+__all__ = ["Session"]
+
+
+def _path(path: Optional[os.PathLike]) -> Optional[Path]:
+    return None if path is None else Path(path)
+
+
+class Session:
+    """The plan, checkpoint and results files of an audit (any may be None where no step
+    needs it) and what has been read from them."""
+
+    def __init__(self, plan: Optional[os.PathLike] = None, checkpoint: Optional[os.PathLike] = None,
+                 results: Optional[os.PathLike] = None):
+        self.plan_path, self.checkpoint_path, self.results_path = _path(plan), _path(checkpoint), _path(results)
+        self._checkpoint: Optional[Checkpoint] = None
+        self._ensembles: Dict[str, Ensemble] = {}
+        self._data: Optional[Dataset] = None
+        self._samples: Optional[Tuple[int, List[int], Tensor, bool]] = None  # (start, seeds, images, to the end)
+        self._sampler: Optional[Sampler] = None
+
+    def _need(self, path: Optional[Path], what: str) -> Path:
+        if path is None:
+            raise StoreError(f"this step needs {what}, and none was given")
+        return path
+
+    @property
+    def plan(self) -> Path:
+        return self._need(self.plan_path, "a plan file")
+
+    @property
+    def results(self) -> Path:
+        return self._need(self.results_path, "a results file")
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The checkpoint, loaded (CRC-checked and hashed in the same read) the first time."""
+        if self._checkpoint is None:
+            self._checkpoint = Checkpoint.load(self._need(self.checkpoint_path, "a checkpoint"))
+        return self._checkpoint
+
+    def forget_checkpoint(self) -> None:
+        """After a step wrote the checkpoint anew (training)."""
+        self._checkpoint, self._ensembles, self._data = None, {}, None
+
+    def ensemble(self, device: str = "cpu") -> Ensemble:
+        """The trained ensemble (EMA weights where there are some) on ``device``, built once.
+        Steps that move or shard members (sampling, ablation) get their own copy."""
+        if device not in self._ensembles:
+            self._ensembles[device] = self.checkpoint.build().to(device)
+        return self._ensembles[device]
+
+    def data(self) -> Dataset:
+        """The training data the checkpoint was trained on, loaded once."""
+        if self._data is None:
+            self._data = load_data(self.checkpoint.data_source)
+        return self._data
+
+    def sampler(self) -> Sampler:
+        """The sampler the samples were drawn with (every replay of them uses it)."""
+        if self._sampler is None:
+            self._sampler = read_sampler(self.results)
+        return self._sampler
+
+    def samples(self, stop: Optional[int] = None, start: int = 0) -> Tuple[List[int], Tensor]:
+        """(seeds, images [S, C, H, W]) of samples ``start:stop``, read once: a later call for
+        rows inside those read is answered from memory. The results file must belong to the
+        checkpoint's ensemble."""
+        if self._samples is not None:
+            first, seeds, images, to_the_end = self._samples
+            last = first + len(seeds)
+            if first <= start and ((stop is not None and stop <= last) or to_the_end):
+                end = len(seeds) if stop is None else min(stop - first, len(seeds))
+                return seeds[start - first : end], images[start - first : end]
+        seeds, images = read_samples(self.results, stop, start, code=self.checkpoint.code,
+                                     against=str(self.checkpoint_path))
+        self._samples = (start, seeds, images, stop is None or len(seeds) < stop - start)
+        return seeds, images
+
+    def forget_samples(self) -> None:
+        """After a step wrote new samples."""
+        self._samples, self._sampler = None, None
