@@ -8,12 +8,14 @@
 # otherwise), then runs the op tests (CUDA cases included), the fused ops' benchmarks with
 # their copy-bandwidth ratios, and the hardware figures: UNet-ensemble training throughput
 # (batched vs one by one, fp32 vs bf16, seed-cifar10 a few members per pass) and sampling and
-# ablation throughput. It writes device_check.json and device_check.log into FOLDER ($OUT, or
+# ablation throughput; those stages are `python -m benchmarks.device.device_check` (the code:
+# benchmarks/device/). It writes device_check.json and device_check.log into FOLDER ($OUT, or
 # out/device_check). --dry-run does all of it on the CPU at the smallest sizes (CI runs it so
 # that the script cannot rot); it reuses an extension that is already built. Wheels of missing
 # packages (diffusers: `pip download --no-deps ... -d .whl diffusers importlib_metadata`) are
 # used from .whl/ when it exists.
 set -uo pipefail
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 
 dry_run=0
@@ -21,7 +23,7 @@ folder=${OUT:-out/device_check}
 for arg in "$@"; do
   case $arg in
     --dry-run) dry_run=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$self"; exit 0 ;;
     *) folder=$arg ;;
   esac
 done
@@ -59,4 +61,4 @@ fi
 
 args=(--out "$folder")
 [ "$dry_run" = 1 ] && args+=(--dry-run)
-"$python" -m benchmarks.device_check "${args[@]}"
+"$python" -m benchmarks.device.device_check "${args[@]}"

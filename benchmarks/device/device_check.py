@@ -1,4 +1,4 @@
-"""The device check's stages after the build: ``python -m benchmarks.device_check --out DIR``.
+"""The device check's stages after the build: ``python -m benchmarks.device.device_check --out DIR``.
 
 Run by ``benchmarks/device_check.sh`` (which builds the extension first). Each stage runs on
 its own: one that fails is recorded with its error and the others still run, so a short GPU
@@ -24,12 +24,14 @@ from typing import Callable, List
 
 import torch
 
-from . import _common
+from .. import _common
 
 
 def _tests(out: Path, dry_run: bool) -> dict:
     """The op tests (CPU and, where a GPU is present, CUDA cases), counted from JUnit XML."""
-    paths = ["tests/ops/test_build.py"] if dry_run else ["tests/ops", "tests/test_sampling.py"]
+    # the sampling tests wherever the tests tree keeps them (tests/ mirrors the package)
+    sampling = sorted(str(path) for path in Path("tests").rglob("test_sampling.py"))
+    paths = ["tests/ops/test_build.py"] if dry_run else ["tests/ops", *sampling]
     report = out / "tests.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", f"--junitxml={report}", *paths]
     done = subprocess.run(command, text=True, capture_output=True)
@@ -48,7 +50,7 @@ def _tests(out: Path, dry_run: bool) -> dict:
 
 def _benchmarks(names: List[str], device: str) -> Callable[[bool], list]:
     def stage(dry_run: bool) -> list:
-        from . import __main__ as runner
+        from .. import __main__ as runner
 
         records = []
         for module in runner._modules(names):
@@ -65,7 +67,7 @@ def _hardware(stage: Callable[[], "_common.Suite"]) -> Callable[[bool], list]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.device_check", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.device.device_check", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for device_check.json")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at the smallest sizes")
     args = parser.parse_args(argv)
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     (args.out / "device_check.json").write_text(json.dumps(result, indent=2))
 
     print(f"\n{'figure':<90} {'value':>12} {'baseline':>12} {'ratio':>7}  target")
-    for name, entry in result["stages"].items():
+    for entry in result["stages"].values():
         if isinstance(entry.get("result"), list):
             for r in entry["result"]:
                 ratio = "" if r["ratio"] is None else f"{r['ratio']:7.2f}"

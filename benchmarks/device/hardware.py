@@ -9,12 +9,13 @@
 
 ``dry_run`` shrinks everything to seconds on a CPU (CI keeps the device check working with it).
 Not part of ``python -m benchmarks`` (its figures need a GPU to mean anything): run by
-``benchmarks/device_check.sh``.
+``benchmarks/device_check.sh`` through :mod:`benchmarks.device.device_check`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -22,13 +23,13 @@ import torch
 
 from ensattr_fast import codes
 from ensattr_fast.data import Dataset
-from ensattr_fast.execution import Passes
+from ensattr_fast.diffusion.sampling import ablate, sample
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import MemberOptions, build_members
-from ensattr_fast.sampling import ablate, sample
-from ensattr_fast.schedules import NoiseSchedule, Sampler
+from ensattr_fast.members.passes import Passes
 from ensattr_fast.training import TrainConfig, Trainer
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,15 @@ def _trainers(options: MemberOptions, data: Dataset, members: int, config: Train
             for part in parts]
 
 
+def _train_steps(trainers: List[Trainer], steps: int) -> None:
+    """``steps`` training steps of every trainer, one after another. Its callers ``del`` their
+    trainers once timed (device memory back before the next configuration): a closure over that
+    name ran right, but reads as undefined to pyflakes (F821), so the trainers are an argument."""
+    for _ in range(steps):
+        for trainer in trainers:
+            trainer.train_step()
+
+
 def _training(suite: Suite, sizes: Sizes, device: str, precisions: List[str]) -> None:
     data = _data(sizes.side)
     timed = {}
@@ -96,13 +106,7 @@ def _training(suite: Suite, sizes: Sizes, device: str, precisions: List[str]) ->
         config = TrainConfig(steps=10**9, batch_size=sizes.batch, ema_decay=None, precision=precision)
         for batched in (True, False):
             trainers = _trainers(MemberOptions(arch=sizes.arch), data, sizes.members, config, device, batched)
-
-            def steps():
-                for _ in range(sizes.steps):
-                    for trainer in trainers:
-                        trainer.train_step()
-
-            seconds = _seconds(steps, device, sizes.repeats)
+            seconds = _seconds(functools.partial(_train_steps, trainers, sizes.steps), device, sizes.repeats)
             timed[precision, batched] = rate = sizes.members * sizes.batch * sizes.steps / seconds
             how = "batched" if batched else "one by one"
             suite.record(Record(name=f"training {sizes.arch} x{sizes.members} {sizes.side}px B={sizes.batch} "
@@ -122,15 +126,12 @@ def _seed_cifar10(suite: Suite, sizes: Sizes, device: str, fast: str) -> None:
     rates = {}
     for precision, batched in ((fast, True), ("fp32", False)):
         config = TrainConfig(steps=10**9, batch_size=sizes.seed_batch, ema_decay=None, precision=precision)
-        trainers = _trainers(MemberOptions(arch="seed-cifar10", unet_config=sizes.seed_config), data, sizes.seed_members, config, device, batched,
+        trainers = _trainers(MemberOptions(arch="seed-cifar10", unet_config=sizes.seed_config), data,
+                             sizes.seed_members, config, device, batched,
                              passes=Passes(members_per_pass=max(1, sizes.seed_members // 2) if batched else None))
-
-        def steps():
-            for _ in range(max(1, sizes.steps // 2)):
-                for trainer in trainers:
-                    trainer.train_step()
-
-        rates[batched] = sizes.seed_members * sizes.seed_batch * max(1, sizes.steps // 2) / _seconds(steps, device, sizes.repeats)
+        steps = max(1, sizes.steps // 2)
+        seconds = _seconds(functools.partial(_train_steps, trainers, steps), device, sizes.repeats)
+        rates[batched] = sizes.seed_members * sizes.seed_batch * steps / seconds
         del trainers
     suite.record(Record(name=f"training seed-cifar10 x{sizes.seed_members} B={sizes.seed_batch}: {fast} batched "
                              f"({max(1, sizes.seed_members // 2)} members per pass) / fp32 one by one",

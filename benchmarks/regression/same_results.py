@@ -1,15 +1,23 @@
-"""Does this tree write the very files an older commit writes? ``python -m benchmarks.same_results``
+"""Does this tree write the very files an older commit writes?
+``python -m benchmarks.regression.same_results [--reference COMMIT] [--units example|class] [--keep DIR]``
 
 Runs ``ensattr demo`` in a short configuration twice from the same seeds, once with the
-package of a reference commit (``--reference``, default d7851f2, the last commit before the
-package was laid out anew) and once with the installed package, then compares every dataset of
-``results.h5`` and ``plan.h5`` bit for bit (dtype, shape and bytes, NaN equal to NaN), every
-root and dataset attribute except those that carry versions, and every tensor of the
-checkpoints. Exit code 1 and the differences when anything differs.
+package of a reference commit (``--reference``, default b3b9e29, the last commit before the
+package was laid out in sub-packages and the steps took options dataclasses) and once with this
+tree's package, then compares every dataset of ``results.h5`` and ``plan.h5`` bit for bit
+(dtype, shape and bytes, NaN equal to NaN), every root and dataset attribute except those that
+carry versions, and every tensor of the checkpoints. Exit code 1 and the differences when
+anything differs.
 
-The reference tree is exported with ``git archive``; its compiled library is the one the
-installed package loads, which is only right while ``csrc/`` is unchanged since the reference
-(checked).
+Both runs go through ``python -m ensattr_fast`` (the one command line entry point both layouts
+have: the reference's ``ensattr_fast/cli.py`` is ``ensattr_fast/cli/main.py`` here), each with
+only its own tree on ``PYTHONPATH`` and a check that the package imported is that tree's.
+
+The reference tree is exported with ``git archive``; its compiled library is the one this tree
+loads, which is only right while the C++ sources that library was built from are the
+reference's up to formatting (checked: comments, whitespace and the order of ``#include`` lines
+are ignored, so a clang-format pass does not count; ``csrc/cuda/`` is ignored when the library
+was built without CUDA).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,35 +36,67 @@ import h5py
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 #: attributes that say which software wrote a file, not what it holds
 VOLATILE_ATTRS = {"versions"}
 SHORT = ["--steps", "150", "--samples", "16", "--attribute", "8", "--per-sample", "4"]
 
 
+def _source(text: bytes) -> tuple:
+    """C++/CUDA source up to what clang-format changes: without comments and whitespace, string
+    literals it split joined again, ``#include`` lines as a sorted list beside the rest."""
+    text = re.sub(rb"//[^\n]*|/\*.*?\*/", b"", text, flags=re.S)
+    lines = [line.strip() for line in text.splitlines()]
+    includes = sorted(re.sub(rb"\s+", b"", line) for line in lines if line.startswith(b"#include"))
+    rest = re.sub(rb"\s+", b"", b"\n".join(line for line in lines if not line.startswith(b"#include")))
+    return includes, rest.replace(b'""', b"")
+
+
+def _csrc_changes(reference: str, cuda: bool) -> list:
+    """The files under csrc/ whose source differs beyond formatting between ``reference`` and
+    this working tree (what the library this tree loads was built from); ``csrc/cuda/`` only
+    when that library has CUDA kernels."""
+    def wanted(path: str) -> bool:
+        return cuda or not path.startswith("csrc/cuda/")
+
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", reference, "--", "csrc"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.split()
+    theirs = {path for path in listed if wanted(path)}
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", "csrc"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.split()
+    ours = {path for path in listed if wanted(path) and (ROOT / path).is_file()}
+    changed = sorted(theirs ^ ours)
+    for path in sorted(theirs & ours):
+        old = subprocess.run(["git", "show", f"{reference}:{path}"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+        if _source(old) != _source((ROOT / path).read_bytes()):
+            changed.append(path)
+    return changed
+
+
 def _export(reference: str, where: Path) -> Path:
-    changed = subprocess.run(["git", "diff", "--quiet", reference, "HEAD", "--", "csrc"], cwd=ROOT)
-    if changed.returncode != 0:
-        raise SystemExit(f"csrc/ differs between {reference} and HEAD: build the reference's own library")
+    import ensattr_fast
+
+    changed = _csrc_changes(reference, ensattr_fast.build_info()["cuda"])
+    if changed:
+        raise SystemExit(f"csrc/ differs between {reference} and this tree beyond formatting ({', '.join(changed)}): "
+                         "the reference would run with a library built from other sources; build the reference's "
+                         "own library")
     tree = where / "reference"
     tree.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", reference], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    import ensattr_fast
-
     library = next(Path(ensattr_fast.__file__).parent.glob("_C*.so"))
     shutil.copy(library, tree / "ensattr_fast" / library.name)
     return tree
 
 
-def _demo(out: Path, args: list, pythonpath: str | None) -> None:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    code = ("import sys, ensattr_fast; from pathlib import Path; "
-            f"assert Path(ensattr_fast.__file__).is_relative_to({pythonpath or str(ROOT)!r}) or {pythonpath is None}, "
-            "ensattr_fast.__file__; from ensattr_fast.cli import main; sys.exit(main(sys.argv[1:]))")
+def _demo(out: Path, args: list, tree: Path) -> None:
+    """``python -m ensattr_fast demo --out OUT ARGS`` with the package of ``tree`` (checked)."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    code = ("import runpy, ensattr_fast; from pathlib import Path; "
+            f"assert Path(ensattr_fast.__file__).resolve().is_relative_to({str(tree.resolve())!r}), "
+            "ensattr_fast.__file__; runpy.run_module('ensattr_fast', run_name='__main__', alter_sys=True)")
     subprocess.run([sys.executable, "-c", code, "demo", "--out", str(out), *args], cwd=out.parent, env=env,
                    check=True)
 
@@ -126,9 +167,10 @@ def compare_checkpoints(reference: Path, ours: Path) -> tuple[int, list]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.same_results", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.regression.same_results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default="d7851f2", help="the commit whose files ours must equal")
+    parser.add_argument("--reference", default="b3b9e29", help="the commit whose files ours must equal "
+                        "(default: b3b9e29, the layout before sub-packages)")
     parser.add_argument("--units", choices=["example", "class"], default="example")
     parser.add_argument("--keep", type=Path, help="keep both runs' files in this folder; a reference run "
                         "already there is reused")
@@ -146,7 +188,7 @@ def main(argv=None) -> int:
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"== {name}: ensattr demo {' '.join(demo_args)}", flush=True)
-        _demo(out, demo_args, str(tree) if name == "reference" else None)
+        _demo(out, demo_args, tree if name == "reference" else ROOT)
     total, differences = 0, []
     for file in ("plan.h5", "results.h5"):
         n, d = compare_hdf5(runs["reference"] / file, runs["ours"] / file)

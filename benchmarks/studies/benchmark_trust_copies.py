@@ -27,16 +27,15 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ensattr_fast import steps
-from ensattr_fast.checkpoint import Checkpoint
-from ensattr_fast.data import data_spec, load_data, load_digits, plant_canaries
+from ensattr_fast import Audit
+from ensattr_fast.data import load_data, load_digits, plant_canaries
 from ensattr_fast.data.canaries import save_canaries
+from ensattr_fast.diffusion.schedules import Sampler
 from ensattr_fast.evaluation.lds import train_full_model
-from ensattr_fast.members import MemberOptions
-from ensattr_fast.schedules import Sampler
+from ensattr_fast.steps import MemorizationOptions, PlanOptions, TrainOptions
 from ensattr_fast.training import TrainConfig
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 THRESHOLD = 1.0
 
@@ -47,23 +46,22 @@ def _work(quick: bool) -> Path:
 
 def _prepare(work: Path, config: TrainConfig, device: str):
     """The planted data, the plan, the trained ensemble and the full-data model (reused when
-    already there). Returns (ensemble path, full-data model path, canary unit ids)."""
+    already there). Returns (the audit of ``work``, full-data model path, canary unit ids)."""
     work.mkdir(parents=True, exist_ok=True)
     planted = plant_canaries(load_digits(), canaries=3, copies=60, seed=0)
     npz, csv = work / "digits-canaries.npz", work / "digits-canaries.csv"
     if not npz.exists() or not csv.exists():
         save_canaries(npz, csv, planted, overwrite=True)
-    spec = data_spec(str(npz), metadata=str(csv))
-    plan, ensemble = work / "plan.h5", work / "ensemble.pt"
-    if not plan.exists():
-        steps.make_plan(plan, spec, "group", 16, design="balanced", seed=0)
-    steps.train(plan, ensemble, config, MemberOptions(), device, checkpoint_every=500, resume=True, progress=False)
-    checkpoint = Checkpoint.load(ensemble)
+    audit = Audit.open(work, progress=False)  # plan.h5, ensemble.pt
+    if not (work / Audit.PLAN).exists():
+        audit.plan(PlanOptions(data=str(npz), metadata=csv, units="group", members=16, design="balanced", seed=0))
+    audit.train(TrainOptions(train=config, checkpoint_every=500, resume=True, device=device))
+    checkpoint = audit.checkpoint
     data = load_data(checkpoint.data_source)
     full = work / "full.pt"
     train_full_model(full, data, checkpoint.unit_of, len(checkpoint.code), config, checkpoint.spec, device,
                      progress=False)
-    return ensemble, full, planted.units
+    return audit, full, planted.units
 
 
 def _generators(code: torch.Tensor, canary: int, full: Path) -> List[tuple]:
@@ -127,8 +125,8 @@ def run(quick: bool, device: str, seeds: Optional[int] = None) -> Suite:
     suite = Suite("trust: copies of planted canaries", quick)
     config = TrainConfig(steps=600 if quick else 3500, batch_size=128, lr=3e-3, seed=0)
     work = _work(quick)
-    ensemble, full, canaries = _prepare(work, config, device)
-    checkpoint = Checkpoint.load(ensemble)
+    audit, full, canaries = _prepare(work, config, device)
+    checkpoint = audit.checkpoint
     data = load_data(checkpoint.data_source)
     canary_images = torch.stack([data.images[checkpoint.unit_of == u][0] for u in canaries])
     S = seeds or (64 if quick else 512)
@@ -137,8 +135,10 @@ def run(quick: bool, device: str, seeds: Optional[int] = None) -> Suite:
     rates: Dict[str, float] = {}
     for label, generator, other in _generators(checkpoint.code, canaries[0], full):
         out = work / f"copies-{generator.replace(':', '-')}-{'model' if other else 'ens'}.h5"
-        arrays = steps.memorization_step(ensemble, out, generator, range(S), Sampler("ddim", 50, 0.0), THRESHOLD,
-                                         generator_checkpoint=other, device=device, overwrite=True)
+        options = MemorizationOptions(generator=generator, generator_checkpoint=other, seeds=tuple(range(S)),
+                                      threshold=THRESHOLD, sampler=Sampler("ddim", 50, 0.0), overwrite=True,
+                                      device=device)
+        arrays = audit.memorization(out, options).arrays
         figures = _figures(arrays, list(canaries), canary_images)
         rates[label] = figures["canary_rate"]
         print(f"{label}: {figures}", flush=True)

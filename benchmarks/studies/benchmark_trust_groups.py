@@ -32,14 +32,14 @@ from scipy import stats
 from ensattr_fast import codes
 from ensattr_fast.attribution import member_losses
 from ensattr_fast.attribution.gradients import FeatureSpec, dataset_features, gradient_features, member_scores
-from ensattr_fast.checkpoint import Checkpoint
 from ensattr_fast.data import load_digits
+from ensattr_fast.diffusion.sampling import sample
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import MemberOptions, build_members
-from ensattr_fast.sampling import sample
-from ensattr_fast.schedules import NoiseSchedule, Sampler
 from ensattr_fast.training import TrainConfig, Trainer
+from ensattr_fast.training.checkpoint import Checkpoint
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 SEEDS = 2
 DRAWS = 256
@@ -152,7 +152,8 @@ def _case(suite: Suite, kind: str, quick: bool, device: str) -> None:
         suite.record(Record(name=f"{label}: {name}, top group agrees", value=top, unit="share", target=target,
                             met=None if target is None else bool(top >= 0.8)))
     best_gradient = max(v for k, v in spearman.items() if k.startswith("D-TRAK"))
-    ratio = spearman["exact ablation (excluders' loss - ensemble's)"] / best_gradient if best_gradient > 0 else float("inf")
+    ratio = (spearman["exact ablation (excluders' loss - ensemble's)"] / best_gradient if best_gradient > 0
+             else float("inf"))
     suite.record(Record(name=f"{label}: exact ablation / best gradient method, Spearman", value=ratio, unit="x",
                         baseline=best_gradient, ratio=ratio, target=">= 1.5x", met=bool(ratio >= 1.5)))
 

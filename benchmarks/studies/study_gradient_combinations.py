@@ -1,6 +1,6 @@
 """LDS of ways to combine the members' gradient scores, from the features a results file keeps.
 
-    python -m benchmarks.study_gradient_combinations --checkpoint demo/ensemble.pt \\
+    python -m benchmarks.studies.study_gradient_combinations --checkpoint demo/ensemble.pt \\
         --results demo/results.h5 --references refs.pt [--rows 128]
 
 The results file must hold ``/statistics/features_{dtrak,trak}[_train]`` (``ensattr attribute
@@ -16,11 +16,11 @@ import h5py
 import torch
 
 from ensattr_fast.attribution import member_losses
-from ensattr_fast.checkpoint import Checkpoint
 from ensattr_fast.attribution.gradients import combine, member_scores
+from ensattr_fast.diffusion.schedules import NoiseSchedule
 from ensattr_fast.evaluation.lds import reference_subsets
 from ensattr_fast.evaluation.metrics import lds
-from ensattr_fast.schedules import NoiseSchedule
+from ensattr_fast.training.checkpoint import Checkpoint
 
 
 def _standardised(m: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,8 @@ def combinations(scores: torch.Tensor, code: torch.Tensor) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.study_gradient_combinations", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--results", required=True)
     p.add_argument("--references", required=True)
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
     if len(scores) == 2:
         both = sum(_standardised(combine(m, code, "mean")) for m in scores.values())
         row = lds(both.numpy(), subsets, losses)
-        print(f"{'both':<6} {'standardised D-TRAK mean + TRAK mean':<42} {row['mean']:6.3f}  [{row['low']:.3f}, {row['high']:.3f}]")
+        print(f"{'both':<6} {'standardised D-TRAK mean + TRAK mean':<42} "
+              f"{row['mean']:6.3f}  [{row['low']:.3f}, {row['high']:.3f}]")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 at several projection dimensions, one projection shared by the members against one per
 member, compared with the exact kernel of the full gradients.
 
-    python -m benchmarks.study_projection --checkpoint demo/ensemble.pt --results demo/results.h5 \\
+    python -m benchmarks.studies.study_projection --checkpoint demo/ensemble.pt --results demo/results.h5 \\
         [--units 128] [--rows 16] [--dims 256,1024,4096,16384] [--references refs.pt]
 
 The training set is cut to the first ``--units`` units (the exact kernel needs its n x n
@@ -23,14 +23,14 @@ import h5py
 import numpy as np
 import torch
 
+from ensattr_fast.attribution import full_kernel as exact_module
 from ensattr_fast.attribution import member_losses
-from ensattr_fast.attribution import exact as exact_module
 from ensattr_fast.attribution.gradients import FeatureSpec, combine, gradient_features, member_scores
-from ensattr_fast.checkpoint import Checkpoint
 from ensattr_fast.data import load_data
 from ensattr_fast.errors import MethodError
 from ensattr_fast.evaluation.lds import reference_subsets
 from ensattr_fast.evaluation.metrics import lds
+from ensattr_fast.training.checkpoint import Checkpoint
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +47,7 @@ def projected(ensemble, schedule, train, queries, spec, unit_of, n_units, code) 
                    code, "mean")
 
 
-def lds_of(references, subsets, queries, matrix, draws, halves, seeds, cache={}) -> str:
+def lds_of(references, subsets, queries, matrix, draws, halves, seeds, cache={}) -> str:  # noqa: B006
     """LDS of ``matrix`` [Q, N] over the kept units against the reference models' losses."""
     if "losses" not in cache:
         refs = Checkpoint.load(references)
@@ -58,7 +58,8 @@ def lds_of(references, subsets, queries, matrix, draws, halves, seeds, cache={})
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.study_projection", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--results", required=True)
     p.add_argument("--kind", choices=["dtrak", "trak"], default="dtrak")
@@ -105,7 +106,8 @@ def main(argv=None) -> None:
     if args.references:
         seed = checkpoint.config["train"]["seed"] + 1
         subsets = reference_subsets(len(checkpoint.code), args.halves, seed=seed).numpy()[:, : args.units]
-    print(f"\n| projection | dim | Spearman vs {reference} | seconds |" + (" LDS (kept units) |" if args.references else ""))
+    print(f"\n| projection | dim | Spearman vs {reference} | seconds |"
+          + (" LDS (kept units) |" if args.references else ""))
     for name, matrix in scores.items():
         label, dim = ("exact kernel", "all") if name == "exact" else (name[1], f"{name[0]:,}")
         row = f"| {label} | {dim} | {spearman(matrix, scores[reference]):.3f} | {seconds[name]:.1f} |"

@@ -2,7 +2,7 @@
 quality, first-order agreement with exact ablation, loss-based self-influence, and the LDS of
 every method against one shared set of reference models (R random halves x seeds).
 
-    python -m benchmarks.study_training_modes --out study [--modes ...] [--halves 32 --seeds 2]
+    python -m benchmarks.studies.study_training_modes --out study [--modes ...] [--halves 32 --seeds 2]
 
 Takes about an hour on 2 CPU cores (the reference models dominate); writes study/modes.json.
 """
@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from ensattr_fast import code_scores
-from ensattr_fast.data import load_data
+from ensattr_fast import Audit
 from ensattr_fast.attribution import member_losses
-from ensattr_fast.checkpoint import Checkpoint
-from ensattr_fast.cli import main as ensattr
-from ensattr_fast.evaluation.lds import lds_table
+from ensattr_fast.cli.main import main as ensattr
+from ensattr_fast.data import load_data
+from ensattr_fast.ops import code_scores
+from ensattr_fast.steps import LdsOptions
 from ensattr_fast.store import open_results
 from ensattr_fast.training import MODES
+from ensattr_fast.training.checkpoint import Checkpoint
 
 
 def self_influence(checkpoint_path: Path, n: int = 100, draws: int = 64) -> float:
@@ -37,7 +38,8 @@ def self_influence(checkpoint_path: Path, n: int = 100, draws: int = 64) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.study_training_modes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("study"))
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--halves", type=int, default=32)
@@ -62,8 +64,8 @@ def main() -> None:
         print(mode, json.dumps(report[mode]), flush=True)
     for mode in args.modes:
         run = args.out / mode
-        table = lds_table(run / "results.h5", run / "ensemble.pt", load_data("digits"),
-                          args.out / "references.pt", args.halves, args.seeds)
+        table = Audit.open(run).lds(LdsOptions(references=args.out / "references.pt", halves=args.halves,
+                                               models_per_half=args.seeds))
         report[mode]["lds"] = {m: {k: v for k, v in row.items() if k != "per_query"} for m, row in table.items()}
         print(mode, "LDS", json.dumps(report[mode]["lds"]), flush=True)
         (args.out / "modes.json").write_text(json.dumps(report, indent=2))

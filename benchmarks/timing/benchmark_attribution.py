@@ -10,13 +10,13 @@ import textwrap
 import time
 from pathlib import Path
 
-
-from ensattr_fast import codes, code_scores
+from ensattr_fast import codes
 from ensattr_fast.attribution import first_order_grams
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.schedules import NoiseSchedule, Sampler
+from ensattr_fast.ops import code_scores
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 # Each child process measures its own peak memory; both write the same matrix in the same
 # block shape, one through ensattr_fast's streamed store, one with h5py alone.
@@ -28,7 +28,7 @@ _CHILD = textwrap.dedent(
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     if what == "ensattr_fast":
-        from ensattr_fast.store import stream_influence
+        from ensattr_fast.steps.scoring import stream_influence
         code = (torch.rand(N, M, generator=g).argsort(1) < M // 2).to(torch.uint8)
         J = torch.randn(S, 64, M, generator=g)
         gram = J.transpose(1, 2) @ J
@@ -42,7 +42,8 @@ _CHILD = textwrap.dedent(
                                  chunks=(min(S, block_rows, 64), min(N, block_units, 8192)))
             for r in range(0, S, block_rows):
                 for u in range(0, N, block_units):
-                    d[r : r + block_rows, u : u + block_units] = block[: min(block_rows, S - r), : min(block_units, N - u)]
+                    d[r : r + block_rows, u : u + block_units] = block[: min(block_rows, S - r),
+                                                                       : min(block_units, N - u)]
     seconds = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(dict(seconds=seconds, peak_rss=rss)))

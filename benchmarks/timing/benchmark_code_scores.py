@@ -2,9 +2,10 @@
 
 import torch
 
-from ensattr_fast import _reference, code_scores
+from ensattr_fast import _reference
+from ensattr_fast.ops import code_scores
 
-from ._common import Record, Suite, check_close
+from .._common import Record, Suite, check_close
 
 
 def run(quick: bool, device: str) -> Suite:

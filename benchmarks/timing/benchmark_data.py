@@ -14,11 +14,11 @@ import torch
 
 from ensattr_fast import codes
 from ensattr_fast.data import Dataset, load_digits, load_hdf5
+from ensattr_fast.diffusion.schedules import NoiseSchedule
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.schedules import NoiseSchedule
 from ensattr_fast.training import TrainConfig, Trainer
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 M, B = 16, 128  # the demo's ensemble and batch
 
@@ -52,7 +52,8 @@ def run(quick: bool, device: str) -> Suite:
         def run_steps(trainer):
             return lambda: [trainer.train_step() for _ in range(steps)]
 
-        case = f"M={M} B={B}, {len(images):,} images ({images.numel() * 4 / 2**20:.0f} MB > budget {budget >> 20} MB), {steps} steps"
+        case = (f"M={M} B={B}, {len(images):,} images "
+                f"({images.numel() * 4 / 2**20:.0f} MB > budget {budget >> 20} MB), {steps} steps")
         t_disk = suite.time(run_steps(trainers["disk"]), case, "HDF5 on disk, read a step ahead")
         t_memory = suite.time(run_steps(trainers["memory"]), case, "in memory")
         share = max(0.0, 1 - t_memory / t_disk)

@@ -12,20 +12,23 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 M, B, HIDDEN, BLOCKS = 16, 128, 256, 3  # the demo's ensemble and batch
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, where ``-m benchmarks...`` resolves
 
 
 def _worker(steps: int) -> None:
     import torch
 
-    from ensattr_fast import codes, distributed
-    from ensattr_fast.cli import launch
+    from ensattr_fast import codes
+    from ensattr_fast.cli.main import launch
     from ensattr_fast.data import load_digits
+    from ensattr_fast.diffusion.schedules import NoiseSchedule
     from ensattr_fast.members import StackedMLP
-    from ensattr_fast.schedules import NoiseSchedule
+    from ensattr_fast.runtime import distributed
     from ensattr_fast.training import TrainConfig, Trainer
 
     launch("cpu")
@@ -52,13 +55,12 @@ def _worker(steps: int) -> None:
 
 def _launch(ranks: int, threads: int, steps: int) -> float:
     """Member-examples per second of one configuration."""
-    module = [sys.executable, "-m", "benchmarks.benchmark_distributed", "--worker", str(steps)]
+    module = [sys.executable, "-m", "benchmarks.timing.benchmark_distributed", "--worker", str(steps)]
     if ranks > 1:
         module = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                  "-m", "benchmarks.benchmark_distributed", "--worker", str(steps)]
+                  "-m", "benchmarks.timing.benchmark_distributed", "--worker", str(steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run(module, capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(module, capture_output=True, text=True, env=env, check=True, cwd=ROOT)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     return steps * M * B / report["seconds"]
 

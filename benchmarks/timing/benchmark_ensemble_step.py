@@ -2,9 +2,10 @@
 
 import torch
 
-from ensattr_fast import _reference, ensemble_step
+from ensattr_fast import _reference
+from ensattr_fast.ops import ensemble_step
 
-from ._common import Record, Suite, check_close
+from .._common import Record, Suite, check_close
 
 COEFFS = (1.02, -0.2, 0.97, 0.02, 0.1)
 

@@ -11,12 +11,12 @@ import time
 import torch
 
 from ensattr_fast import codes
-from ensattr_fast.data import load_digits
 from ensattr_fast.attribution.gradients import FeatureSpec, _generic_features, combine, gradient_features, member_scores
+from ensattr_fast.data import load_digits
+from ensattr_fast.diffusion.schedules import NoiseSchedule
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.schedules import NoiseSchedule
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 M = 16
 

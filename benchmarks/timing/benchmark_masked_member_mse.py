@@ -2,9 +2,10 @@
 
 import torch
 
-from ensattr_fast import _reference, masked_member_mse
+from ensattr_fast import _reference
+from ensattr_fast.ops import masked_member_mse
 
-from ._common import Record, Suite, check_close
+from .._common import Record, Suite, check_close
 
 
 def _fwd_bwd(fn, pred, target, mask):

@@ -14,11 +14,20 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ensattr_fast.members import (ARCHITECTURES, FoldedEnsemble, MemberOptions, StackedUNet, UNetMember, VmapEnsemble,
-                                  build_members, diffusers_ensemble, member_unet)
+from ensattr_fast.members import (
+    ARCHITECTURES,
+    FoldedEnsemble,
+    MemberOptions,
+    StackedUNet,
+    UNetMember,
+    VmapEnsemble,
+    build_members,
+    diffusers_ensemble,
+    member_unet,
+)
 from ensattr_fast.members.registry import SMALL_WIDTH
 
-from ._common import Record, Suite, check_close
+from .._common import Record, Suite, check_close
 
 M, SHAPE = 8, (3, 32, 32)
 SMALL_DIFFUSERS = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),

@@ -4,11 +4,11 @@ loops (same steps, same noise, same results), side by side in one run."""
 import torch
 
 from ensattr_fast import codes
+from ensattr_fast.diffusion.sampling import ablate, ablation_weights, seeded_normal
+from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
 from ensattr_fast.members import StackedMLP
-from ensattr_fast.sampling import ablate, ablation_weights, seeded_normal
-from ensattr_fast.schedules import NoiseSchedule, Sampler
 
-from ._common import Record, Suite, check_close
+from .._common import Record, Suite, check_close
 
 
 def _one_member(ensemble, m):

@@ -9,11 +9,11 @@ from torch import nn
 
 from ensattr_fast import codes
 from ensattr_fast.data import load_digits
+from ensattr_fast.diffusion.schedules import NoiseSchedule
 from ensattr_fast.members import StackedMLP, timestep_embedding
-from ensattr_fast.schedules import NoiseSchedule
 from ensattr_fast.training import TrainConfig, Trainer
 
-from ._common import Record, Suite
+from .._common import Record, Suite
 
 
 class PlainMLP(nn.Module):
