@@ -26,7 +26,7 @@ SECTIONS = {
                                 "Config", "load_config"],
     "Files and data": ["open_results", "Results", "Checkpoint", "Dataset", "load_dataset", "load_digits"],
     "Errors": ["EnsattrError", "CodeError", "DataError", "ArchitectureError", "CheckpointError", "StoreError",
-               "MethodError", "ConfigError"],
+               "DiskError", "MethodError", "ConfigError"],
     "Kernels and the build": ["ops", "build_info", "__version__"],
 }
 

@@ -23,39 +23,16 @@ from ._version import __version__
 from .audit import Audit, Training
 from .data import Dataset, load_dataset, load_digits
 from .diffusion import NoiseSchedule, Sampler
-from .errors import (
-                     ArchitectureError,
-                     CheckpointError,
-                     CodeError,
-                     ConfigError,
-                     DataError,
-                     EnsattrError,
-                     MethodError,
-                     StoreError,
-)
+from .errors import (ArchitectureError, CheckpointError, CodeError, ConfigError, DataError, DiskError, EnsattrError,
+                     MethodError, StoreError)
 from .evaluation.counterfactuals import Counterfactuals
 from .evaluation.floors import NoiseFloor
 from .members import MemberOptions
 from .members.passes import Passes
 from .ops import build_info
-from .steps import (
-                     AblateOptions,
-                     AttributeOptions,
-                     Attribution,
-                     Copies,
-                     DemoOptions,
-                     GroupAudit,
-                     GroupAuditOptions,
-                     LdsOptions,
-                     MemorizationOptions,
-                     MetricsOptions,
-                     Plan,
-                     PlanOptions,
-                     ReportOptions,
-                     SampleOptions,
-                     Samples,
-                     TrainOptions,
-)
+from .steps import (AblateOptions, AttributeOptions, Attribution, Copies, DemoOptions, GroupAudit, GroupAuditOptions,
+                    LdsOptions, MemorizationOptions, MetricsOptions, Plan, PlanOptions, ReportOptions, SampleOptions,
+                    Samples, TrainOptions)
 from .steps.config_file import Config, load_config
 from .store import Results, open_results
 from .training import Checkpoint, TrainConfig
@@ -70,8 +47,8 @@ __all__ = [
     # the files and data
     "open_results", "Results", "Checkpoint", "Dataset", "load_dataset", "load_digits",
     # errors
-    "EnsattrError", "CodeError", "DataError", "ArchitectureError", "CheckpointError", "StoreError", "MethodError",
-    "ConfigError",
+    "EnsattrError", "CodeError", "DataError", "ArchitectureError", "CheckpointError", "StoreError", "DiskError",
+    "MethodError", "ConfigError",
     # the kernels and the build
     "ops", "build_info", "__version__",
 ]

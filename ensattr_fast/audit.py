@@ -31,24 +31,9 @@ from .errors import StoreError
 from .evaluation.counterfactuals import Counterfactuals
 from .runtime import distributed
 from .runtime.fields import as_record, update
-from .steps import (
-    AblateOptions,
-    AttributeOptions,
-    Attribution,
-    Copies,
-    GroupAudit,
-    GroupAuditOptions,
-    LdsOptions,
-    MemorizationOptions,
-    MetricsOptions,
-    Plan,
-    PlanOptions,
-    ReportOptions,
-    SampleOptions,
-    Samples,
-    Session,
-    TrainOptions,
-)
+from .steps import (AblateOptions, AttributeOptions, Attribution, Copies, GroupAudit, GroupAuditOptions, LdsOptions,
+                    MemorizationOptions, MetricsOptions, Plan, PlanOptions, ReportOptions, SampleOptions, Samples,
+                    Session, TrainOptions)
 from .steps.config_file import Config, load_config
 from .steps.files import STEP_FILES
 from .store import Results, ResultsWriter, open_results

@@ -6,7 +6,7 @@ code written against earlier versions, which caught ``ValueError``, still works.
 """
 
 __all__ = ["EnsattrError", "CodeError", "DataError", "ArchitectureError", "CheckpointError",
-           "StoreError", "MethodError", "ConfigError"]
+           "StoreError", "DiskError", "MethodError", "ConfigError"]
 
 
 class EnsattrError(ValueError):
@@ -31,6 +31,12 @@ class CheckpointError(EnsattrError):
 
 class StoreError(EnsattrError):
     """A results or plan file that is unreadable, incomplete, or from another ensemble."""
+
+
+class DiskError(StoreError):
+    """The system refused to write or read a file: a full disk, a read-only or forbidden folder,
+    a file another process holds. What was on disk before is as it was; run again once the
+    cause is gone."""
 
 
 class MethodError(EnsattrError):

@@ -14,17 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ensattr_fast.members import (
-    ARCHITECTURES,
-    FoldedEnsemble,
-    MemberOptions,
-    StackedUNet,
-    UNetMember,
-    VmapEnsemble,
-    build_members,
-    diffusers_ensemble,
-    member_unet,
-)
+from ensattr_fast.members import (ARCHITECTURES, FoldedEnsemble, MemberOptions, StackedUNet, UNetMember, VmapEnsemble,
+                                  build_members, diffusers_ensemble, member_unet)
 from ensattr_fast.members.registry import SMALL_WIDTH
 
 from .._common import Record, Suite, check_close

@@ -5,7 +5,6 @@ through an ``Audit`` on the files given, prints what it found, and prints any re
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -16,12 +15,14 @@ import torch
 import torch.distributed as dist
 
 from ..audit import Audit
-from ..errors import EnsattrError
+from ..errors import DiskError, EnsattrError
 from ..evaluation.floors import summary as significance_summary
 from ..runtime import distributed
+from ..runtime.files import fault_line
 from ..steps import demo
 from ..steps.groups import describe as describe_audit
 from ..steps.plan import design_reason
+from ..store import dump_json
 from .parser import Command, parse
 
 __all__ = ["main", "launch"]
@@ -41,27 +42,57 @@ def launch(device: str = "cpu") -> str:
     return device
 
 
-def _error(command: str, error: Exception) -> int:
-    line = " ".join(str(error).splitlines())
+def _system_fault(error: RuntimeError) -> bool:
+    """Whether a RuntimeError is HDF5's or torch's word for a fault of the system (a failed write
+    or read, with its errno), not a fault of the package."""
+    text = str(error)
+    return "errno =" in text or "file write failed" in text or "PytorchStreamWriter failed" in text
+
+
+def _error(command: str, error) -> int:
+    line = " ".join(str(error).split())
     print(f"ensattr {command}: error: {line}" if command else f"ensattr: error: {line}", file=sys.stderr)
     return 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one ``ensattr`` command (``argv``: its arguments; None: this process's own, and then a
+    fault of the system ends the process at once, see :func:`_stop`). Returns the exit status."""
+    own = argv is None
     try:
         command = parse(argv)
     except EnsattrError as error:
         return _error(getattr(error, "prog", "ensattr").removeprefix("ensattr").strip(), error)
     try:
         return _run(command)
+    except DiskError as error:
+        return _stop(command.step, error, own)
     except EnsattrError as error:
         return _error(command.step, error)
     except OSError as error:  # a full disk, a read-only folder, a file taken away
-        where = f": {error.filename}" if getattr(error, "filename", None) else ""
-        return _error(command.step, OSError(f"{error.strerror or error}{where}"))
+        return _stop(command.step, fault_line(error), own)
+    except RuntimeError as error:
+        if not _system_fault(error):
+            raise
+        return _stop(command.step, fault_line(error), own)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _stop(command: str, error, own: bool) -> int:
+    """After the system refused a write: the line, then (for the process's own command line) an
+    exit that skips the interpreter's teardown. HDF5 leaves a file whose last write failed half
+    closed, and freeing its objects at exit can crash the process; every lock and temporary file
+    is gone by now."""
+    code = _error(command, error)
+    if not own:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(code)
 
 
 def _run(command: Command) -> int:
@@ -115,7 +146,7 @@ def _ablate(audit: Audit, options, out) -> None:
 def _attribute(audit: Audit, options, out) -> None:
     found = audit.attribute(options)
     print(f"influence written to {audit.session.results}; agreement with exact ablation: "
-          f"{json.dumps(found.agreement)}")
+          f"{dump_json(found.agreement)}")
 
 
 def _audit(audit: Audit, options, out) -> None:
@@ -125,7 +156,7 @@ def _audit(audit: Audit, options, out) -> None:
 
 
 def _metrics(audit: Audit, options, out) -> None:
-    print(json.dumps(audit.metrics(options), indent=2))
+    print(dump_json(audit.metrics(options), indent=2))
 
 
 def _lds(audit: Audit, options, out) -> None:

@@ -42,6 +42,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
+class _Once(argparse.Action):
+    """An option given at most once (a second ``--config`` would leave one of them unused)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            raise UsageError(parser.prog, f"{option_string} is given twice: one config file per run")
+        setattr(namespace, self.dest, values)
+
+
 class Command(NamedTuple):
     """A parsed command line: the step, its options, its files by role and the config file."""
 
@@ -85,8 +94,8 @@ def _add_step(sub, step: str) -> None:
         else:
             arguments["type"] = _argument_type(kind)
         p.add_argument(leaf.flag, **arguments)
-    p.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                   help="TOML or YAML file of options (flags win over it)")
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS, action=_Once,
+                   help="TOML or YAML file of options (flags win over it); one per run")
 
 
 def parser() -> argparse.ArgumentParser:

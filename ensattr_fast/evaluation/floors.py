@@ -22,7 +22,6 @@ score, and each sample's copy certificate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional, Sequence
 
@@ -33,7 +32,7 @@ from .. import codes
 from ..attribution.methods import Method
 from ..ops import code_scores
 from ..runtime.fields import Float, Int, check_fields, option
-from ..store import ResultsWriter, open_results
+from ..store import ResultsWriter, open_results, parse_json
 from .significance import benjamini_hochberg, empirical_pvalues, significance
 
 __all__ = ["NoiseFloor", "floor_arrays", "score_floors", "certify", "summary", "SCORE_PHANTOMS"]
@@ -152,7 +151,7 @@ def summary(results: os.PathLike) -> str:
         if not r.has_counterfactuals or "floor_distance" not in r.counterfactuals:
             return "no noise floor in this file: effects are not judged"
         cf = r.counterfactual_arrays(images=False)
-        meta = json.loads(r.counterfactuals.attrs["floor"])
+        meta = parse_json(r.counterfactuals.attrs["floor"])
         certificate = r.certificate()
     valid = cf["units"] >= 0
     flagged = int(cf["significant"][valid].sum())

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..attribution import member_losses
 from ..attribution.baselines import pixel_similarity
+from ..errors import CheckpointError, CodeError, DataError, StoreError
 from ..data import Dataset
 from ..diffusion.schedules import NoiseSchedule
 from ..members import build_ensemble
@@ -67,8 +68,13 @@ def _train_independent(path: os.PathLike, data: Dataset, unit_of: Tensor, code: 
     config = TrainConfig(**{**config.__dict__, "mode": "independent"})
     trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(len(code))],
                       NoiseSchedule.linear(), config, device, require_exact_ablation=False)
-    if path.exists():
-        trainer.restore(Checkpoint.load(path))
+    if path.exists():  # finish (or load) our own run there; never train another run's models further
+        try:
+            trainer.restore(Checkpoint.load(path))
+        except (CodeError, CheckpointError, DataError) as error:
+            detail = " ".join(str(error).split()).split(": resume")[0]
+            raise StoreError(f"{path} holds models of another run ({detail}); give another file, or remove it to "
+                             "train them anew") from None
     if trainer.step < config.steps:
         trainer.train(checkpoint=path, checkpoint_every=250, progress=progress)
     return trainer.checkpoint()

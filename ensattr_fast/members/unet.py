@@ -23,16 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import timestep_embedding
-from .grouped import (
-    GroupedConv2d,
-    GroupedConvTranspose2d,
-    GroupedGroupNorm,
-    StackedLinear,
-    add_per_channel,
-    cat_channels,
-    fold,
-    unfold,
-)
+from .grouped import (GroupedConv2d, GroupedConvTranspose2d, GroupedGroupNorm, StackedLinear, add_per_channel,
+                      cat_channels, fold, unfold)
 from .vmap import VmapEnsemble
 
 

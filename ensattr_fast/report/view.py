@@ -5,7 +5,6 @@ method."""
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Callable, Dict, Optional
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from ..data import load_data
 from ..errors import StoreError
-from ..store import open_results
+from ..store import open_results, parse_json
 
 __all__ = ["read_view", "pictures", "DEFAULT_METHOD"]
 
@@ -38,7 +37,7 @@ def _significance(cf: Dict[str, np.ndarray], floor_attr) -> Optional[Dict]:
     file written before the floor (no ``floor_distance``, ``qvalue`` or ``significant``)."""
     if not {"floor_distance", "qvalue", "significant"} & set(cf):
         return None
-    meta = json.loads(floor_attr) if floor_attr is not None else {}
+    meta = parse_json(floor_attr) if floor_attr is not None else {}
     alpha = float(meta.get("alpha", 0.05))
     checked = cf["units"] >= 0
     if "significant" in cf:

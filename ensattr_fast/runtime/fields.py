@@ -21,23 +21,8 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from .kinds import (
-    BIG,
-    SEED_LIMIT,
-    Choice,
-    Device,
-    FilePath,
-    Float,
-    Int,
-    Kind,
-    Maybe,
-    Seeds,
-    Switch,
-    Text,
-    UnitKind,
-    Units,
-    Width,
-)
+from .kinds import (BIG, SEED_LIMIT, Choice, Device, FilePath, Float, Int, Kind, Maybe, Seeds, Switch, Text, UnitKind,
+                    Units, Width)
 
 __all__ = ["BIG", "SEED_LIMIT", "Kind", "Int", "Float", "Choice", "Switch", "Text", "FilePath", "Seeds", "Device",
            "Units", "UnitKind", "Width", "Maybe", "Option", "option", "nested", "check_fields", "leaves", "Leaf",

@@ -16,15 +16,18 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import shutil
 import socket
 import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
-from ..errors import StoreError
+from ..errors import DiskError, StoreError
 
-__all__ = ["writing", "holder", "atomic_output", "check_output", "same_file", "open_elsewhere"]
+__all__ = ["writing", "holder", "atomic_output", "check_output", "check_space", "fault_line", "same_file",
+           "open_elsewhere"]
 
 _held: Dict[str, List] = {}  # real path of a locked file -> [lock file descriptor, depth]
 
@@ -80,9 +83,16 @@ def writing(path: os.PathLike, what: str = "file") -> Iterator[None]:
             pass
         os.close(fd)
     command = " ".join(["ensattr", *sys.argv[1:2]]) if sys.argv and "ensattr" in sys.argv[0] else "python"
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} ({command}) on {socket.gethostname()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} ({command}) on {socket.gethostname()}\n".encode())
+    except OSError as error:  # a full disk: no lock file left behind
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+        raise DiskError(f"{what} {path} cannot be written: {fault_line(error)}") from None
     _held[key] = [fd, 1]
+    _clear_stale(Path(path))
     try:
         yield
     finally:
@@ -92,6 +102,17 @@ def writing(path: os.PathLike, what: str = "file") -> Iterator[None]:
             with contextlib.suppress(OSError):
                 lock.unlink()
             os.close(fd)
+
+
+def _clear_stale(path: Path) -> None:
+    """Remove the temporaries a killed writer of ``path`` left (``.<name>.*.tmp*`` and
+    ``<name>.*.tmp``): under its lock, nothing else writes them."""
+    if not path.parent.is_dir():
+        return
+    for pattern in (f".{path.name}.*.tmp*", f"{path.name}.*.tmp"):
+        for stale in path.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def open_elsewhere(path: os.PathLike, writable: bool = False) -> List[int]:
@@ -118,13 +139,16 @@ def same_file(a: os.PathLike, b: os.PathLike) -> bool:
 
 
 def check_output(path: os.PathLike, option: str, overwrite: bool = False,
-                 inputs: Optional[Dict[str, os.PathLike]] = None, resume: Optional[bool] = None) -> None:
-    """Refuse, before any work, an output ``path`` (given as ``option``) that exists (unless
-    ``overwrite``, or ``resume`` for a step that continues an output; None: the step cannot),
-    that is one of ``inputs`` (what -> path), or whose folder cannot be written."""
+                 inputs: Optional[Dict[str, os.PathLike]] = None, resume: Optional[bool] = None,
+                 need: int = 0) -> None:
+    """Refuse, before any work, an output ``path`` (given as ``option``) that is one of
+    ``inputs`` (what -> path, links resolved; ``overwrite`` cannot lift this), that exists
+    (unless ``overwrite``, or ``resume`` for a step that continues an output; None: the step
+    cannot), whose folder cannot be written, or whose disk has less than ``need`` bytes free."""
     for name, given in (inputs or {}).items():
         if given is not None and same_file(path, given):
-            raise StoreError(f"{option} {path} is also the {name} this step reads; write elsewhere")
+            raise StoreError(f"{option} {path} is also the {name} this step reads: an output never replaces an "
+                             "input, even with --overwrite; write elsewhere")
     path = Path(path)
     if path.is_dir():
         raise StoreError(f"{option} {path} is a folder; give a file name")
@@ -136,6 +160,55 @@ def check_output(path: os.PathLike, option: str, overwrite: bool = False,
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or not _can_make_entries(folder):
         raise StoreError(f"{option} {path}: {folder} is not a folder this process can write to")
+    check_space(folder, need, f"{option} {path}")
+
+
+def check_space(folder: os.PathLike, need: int, what: str) -> None:
+    """Refuse, before the work, an output of about ``need`` bytes on a disk with less free."""
+    if need <= 0:
+        return
+    folder = Path(folder).absolute()
+    while not folder.exists():  # an output's folders are made when it is written
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise StoreError(f"{what} needs about {_size(need)} and the disk of {folder} has {_size(free)} free; "
+                         "free some space, or write elsewhere")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+_HDF5_FAULT = re.compile(r"errno = (\d+), error message = '([^']*)'")
+
+
+def fault_line(error: BaseException, path: Optional[os.PathLike] = None) -> str:
+    """One line for a fault of the system (a full disk, a read-only or forbidden folder, a file
+    held elsewhere), from an OSError or the long text HDF5 gives: the cause and the file."""
+    text = " ".join(str(error).split())
+    found = _HDF5_FAULT.search(text)
+    number = getattr(error, "errno", None)
+    if found:  # HDF5: "... write failed: time = ..., filename = ..., errno = 28, error message = '...', buf = 0x..."
+        number, cause = int(found.group(1)), found.group(2)
+    elif isinstance(error, OSError) and error.strerror:
+        cause = error.strerror
+    else:
+        cause = text
+    if number in _CAUSES:
+        cause = _CAUSES[number]
+    where = path or getattr(error, "filename", None)
+    name = re.search(r"filename = '([^']*)'", text)
+    where = where or (name.group(1) if name else None)
+    return f"{cause}: {where}" if where else cause
+
+
+_CAUSES = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
 
 
 def _can_make_entries(folder: Path) -> bool:

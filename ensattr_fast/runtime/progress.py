@@ -19,12 +19,20 @@ import sys
 import time
 from typing import Callable, Optional, TextIO
 
-__all__ = ["Progress", "style"]
+__all__ = ["Progress", "style", "note"]
 
 STYLES = ("bar", "lines", "off")
 EVERY_PERCENT = 5
 MIN_SECONDS = 1.0
 MAX_SECONDS = 60.0
+
+
+def note(text: str) -> None:
+    """Tell the user, on stderr, of a choice a step made for them (an option it had to clamp)."""
+    from . import distributed
+
+    if distributed.world().main:
+        print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def style(stream: Optional[TextIO] = None) -> str:

@@ -14,21 +14,9 @@ from .groups import GroupAudit, audit_groups
 from .lds import lds
 from .memorization import Copies, memorization
 from .metrics import metrics
-from .options import (
-                      STEP_OPTIONS,
-                      AblateOptions,
-                      AttributeOptions,
-                      DemoOptions,
-                      GroupAuditOptions,
-                      LdsOptions,
-                      MemorizationOptions,
-                      MetricsOptions,
-                      PlanOptions,
-                      ReportOptions,
-                      SampleOptions,
-                      TrainOptions,
-                      read_groups,
-)
+from .options import (STEP_OPTIONS, AblateOptions, AttributeOptions, DemoOptions, GroupAuditOptions, LdsOptions,
+                      MemorizationOptions, MetricsOptions, PlanOptions, ReportOptions, SampleOptions, TrainOptions,
+                      read_groups)
 from .plan import Plan, plan
 from .report import report
 from .sample import Samples, sample

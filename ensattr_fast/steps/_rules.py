@@ -10,13 +10,15 @@ from typing import Callable
 from .. import errors
 from ..runtime import distributed
 from ..runtime.files import writing
-from ..store import unreadable
+from ..store import check_results, read_hdf5, recover_after_kill, unreadable
+from ..store.recovery import open_for_appending
 
 
 def on_writer(check: Callable[[], None]) -> None:
     """Run ``check`` on rank 0 only (it alone writes the files) and raise its error, if any,
     on every rank."""
     refused = None
+    distributed.barrier()  # no rank is still reading a file the check may open to write
     if distributed.world().main:
         try:
             check()
@@ -36,3 +38,12 @@ def existing(results: os.PathLike) -> None:
     """Refuse a results file to add to that is not there (before a lock would make its folder)."""
     if not os.path.isfile(results):
         raise unreadable(results, "no such file")
+
+
+def recovered(results: os.PathLike) -> None:
+    """A results file to add to, made sound where a killed writer left it open, and refused when
+    its contents do not agree with themselves (damaged by a fault, or edited). Under the lock."""
+    recover_after_kill(results)
+    open_for_appending(results).close()  # a plain reader elsewhere refuses every writer: say so before the work
+    with read_hdf5(results) as f:
+        check_results(f)

@@ -4,6 +4,7 @@ sub-ensemble that never saw it), judged against its noise floor and stored in th
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -16,8 +17,10 @@ from ..errors import StoreError
 from ..evaluation.counterfactuals import Counterfactuals, exact_counterfactuals
 from ..members.sharded import place_members
 from ..runtime import distributed
-from ..store import ResultsWriter, count_samples, counterfactuals_written_by, read_unit_of, recover_after_kill
-from ._rules import existing, on_writer, writer_lock
+from ..runtime.progress import note
+from ..store import (ResultsWriter, count_samples, counterfactuals_request, counterfactuals_written_by, dump_json,
+                     read_unit_of)
+from ._rules import existing, on_writer, recovered, writer_lock
 from .options import AblateOptions
 from .session import Session
 
@@ -40,24 +43,33 @@ def ablate(session: Session, options: AblateOptions = AblateOptions(), units: Un
     """
     results = session.results
     existing(results)
+    request = _request(options) if units is None and written_by == "ablate" else None
     with writer_lock(results, "results file"):
-        on_writer(lambda: _check_replace(results, options.overwrite, written_by))
+        on_writer(lambda: _check_replace(results, options.overwrite, written_by, request))
         return _ablate(session, options, options.units if units is None else units, written_by, predicted or {},
-                       max_trajectories)
+                       max_trajectories, request)
 
 
-def _check_replace(results, overwrite: bool, written_by: str) -> None:
-    recover_after_kill(results)
+def _request(options: AblateOptions) -> dict:
+    """What an ``ablate`` command asks for: the same request gives the same counterfactuals."""
+    return json.loads(dump_json(dict(units=options.units, nearest=options.nearest, samples=options.samples,
+                                     floor=dataclasses.asdict(options.floor)), sort_keys=True))
+
+
+def _check_replace(results, overwrite: bool, written_by: str, request: Optional[dict]) -> None:
+    recovered(results)
     before = counterfactuals_written_by(results)
-    # the exact check and the audit may replace what an earlier run of themselves wrote
-    own_check = before == written_by and written_by in ("attribute", "audit")
+    # the exact check and the audit may replace what an earlier run of themselves wrote, and an
+    # ablation what the same ablation wrote (a run stopped after it wrote them, then run again)
+    own_check = before == written_by and (written_by in ("attribute", "audit") or
+                                          (request is not None and counterfactuals_request(results) == request))
     if before is not None and not overwrite and not own_check:
         raise StoreError(f"{results} already holds counterfactuals (of `ensattr {before}`); pass --overwrite "
                          "to replace them, or work on a copy")
 
 
 def _ablate(session: Session, options: AblateOptions, units, written_by: str, predicted: Dict[str, Tensor],
-            max_trajectories: int) -> Counterfactuals:
+            max_trajectories: int, request: Optional[dict] = None) -> Counterfactuals:
     checkpoint, floor = session.checkpoint, options.floor
     code = checkpoint.code
     if not isinstance(units, Tensor) or units.dim() != 2:
@@ -76,7 +88,7 @@ def _ablate(session: Session, options: AblateOptions, units, written_by: str, pr
         with ResultsWriter(session.results, "a") as writer:
             writer.check_code(code)
             writer.write_counterfactuals(units, found.images, found.distances, written_by, floor=found.floor,
-                                         **{f"predicted_{m}": v for m, v in predicted.items()})
+                                         request=request, **{f"predicted_{m}": v for m, v in predicted.items()})
     distributed.barrier()
     return found
 
@@ -84,5 +96,9 @@ def _ablate(session: Session, options: AblateOptions, units, written_by: str, pr
 def _units_per_sample(session: Session, n: int, units, nearest: int) -> Tensor:
     if units is not None:
         return torch.as_tensor(list(units), dtype=torch.long).expand(n, -1).clone()
+    n_units = len(session.checkpoint.code)
+    if nearest > n_units:
+        note(f"--nearest {nearest} is more than the {n_units} units: each sample is re-drawn without each of them")
+        nearest = n_units
     _, images = session.samples(n)
     return nearest_units(images, session.data(), read_unit_of(session.results), nearest)

@@ -13,24 +13,19 @@ import torch
 
 from .. import codes
 from ..attribution import FeatureSpec
+from ..attribution.full_kernel import gradient_size
 from ..attribution.methods import Method, Rows, get_method, parse_methods
 from ..data import check_images
+from ..errors import ConfigError
 from ..evaluation.counterfactuals import Counterfactuals
 from ..evaluation.floors import certify, score_floors
 from ..evaluation.metrics import agreement
 from ..runtime import distributed
-from ..store import (
-    ResultsWriter,
-    cached_statistic,
-    code_hash,
-    count_samples,
-    open_results,
-    part_path,
-    recover_after_kill,
-    stitch_parts,
-    write_scores,
-)
-from ._rules import existing, on_writer, writer_lock
+from ..runtime.files import check_space
+from ..runtime.progress import note
+from ..store import (ResultsWriter, cached_statistic, code_hash, count_samples, open_results, part_path,
+                     stitch_parts, write_scores)
+from ._rules import existing, on_writer, recovered, writer_lock
 from .ablate import ablate
 from .options import AblateOptions, AttributeOptions, read_groups
 from .scoring import stream_influence
@@ -76,15 +71,42 @@ def attribute(session: Session, options: AttributeOptions = AttributeOptions(), 
     results = session.results
     existing(results)
     with writer_lock(results, "results file"):
-        on_writer(lambda: recover_after_kill(results))
+        on_writer(lambda: recovered(results))
         return _attribute(session, options, progress)
+
+
+def fit_to_data(session: Session, options: AttributeOptions) -> AttributeOptions:
+    """``options`` checked against the ensemble before any work: the top-k at most the units
+    (clamped, with a note), the exact check within the top-k and by a method computed, a
+    projection no larger than a member's gradient."""
+    n_units = len(session.checkpoint.code)
+    if options.topk > n_units:
+        note(f"--topk {options.topk} is more than the {n_units} units: each row keeps all {n_units}")
+        options = dataclasses.replace(options, topk=n_units)
+    if options.check > options.topk:
+        raise ConfigError(f"--check {options.check} is more than --topk {options.topk}: the exact check ablates each "
+                          f"sample's top units by {options.checked_by}; raise --topk or lower --check")
+    if options.check and options.checked_by not in options.methods:
+        raise ConfigError(f"--check-by {options.checked_by} is not among the methods computed "
+                          f"({','.join(options.methods)}): add it to --method")
+    gradient = [m for m in parse_methods(options.methods) if not m.scorer.by_code]
+    if gradient and not options.exact_kernel:
+        size = gradient_size(session.ensemble(options.device))
+        if options.projection_dim > size:
+            raise ConfigError(f"--projection-dim {options.projection_dim} is more than the {size:,} numbers of a "
+                              f"member's gradient: a projection cannot add to them; use at most {size}, or "
+                              "--exact-kernel for the unprojected kernel")
+    return options
 
 
 def _attribute(session: Session, options: AttributeOptions, progress: bool) -> Attribution:
     checkpoint, results = session.checkpoint, session.results
+    options = fit_to_data(session, options)
     chosen = parse_methods(options.methods)
     groups = read_groups(options.groups) if options.groups is not None else None
     rows = min(options.samples, count_samples(results))
+    size = _expected_bytes(session, options, chosen, rows, groups)
+    on_writer(lambda: check_space(Path(results).absolute().parent, size, f"--results {results}"))
     mine = distributed.shard(rows, align=options.block_rows)
     seeds, samples = session.samples(mine.stop, mine.start)
     check_images(samples, f"samples in {results}", shape=checkpoint.spec["data_shape"], allow_empty=True)
@@ -114,6 +136,20 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
     with open_results(results) as r:
         topk = {m.name: tuple(np.asarray(a[:rows]) for a in r.topk(m.name)) for m in chosen}
     return Attribution(rows, [m.name for m in chosen], topk, found[0] if found else {}, found[1] if found else None)
+
+
+def _expected_bytes(session: Session, options: AttributeOptions, methods: List[Method], rows: int,
+                    groups: Optional[dict]) -> int:
+    """About what attributing ``rows`` rows adds to the results file: every matrix [rows, N] and
+    its top-k, the statistics kept for resumes, the gradient features of the data and the rows."""
+    code = session.checkpoint.code
+    N, M = code.shape
+    matrices = len(methods) + (sum(m.scorer.by_code for m in methods) if groups else 0)
+    size = matrices * rows * (N + 3 * options.topk) * 4 + rows * M * (2 * M + 1) * 4
+    kinds = {m.feature_kind for m in methods if not m.scorer.by_code}
+    if kinds and not options.exact_kernel:
+        size += len(kinds) * M * (len(session.checkpoint.unit_of) + rows) * options.projection_dim * 4
+    return size + (1 << 20)
 
 
 def _score_rows(session: Session, options: AttributeOptions, methods: List[Method], seeds: List[int],

@@ -25,15 +25,8 @@ from ..runtime.files import check_output
 from ..store import ResultsWriter, read_plan
 from .ablate import ablate
 from .attribute import attribute
-from .options import (
-    AblateOptions,
-    AttributeOptions,
-    DemoOptions,
-    PlanOptions,
-    ReportOptions,
-    SampleOptions,
-    TrainOptions,
-)
+from .options import (AblateOptions, AttributeOptions, DemoOptions, PlanOptions, ReportOptions, SampleOptions,
+                      TrainOptions)
 from .plan import plan
 from .report import report
 from .sample import sample

@@ -25,6 +25,7 @@ from ..attribution import FeatureSpec, combine, dataset_features, gradient_featu
 from ..attribution.methods import get_method
 from ..errors import CodeError, MethodError
 from ..evaluation.counterfactuals import Counterfactuals
+from ..runtime.progress import note
 from ..store import ResultsWriter, cached_statistic, count_samples, open_results
 from .ablate import ablate
 from .options import AblateOptions, GroupAuditOptions
@@ -65,6 +66,14 @@ def audit_groups(session: Session, options: GroupAuditOptions = GroupAuditOption
     if n_groups > AUDIT_MAX_GROUPS:
         raise CodeError(f"the audit re-draws every sample once per group; {n_groups} groups is more than "
                         f"{AUDIT_MAX_GROUPS}: plan fewer, larger groups (--units group or clusters:K)")
+    sizes = torch.bincount(checkpoint.unit_of, minlength=n_groups)
+    if int(sizes.max()) <= 1:
+        raise CodeError("every unit of this ensemble is one example: the audit ranks the examples inside groups; "
+                        "plan groups as units (--units class, group or clusters:K), or use `ensattr attribute`")
+    if options.examples > int(sizes.max()):
+        note(f"--examples {options.examples} is more than the largest group ({int(sizes.max())} examples): each "
+             "group's examples are all ranked")
+        options = dataclasses.replace(options, examples=int(sizes.max()))
     rows = min(options.samples, count_samples(session.results))
     every = torch.arange(n_groups).expand(rows, -1).clone()
     ablation = AblateOptions(floor=dataclasses.replace(options.floor, tests=n_groups), overwrite=options.overwrite,

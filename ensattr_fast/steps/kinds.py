@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
+import numpy as np
+
 from ..attribution.methods import GRADIENT, METHODS, get_method, parse_methods
 from ..errors import CodeError, DataError, MethodError
 from ..evaluation.memorization import parse_generator
@@ -44,11 +46,21 @@ class UnitSets(Kind):
 
 
 def _groups_of(groups, where) -> Dict[str, List[int]]:
-    try:
-        return {str(k): [int(u) for u in v] for k, v in groups.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise DataError(f"{where} must map names to lists of unit ids, e.g. "
-                        '{"artist 7": [3, 18, 40]}') from None
+    """Name -> a non-empty list of distinct unit ids (integers: not 1.5, "7" or true)."""
+    example = '{"artist 7": [3, 18, 40]}'
+    if not isinstance(groups, dict) or not groups:
+        raise DataError(f"{where} must map names to lists of unit ids, e.g. {example}")
+    out = {}
+    for name, units in groups.items():
+        if not isinstance(units, (list, tuple)) or not units:
+            raise DataError(f"{where}: unit set {name!r} must be a non-empty list of unit ids, e.g. {example}")
+        bad = [u for u in units if isinstance(u, bool) or not isinstance(u, (int, np.integer))]
+        if bad:
+            raise DataError(f"{where}: unit set {name!r} holds {bad[0]!r}, not a unit id (an integer)")
+        if len(set(units)) != len(units):
+            raise DataError(f"{where}: unit set {name!r} names a unit twice")
+        out[str(name)] = [int(u) for u in units]
+    return out
 
 
 def read_groups(groups: Union[os.PathLike, dict]) -> Dict[str, List[int]]:

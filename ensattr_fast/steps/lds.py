@@ -3,11 +3,12 @@ models of the ensemble's own architecture retrained on random halves of the unit
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict
 
 from ..errors import StoreError
 from ..evaluation.lds import lds_table
-from ..runtime.files import same_file
+from ..runtime.files import check_output, same_file
 from ..store import open_results
 from .metrics import json_output
 from .options import LdsOptions
@@ -24,14 +25,15 @@ def lds(session: Session, options: LdsOptions, progress: bool = True) -> Dict[st
     references = options.references
     if references is None:
         raise StoreError("lds needs a file for its reference models (--references)")
-    for what, given in (("--checkpoint", session.checkpoint_path), ("--results", session.results)):
+    inputs = session.inputs()
+    for what, given in inputs.items():  # the reference models are trained into this file when it is missing
         if same_file(references, given):
             raise StoreError(f"--references {references} is also the {what} this step reads; give another file")
-    write = json_output(options.json, options.overwrite, {"--results": session.results,
-                                                          "--checkpoint": session.checkpoint_path,
-                                                          "--references": references})
+    if not Path(references).exists():
+        check_output(references, "--references", inputs=inputs)
+    write = json_output(options.json, options.overwrite, dict(inputs, **{"--references": references}))
     checkpoint = session.checkpoint
-    with open_results(session.results) as r:
+    with open_results(session.check_results()) as r:
         r.check_code(checkpoint.code, str(session.checkpoint_path))
     table = lds_table(session.results, checkpoint, session.data(), references, options.halves,
                       options.models_per_half, options.steps, options.draws, options.samples, options.device,

@@ -5,14 +5,16 @@ floor (:mod:`ensattr_fast.evaluation.memorization`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from pathlib import Path
 from typing import Dict
 
 import numpy as np
 
 from ..errors import CheckpointError, DataError
 from ..evaluation.memorization import Model, find_and_prove, parse_generator
-from ..runtime.files import atomic_output, check_output, writing
+from ..runtime.files import atomic_output, check_output, check_space, writing
 from ..store import write_memorization
 from ..training.checkpoint import Checkpoint
 from .options import MemorizationOptions
@@ -54,7 +56,7 @@ def memorization(session: Session, out: os.PathLike, options: MemorizationOption
     copies), and write the new file ``out`` (``/memorization``; replaced only with
     ``overwrite``)."""
     spec = parse_generator(options.generator)
-    inputs = {"--checkpoint": session.checkpoint_path, "--generator-checkpoint": options.generator_checkpoint}
+    inputs = session.inputs(**{"--generator-checkpoint": options.generator_checkpoint})
     check_output(out, "--out", options.overwrite, inputs=inputs)
     if not options.seeds:
         raise DataError("--seeds names no seed: nothing to sample")
@@ -62,6 +64,8 @@ def memorization(session: Session, out: os.PathLike, options: MemorizationOption
     other = Checkpoint.load(options.generator_checkpoint) if options.generator_checkpoint is not None else checkpoint
     _check_same_data(checkpoint, other, options.generator_checkpoint)
     spec.weights(other.code.shape[1])  # refuses members the generator does not have, before any work
+    S, D = len(options.seeds), math.prod(checkpoint.spec["data_shape"])
+    check_space(Path(out).absolute().parent, S * (2 * D + options.floor.phantoms + 16) * 4 + (1 << 20), f"--out {out}")
     data = session.data()
     if data.fingerprint() != checkpoint.data_fingerprint:
         raise DataError(f"the training data of {session.checkpoint_path} has changed since it was trained")

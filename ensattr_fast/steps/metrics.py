@@ -4,7 +4,6 @@ attribution rate of the ABC protocol."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Callable, Optional
@@ -17,8 +16,8 @@ from ..attribution.methods import METHODS
 from ..diffusion.sampling import ablate
 from ..evaluation.metrics import agreement, counterfactual_radius, mean_interval
 from ..runtime.files import atomic_output, check_output, writing
-from ..store import ResultsWriter, open_results, recover_after_kill
-from ._rules import existing
+from ..store import ResultsWriter, dump_json, open_results, parse_json
+from ._rules import existing, recovered
 from .options import MetricsOptions
 from .session import Session
 
@@ -33,11 +32,10 @@ def metrics(session: Session, options: MetricsOptions = MetricsOptions(), seed: 
     ``options.json``: also written there (never over an input; an existing file only with
     ``overwrite``)."""
     results = session.results
-    write = json_output(options.json, options.overwrite,
-                        {"--results": results, "--checkpoint": session.checkpoint_path})
+    write = json_output(options.json, options.overwrite, session.inputs())
     existing(results)
     with writing(results, "results file"):
-        recover_after_kill(results)
+        recovered(results)
         found = _metrics(session, options.samples, options.device, seed)
     write(found)
     return found
@@ -51,7 +49,7 @@ def json_output(path: Optional[os.PathLike], overwrite: bool, inputs: dict) -> C
 
     def write(payload) -> None:
         with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2))
+            tmp.write_text(dump_json(payload, indent=2))
 
     return write
 
@@ -62,7 +60,7 @@ def _exact_significance(arrays: dict, attrs) -> dict:
         return {}
     valid = arrays["units"] >= 0
     floor = arrays["floor_distance"]
-    meta = json.loads(attrs["floor"])
+    meta = parse_json(attrs["floor"])
     return {"exact_significance": {
         "pairs": int(valid.sum()), "significant": int(arrays["significant"][valid].sum()),
         "share_significant": float(arrays["significant"][valid].mean()) if valid.any() else math.nan,

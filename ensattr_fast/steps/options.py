@@ -22,20 +22,8 @@ from ..evaluation.floors import NoiseFloor
 from ..members import MemberOptions
 from ..members.passes import Passes
 from ..runtime.fields import check_fields, nested, option
-from ..runtime.kinds import (
-    SEED_LIMIT,
-    Choice,
-    Device,
-    FilePath,
-    Float,
-    Int,
-    Maybe,
-    Seeds,
-    Switch,
-    Text,
-    UnitKind,
-    Units,
-)
+from ..runtime.kinds import (SEED_LIMIT, Choice, Device, FilePath, Float, Int, Maybe, Seeds, Switch, Text, UnitKind,
+                             Units)
 from ..training import TrainConfig
 from .kinds import GeneratorName, GradientMethod, MethodList, MethodName, UnitSets, read_groups
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from .. import codes
 from ..data import load_data, units_for
 from ..runtime.files import atomic_output, check_output, writing
-from ..store import ResultsWriter, read_hdf5, versions
+from ..store import ResultsWriter, parse_json, read_hdf5, versions
 from .options import PlanOptions
 
 __all__ = ["Plan", "plan", "design_reason"]
@@ -50,4 +49,4 @@ def plan(path: os.PathLike, options: PlanOptions = PlanOptions()) -> Plan:
 def design_reason(path: os.PathLike) -> str:
     """The sentence a plan file stores on its design: which one, and why."""
     with read_hdf5(path, "plan file") as f:
-        return json.loads(f.attrs["plan"]).get("design_reason", "")
+        return parse_json(f.attrs["plan"]).get("design_reason", "")

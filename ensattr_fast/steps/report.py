@@ -19,21 +19,21 @@ from ..report.view import pictures, read_view
 from ..runtime.files import atomic_output, check_output
 from ..store import read_dataset
 from .options import ReportOptions
-from .session import Session
+from .session import Session, data_files
 
 __all__ = ["report"]
 
 
-def _outputs(results, out, html, overwrite) -> Optional[Path]:
+def _outputs(inputs, out, html, overwrite) -> Optional[Path]:
     """Check both outputs before any work; the HTML page's path, or None for none."""
     formats = Figure().canvas.get_supported_filetypes()
     if Path(out).suffix.lstrip(".").lower() not in formats:
         raise ConfigError(f"--out {out}: a report is a picture; end the name with one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")
-    check_output(out, "--out", overwrite, inputs={"--results": results})
+    check_output(out, "--out", overwrite, inputs=inputs)
     page = Path(out).with_suffix(".html") if html is True else (Path(html) if html else None)
     if page is not None:
-        check_output(page, "the HTML report", overwrite, inputs={"--results": results, "--out": out})
+        check_output(page, "the HTML report", overwrite, inputs=dict(inputs, **{"--out": out}))
     return page
 
 
@@ -50,10 +50,10 @@ def report(session: Session, out: os.PathLike, options: ReportOptions = ReportOp
     ``options.data``): the training data (a name or spec) for a results file that does not
     record it. ``html``: True writes the same report as a self-contained page beside ``out``
     (``report.png`` -> ``report.html``), a path writes it there, False writes none."""
-    results, rows = session.results, options.rows
-    page = _outputs(results, out, html, options.overwrite)
+    results, rows = session.check_results(hash_required=False), options.rows  # it only shows the file
     if dataset is None:
         dataset = data_spec(options.data) if options.data else read_dataset(results)
+    page = _outputs(dict(session.inputs(), **data_files(dataset)), out, html, options.overwrite)
     v = read_view(results, rows)
     cf, top = v["cf"], v["top"]
     samples, images, unit_images = pictures(v, dataset, decode)

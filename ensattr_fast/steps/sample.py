@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import List
@@ -14,7 +15,7 @@ from ..diffusion.schedules import Sampler
 from ..errors import DataError, StoreError
 from ..members.sharded import ShardedEnsemble, place_members
 from ..runtime import distributed
-from ..runtime.files import check_output
+from ..runtime.files import check_output, check_space
 from ..runtime.progress import Progress
 from ..store import ResultsWriter, SampleStream, versions
 from ._rules import on_writer, writer_lock
@@ -47,10 +48,12 @@ def sample(session: Session, out: os.PathLike, options: SampleOptions = SampleOp
     seeds, sampler = [int(s) for s in options.seeds], options.sampler
     if not seeds:
         raise DataError("no seeds to sample: give --seeds N (N >= 1), A:B or a,b,c")
-    on_writer(lambda: check_output(out, "--out", options.overwrite, inputs={"--checkpoint": session.checkpoint_path},
+    on_writer(lambda: check_output(out, "--out", options.overwrite, inputs=session.inputs(reading=("checkpoint",)),
                                    resume=options.resume))
     checkpoint = session.checkpoint
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
+    size = len(seeds) * math.prod(checkpoint.spec["data_shape"]) * 4 + (1 << 20)
+    on_writer(lambda: check_space(Path(out).absolute().parent, size, f"--out {out}"))
     ensemble, passes = place_members(session.ensemble(options.device), options.passes, options.device)
     sharded = isinstance(ensemble, ShardedEnsemble)  # each rank its members, every trajectory
     if sampler.precision is None:

@@ -18,10 +18,18 @@ from ..data import Dataset, load_data
 from ..diffusion.schedules import Sampler
 from ..errors import StoreError
 from ..members import Ensemble
-from ..store import read_sampler, read_samples
+from ..store import check_results, read_hdf5, read_plan, read_sampler, read_samples
 from ..training.checkpoint import Checkpoint
 
-__all__ = ["Session"]
+__all__ = ["Session", "data_files"]
+
+
+def data_files(source) -> Dict[str, str]:
+    """The files a data spec reads (the images and the metadata), by what they are."""
+    if not isinstance(source, dict):
+        return {}
+    return {name: source[key] for name, key in (("the training data", "path"), ("the data's metadata", "metadata"))
+            if source.get(key)}
 
 
 def _path(path: Optional[os.PathLike]) -> Optional[Path]:
@@ -40,6 +48,7 @@ class Session:
         self._data: Optional[Dataset] = None
         self._samples: Optional[Tuple[int, List[int], Tensor, bool]] = None  # (start, seeds, images, to the end)
         self._sampler: Optional[Sampler] = None
+        self._results_checked = False
 
     def _need(self, path: Optional[Path], what: str) -> Path:
         if path is None:
@@ -53,6 +62,15 @@ class Session:
     @property
     def results(self) -> Path:
         return self._need(self.results_path, "a results file")
+
+    def check_results(self, hash_required: bool = True) -> Path:
+        """The results file, its contents checked against themselves (code against its hash,
+        units, samples; :func:`~ensattr_fast.store.check_results`) the first time."""
+        if not self._results_checked:
+            with read_hdf5(self.results) as f:
+                check_results(f, hash_required=hash_required)
+            self._results_checked = True
+        return self.results
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -94,11 +112,30 @@ class Session:
             if first <= start and ((stop is not None and stop <= last) or to_the_end):
                 end = len(seeds) if stop is None else min(stop - first, len(seeds))
                 return seeds[start - first : end], images[start - first : end]
-        seeds, images = read_samples(self.results, stop, start, code=self.checkpoint.code,
+        seeds, images = read_samples(self.check_results(), stop, start, code=self.checkpoint.code,
                                      against=str(self.checkpoint_path))
         self._samples = (start, seeds, images, stop is None or len(seeds) < stop - start)
         return seeds, images
 
+    def inputs(self, reading: Tuple[str, ...] = ("plan", "checkpoint", "results"),
+               **extra: Optional[os.PathLike]) -> Dict[str, Path]:
+        """Every file this session's steps read, by what it is: the plan, checkpoint and results
+        files (those of them in ``reading``), the training data and metadata that the checkpoint
+        (or else the plan) records, and ``extra`` (the references, another generator, a groups
+        file ...). No output may be one of them (:func:`~ensattr_fast.runtime.files.check_output`),
+        whatever ``--overwrite`` says."""
+        files = {"plan": self.plan_path, "checkpoint": self.checkpoint_path, "results": self.results_path}
+        found = {f"--{name}": path for name, path in files.items() if name in reading}
+        found.update({name.replace("_", "-") if name.startswith("--") else name: value
+                      for name, value in extra.items()})
+        source = None
+        if self.checkpoint_path is not None and self.checkpoint_path.is_file():
+            source = self.checkpoint.data_source
+        elif self.plan_path is not None and self.plan_path.is_file():
+            source = read_plan(self.plan_path)[0]
+        found.update(data_files(source))
+        return {name: Path(path) for name, path in found.items() if path is not None}
+
     def forget_samples(self) -> None:
         """After a step wrote new samples."""
-        self._samples, self._sampler = None, None
+        self._samples, self._sampler, self._results_checked = None, None, False

@@ -14,12 +14,13 @@ from ..diffusion.schedules import NoiseSchedule
 from ..errors import CodeError, DataError
 from ..members import build_members
 from ..runtime import distributed
-from ..runtime.files import check_output
+from ..runtime.files import check_output, check_space
 from ..store import read_plan
 from ..training import Trainer
 from ..training.checkpoint import Checkpoint
 from ._rules import on_writer, writer_lock
 from .options import TrainOptions
+from .session import data_files
 
 __all__ = ["train"]
 
@@ -27,10 +28,12 @@ __all__ = ["train"]
 def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOptions(), progress: bool = True,
           record: Optional[dict] = None) -> Tensor:
     """Train the planned ensemble into the checkpoint ``out``; resume from it when asked and it
-    exists, replace it only when told to ``overwrite``. ``record``: the options as the run was
+    exists (with the settings it was trained with; ``overwrite`` trains anew in its place),
+    replace it only when told to ``overwrite``. ``record``: the options as the run was
     asked for, kept in the checkpoint. Distributed, each rank trains its share of the members.
     Returns each member's loss at the last step [M] (this rank's members)."""
-    on_writer(lambda: check_output(out, "--out", options.overwrite, inputs={"--plan": plan}, resume=options.resume))
+    inputs = {"--plan": plan, **data_files(read_plan(plan)[0] if Path(plan).is_file() else None)}
+    on_writer(lambda: check_output(out, "--out", options.overwrite, inputs=inputs, resume=options.resume))
     dataset, code, units = read_plan(plan)
     data = load_data(dataset)
     if len(units.unit_of) != len(data):
@@ -42,10 +45,13 @@ def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOpti
         raise CodeError(f"{distributed.world().size} ranks for {code.shape[1]} members: "
                         "launch at most one rank per member")
     shard = distributed.shard(code.shape[1])  # all of them in one process
+    # a checkpoint holds weights, EMA and two Adam moments per parameter; the old one stays until the new is whole
+    size = 2 * 4 * 4 * sum(p.numel() for p in ensemble.parameters()) + (1 << 20)
+    on_writer(lambda: check_space(Path(out).absolute().parent, size, f"--out {out}"))
     trainer = Trainer(ensemble.select(shard), data, code, units.unit_of, units.names, NoiseSchedule.linear(), config,
                       options.device, members=shard, data_spec=dataset, passes=options.passes)
     trainer.options = record
     with writer_lock(out, "checkpoint"):
-        if options.resume and Path(out).exists():
+        if options.resume and Path(out).exists() and not options.overwrite:
             trainer.restore(Checkpoint.load(out))
         return trainer.train(checkpoint=Path(out), checkpoint_every=options.checkpoint_every, progress=progress)

@@ -12,18 +12,12 @@ package that opens HDF5 files.
 """
 
 from ..errors import StoreError
-from .hdf5 import check_code, code_hash, file_hash, open_for_reading, read_hdf5, versions
+from .hdf5 import (check_code, check_results, code_hash, damaged, dump_json, file_hash, open_for_reading, parse_json,
+                   read_hdf5, versions)
 from .memorization import read_memorization, write_memorization
 from .parts import part_path, stitch_parts
-from .reads import (
-                    count_samples,
-                    counterfactuals_written_by,
-                    read_dataset,
-                    read_plan,
-                    read_sampler,
-                    read_samples,
-                    read_unit_of,
-)
+from .reads import (count_samples, counterfactuals_request, counterfactuals_written_by, read_dataset, read_plan,
+                    read_sampler, read_samples, read_unit_of)
 from .recovery import recover_after_kill, unreadable
 from .results import InfluenceView, Results, open_results
 from .streams import InfluenceStream, SampleStream, influence_streams, write_scores
@@ -31,6 +25,7 @@ from .writer import ResultsWriter, cached_statistic
 
 __all__ = ["StoreError", "ResultsWriter", "open_results", "Results", "InfluenceView", "InfluenceStream",
            "SampleStream", "influence_streams", "write_scores", "recover_after_kill", "stitch_parts", "part_path",
-           "counterfactuals_written_by", "read_plan", "read_samples", "read_unit_of", "count_samples", "read_sampler",
-           "read_dataset", "unreadable", "cached_statistic", "check_code", "code_hash", "file_hash", "read_hdf5",
-           "open_for_reading", "versions", "write_memorization", "read_memorization"]
+           "counterfactuals_written_by", "counterfactuals_request", "read_plan", "read_samples", "read_unit_of",
+           "count_samples", "read_sampler", "read_dataset", "unreadable", "cached_statistic", "check_code",
+           "code_hash", "file_hash", "read_hdf5", "open_for_reading", "versions", "check_results", "parse_json",
+           "dump_json", "damaged", "write_memorization", "read_memorization"]

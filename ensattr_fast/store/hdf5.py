@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from typing import Iterator
 
@@ -22,7 +23,47 @@ from .._version import __version__
 from ..errors import StoreError
 from .recovery import unreadable
 
-__all__ = ["code_hash", "file_hash", "versions", "read_hdf5", "open_for_reading", "check_code"]
+__all__ = ["code_hash", "file_hash", "versions", "read_hdf5", "open_for_reading", "check_code", "check_results",
+           "parse_json", "dump_json", "damaged"]
+
+#: the longest attribute text a file may hold: hand-edited or hostile files stop here, not in memory
+MAX_ATTRIBUTE = 16 << 20
+
+
+def dump_json(value, **kwargs) -> str:
+    """Strict JSON (RFC 8259): NaN and infinities become null, which every parser reads (``NaN``
+    is Python's extension, and strict parsers refuse it)."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def damaged(path, detail: str, what: str = "results file") -> StoreError:
+    """The one error for a file that is damaged or was edited: what is wrong with it."""
+    again = {"plan file": "plan again", "results file": "sample again"}.get(what, "write it again")
+    return StoreError(f"{what} {path} is damaged: {detail}; {again} (or restore it from a copy) and rerun")
+
+
+def parse_json(text, where: str = "an attribute"):
+    """JSON from a file's attribute, refused in one line when it is too long or too deep to be
+    one this package wrote."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if not isinstance(text, str) or len(text) > MAX_ATTRIBUTE:
+        raise StoreError(f"{where} is not JSON of a size this package writes ({type(text).__name__}, "
+                         f"{len(text) if isinstance(text, str) else '?'} characters)")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise StoreError(f"{where} is not JSON this package can read ({type(error).__name__})") from None
 
 
 def code_hash(code: Tensor) -> str:
@@ -55,8 +96,10 @@ def read_hdf5(path: os.PathLike, what: str = "results file") -> Iterator[h5py.Fi
     try:
         with file:
             yield file
-    except (KeyError, OSError, json.JSONDecodeError) as error:
-        detail = error.args[0] if isinstance(error, KeyError) and error.args else error
+    except (KeyError, OSError, RuntimeError, ValueError, TypeError, RecursionError) as error:
+        if isinstance(error, StoreError):
+            raise
+        detail = error.args[0] if isinstance(error, KeyError) and error.args else " ".join(str(error).split())[:300]
         raise StoreError(f"{what} {path} is incomplete or damaged ({detail}); is it the file "
                          "`ensattr sample` wrote?") from None
 
@@ -79,8 +122,46 @@ def check_code(file: h5py.File, code: Tensor, against: str = "this one", require
     stored = file.attrs.get("code_hash")
     if stored is None:
         if required:
-            raise StoreError(f"{file.filename} records no code hash; is it the file `ensattr sample` wrote?")
+            raise StoreError(f"{file.filename} records no code hash: it is damaged, or not the file `ensattr sample` "
+                             "wrote")
         return
-    if json.loads(stored) != code_hash(code):
+    stored = parse_json(stored, f"{file.filename}: the code_hash attribute")
+    if stored != code_hash(code):
         raise StoreError(f"{file.filename} holds results of another ensemble than {against} (code hash "
-                         f"{json.loads(stored)[:12]}, {against} {code_hash(code)[:12]}); write to a new file")
+                         f"{str(stored)[:12]}, {against} {code_hash(code)[:12]}); write to a new file")
+
+
+def check_results(file: h5py.File, what: str = "results file", hash_required: bool = True) -> None:
+    """Refuse a results (or plan) file whose own contents do not agree: ``/code`` uint8 [N, M]
+    of 0 and 1 matching the file's code hash, ``/units/of_example`` in [0, N), one name per
+    unit, and as many sample images [S, C, H, W] as seeds. A file damaged by a fault or edited
+    by hand is one :class:`StoreError` saying what is wrong, before a step trusts it. Without
+    ``hash_required`` (steps that only show a file), a file that records no code hash passes."""
+    path = file.filename
+    code = file.get("code")
+    if not isinstance(code, h5py.Dataset) or code.ndim != 2 or code.dtype != np.uint8:
+        raise damaged(path, "/code is missing or not uint8 [N, M]", what)
+    values = code[()]
+    if values.size and values.max() > 1:
+        raise damaged(path, "/code holds values other than 0 and 1", what)
+    stored = file.attrs.get("code_hash")
+    if stored is None and hash_required:
+        raise damaged(path, "it records no code hash", what)
+    ours = code_hash(torch.from_numpy(values))
+    if stored is not None and parse_json(stored, f"{what} {path}: the code_hash attribute") != ours:
+        raise damaged(path, "/code does not match its hash", what)
+    unit_of = file.get("units/of_example")
+    if not isinstance(unit_of, h5py.Dataset) or unit_of.ndim != 1 or unit_of.dtype.kind not in "iu":
+        raise damaged(path, "/units/of_example is missing or not integers [n_examples]", what)
+    units = unit_of[()]
+    if units.size and (units.min() < 0 or units.max() >= len(values)):
+        raise damaged(path, f"/units/of_example names units outside [0, {len(values)})", what)
+    names = file.get("units/name")
+    if names is not None and (not isinstance(names, h5py.Dataset) or names.shape != (len(values),)):
+        raise damaged(path, f"/units/name does not hold one name for each of the {len(values)} units", what)
+    seeds, images = file.get("samples/seed"), file.get("samples/images")
+    if seeds is not None and (not isinstance(seeds, h5py.Dataset) or seeds.ndim != 1 or seeds.dtype.kind not in "iu"):
+        raise damaged(path, "/samples/seed is not integers [S]", what)
+    if images is not None and (not isinstance(images, h5py.Dataset) or images.ndim != 4 or seeds is None
+                               or len(images) != len(seeds)):
+        raise damaged(path, "/samples/images is not one image [C, H, W] for each seed", what)

@@ -3,14 +3,13 @@ counterfactual that proves it (``ensattr memorization``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict
 
 import numpy as np
 
 from ..errors import StoreError
-from .hdf5 import read_hdf5, versions
+from .hdf5 import parse_json, read_hdf5, versions
 from .writer import ResultsWriter
 
 __all__ = ["write_memorization", "read_memorization", "MEMORIZATION_ARRAYS"]
@@ -41,5 +40,5 @@ def read_memorization(path: os.PathLike) -> Dict[str, object]:
     with read_hdf5(path, "memorization file") as f:
         group = f["memorization"]
         out: Dict[str, object] = {name: group[name][()] for name in group}
-        out["attrs"] = {key: json.loads(value) for key, value in group.attrs.items()}
+        out["attrs"] = {key: parse_json(value) for key, value in group.attrs.items()}
     return out

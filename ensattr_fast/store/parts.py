@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..runtime.files import writing
+from .hdf5 import parse_json
 from .recovery import open_for_appending
 
 __all__ = ["part_path", "stitch_parts"]
@@ -40,7 +41,7 @@ def stitch_parts(path: os.PathLike, parts) -> None:
     path = Path(path)
     opened = [h5py.File(p, "r") for p in parts]
     try:
-        filled = [f for f in opened if np.diff(json.loads(f.attrs["rows"]))[0] > 0]
+        filled = [f for f in opened if np.diff(parse_json(f.attrs["rows"]))[0] > 0]
         if not filled:
             return
         names: list = []
@@ -66,7 +67,7 @@ def stitch_parts(path: os.PathLike, parts) -> None:
                 for key, value in sources[0].attrs.items():
                     stitched.attrs[key] = value
                 if "spec" in stitched.attrs:
-                    spec = json.loads(stitched.attrs["spec"])
+                    spec = parse_json(stitched.attrs["spec"])
                     stitched.attrs["spec"] = json.dumps(dict(spec, rows=stitched.shape[0]))
     finally:
         for f in opened:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import codes
 from ..diffusion.schedules import Sampler
 from ..errors import StoreError
-from .hdf5 import check_code, open_for_reading, read_hdf5
+from .hdf5 import check_code, check_results, open_for_reading, parse_json, read_hdf5
 
 __all__ = ["read_plan", "read_samples", "read_unit_of", "count_samples", "counterfactuals_written_by", "read_sampler",
            "read_dataset"]
@@ -23,12 +23,15 @@ def read_plan(path: os.PathLike):
     """(dataset spec, code, units) from a plan or results file."""
     try:
         with open_for_reading(path) as f:
-            plan = json.loads(f.attrs["plan"])
+            check_results(f, "plan file")
+            plan = parse_json(f.attrs["plan"])
             code = torch.from_numpy(f["code"][()])
             unit_of = torch.from_numpy(f["units/of_example"][()])
             names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in f["units/name"][()])
-    except (OSError, KeyError) as error:
-        raise StoreError(f"{path} is not a readable plan file ({error})") from None
+    except StoreError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as error:
+        raise StoreError(f"{path} is not a readable plan file ({' '.join(str(error).split())[:300]})") from None
     codes.validate(code, unit_of=unit_of)
     return plan["dataset"], code, codes.Units(unit_of, names)
 
@@ -60,7 +63,7 @@ def read_sampler(path: os.PathLike) -> Sampler:
     """The sampler the samples of a results file were drawn with (the one every replay and
     counterfactual of them must use)."""
     with read_hdf5(path) as f:
-        spec = json.loads(f.attrs["sampler"])
+        spec = parse_json(f.attrs["sampler"])
     spec["clip"] = tuple(spec["clip"]) if spec["clip"] is not None else None
     return Sampler(**spec)
 
@@ -69,7 +72,7 @@ def read_dataset(path: os.PathLike):
     """The training data a results file records (the spec of its plan), for the steps that
     show or search training images; a file that records none is an error naming ``--data``."""
     with read_hdf5(path) as f:
-        plan = json.loads(f.attrs["plan"]) if "plan" in f.attrs else {}
+        plan = parse_json(f.attrs["plan"]) if "plan" in f.attrs else {}
     if "dataset" not in plan:
         raise StoreError(f"{path} does not record its training data (no plan attribute): pass --data "
                          "with the data set the ensemble was trained on (digits, or what `ensattr plan "
@@ -84,4 +87,13 @@ def counterfactuals_written_by(path: os.PathLike) -> Optional[str]:
         if "counterfactuals" not in f:
             return None
         default = "attribute" if "checked_by" in f.attrs else "ablate"  # files from before the attribute
-        return json.loads(f["counterfactuals"].attrs.get("written_by", json.dumps(default)))
+        return parse_json(f["counterfactuals"].attrs.get("written_by", json.dumps(default)))
+
+
+def counterfactuals_request(path: os.PathLike) -> Optional[dict]:
+    """What the counterfactuals of a results file were asked for (``ensattr ablate``'s units and
+    floor), or None: the same request again may replace them with the same numbers."""
+    with read_hdf5(path) as f:
+        if "counterfactuals" not in f or "request" not in f["counterfactuals"].attrs:
+            return None
+        return parse_json(f["counterfactuals"].attrs["request"])

@@ -76,7 +76,13 @@ def _clear_consistency_flags(path: Path) -> None:
 
 def unreadable(path: os.PathLike, detail, what: str = "results file") -> StoreError:
     """The one error for a file that HDF5 cannot open."""
-    return StoreError(f"{what} {path} cannot be read ({detail}); it is missing, truncated or not HDF5")
+    text = " ".join(str(detail).split())
+    if "open for SWMR writing" in text or "already open for write" in text:
+        return StoreError(f"{what} {path} was left open by a writer that stopped (a crash or a kill): run the step "
+                          "that writes it again (it makes the file sound), or `h5clear -s` it")
+    if "unable to lock file" in text:
+        return StoreError(f"{what} {path} is held open by another process ({text[:160]}); close it there first")
+    return StoreError(f"{what} {path} cannot be read ({text[:300]}); it is missing, truncated or not HDF5")
 
 
 def _marked_open(path: Path) -> bool:
@@ -110,4 +116,10 @@ def open_for_appending(path: os.PathLike):
     try:
         return h5py.File(path, "a", libver="latest")
     except OSError as error:
+        readers = open_elsewhere(path)
+        # HDF5 lets no writer in while a plain (not SWMR) reader holds the file
+        if readers and "unable to lock file" in str(error):
+            raise StoreError(f"results file {path} is open in process {readers[0]}, which reads it without SWMR: "
+                             "close it there (ensattr_fast.open_results reads a file while it is written), "
+                             "then run this again") from None
         raise unreadable(path, error) from None

@@ -13,7 +13,6 @@ the datasets and shows only blocks whose done flag is set.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional, Tuple
 
@@ -21,7 +20,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from .hdf5 import check_code, open_for_reading
+from .hdf5 import check_code, open_for_reading, parse_json
 from .recovery import unreadable
 
 __all__ = ["open_results", "Results", "InfluenceView"]
@@ -51,7 +50,7 @@ class InfluenceView:
     def __init__(self, file: h5py.File, method: str):
         self._data = file[f"influence/{method}"]
         self._done = file[f"progress/{method}"]
-        self.spec = json.loads(self._data.attrs["spec"])
+        self.spec = parse_json(self._data.attrs["spec"])
         self.shape: Tuple[int, int] = self._data.shape
 
     def _refresh(self) -> None:
@@ -106,7 +105,7 @@ class Results:
     @property
     def attrs(self) -> Dict[str, object]:
         """Root attributes, parsed as JSON."""
-        return {k: json.loads(v) for k, v in self.file.attrs.items()}
+        return {k: parse_json(v) for k, v in self.file.attrs.items()}
 
     def _get(self, name: str):
         """``/name``, or a StoreError saying which step writes it."""
@@ -185,7 +184,7 @@ class Results:
         if f"significance/{method}" not in self.file:
             return None
         group = self.file[f"significance/{method}"]
-        return {name: group[name][()] for name in group} | {"meta": json.loads(group.attrs["floor"])}
+        return {name: group[name][()] for name in group} | {"meta": parse_json(group.attrs["floor"])}
 
     def topk(self, method: str) -> Tuple[h5py.Dataset, h5py.Dataset]:
         """(unit index [K, k], score [K, k]) of the highest-scoring units per row."""
@@ -199,5 +198,5 @@ class Results:
             return None
         group = self.file["certificate"]
         out = {name: group[name][()] for name in group if isinstance(group[name], h5py.Dataset)}
-        out["meta"] = json.loads(group.attrs.get("certificate", "{}"))
+        out["meta"] = parse_json(group.attrs.get("certificate", "{}"))
         return out

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..errors import StoreError
 from ..runtime.files import writing
+from .hdf5 import parse_json
 from .recovery import open_for_appending
 
 _FILL = np.float32(np.nan)
@@ -56,7 +57,7 @@ class InfluenceStream:
                     block_units=block_units, k=k)
         name = f"influence/{method}"
         if name in file:
-            stored = json.loads(file[name].attrs["spec"])
+            stored = parse_json(file[name].attrs["spec"])
             if stored != canonical(spec):
                 raise StoreError(
                     f"{file.filename} already holds /{name} from another run ({_differences(stored, spec)}); "
@@ -185,7 +186,7 @@ class SampleStream:
             raise
         try:
             if "progress/samples" in self.file:
-                stored = json.loads(self.file["progress/samples"].attrs["spec"])
+                stored = parse_json(self.file["progress/samples"].attrs["spec"])
                 if stored != canonical(spec):
                     raise StoreError(f"{self.path} holds samples of another run ({_differences(stored, spec)}); "
                                      "write to a new file or pass --overwrite")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -15,25 +16,42 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import StoreError
-from ..runtime.files import writing
-from .hdf5 import check_code, code_hash, open_for_reading
+from ..errors import DiskError
+from ..runtime.files import fault_line, writing
+from .hdf5 import check_code, code_hash, dump_json, parse_json, read_hdf5
 from .recovery import open_for_appending
 
-__all__ = ["ResultsWriter", "cached_statistic"]
+__all__ = ["ResultsWriter", "cached_statistic", "complete"]
 
 
 def cached_statistic(path: os.PathLike, name: str, compute) -> Tensor:
-    """``/statistics/<name>`` of ``path``: read when a run before this one stored it, else
-    computed by ``compute()`` and stored as float32, so that a resumed run scores the very
-    numbers an uninterrupted one does."""
-    with open_for_reading(path) as f:
-        if f"statistics/{name}" in f:
-            return torch.from_numpy(f[f"statistics/{name}"][()])
+    """``/statistics/<name>`` of ``path``: read when a run before this one stored it whole
+    (its ``complete`` mark), else computed by ``compute()`` and stored as float32, so that a
+    resumed run scores the very numbers an uninterrupted one does. A statistic a fault left
+    half written (no mark) is computed again, never reused."""
+    with read_hdf5(path) as f:
+        kept = f.get(f"statistics/{name}")
+        if kept is not None and complete(kept):
+            return torch.from_numpy(kept[()])
     value = compute().float().numpy()
     with ResultsWriter(path, "a") as writer:
         writer.write_statistic(name, value)
     return torch.from_numpy(value)
+
+
+def complete(obj) -> bool:
+    """Whether a dataset or group was written whole: the mark set after its data was flushed
+    (files from before the marks hold only whole ones)."""
+    mark = obj.attrs.get(_COMPLETE)
+    if mark is None:
+        return _UNMARKED_BEFORE not in obj.file.attrs
+    return parse_json(mark) is True
+
+
+#: the attribute a dataset or group gets once it is on disk whole (written last, after a flush)
+_COMPLETE = "complete"
+#: a root attribute: this file marks what it writes whole, so an unmarked object is half written
+_UNMARKED_BEFORE = "marks_complete"
 
 
 def _replace(group: h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
@@ -43,39 +61,79 @@ def _replace(group: h5py.Group, name: str, data, **kwargs) -> h5py.Dataset:
 
 
 class ResultsWriter:
-    """Writes one run's results file. Opening an existing file keeps what it holds."""
+    """Writes one run's results file. Opening an existing file (``a``) keeps what it holds; a
+    new file (``w``) is written under a temporary name and takes its name whole when the writer
+    closes without an error (readers of an old file of that name keep reading it), so a fault
+    never leaves a half-made file."""
 
     def __init__(self, path: os.PathLike, mode: str = "a"):
         self.path = Path(path)
+        self._tmp: Optional[Path] = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(writing(self.path, "results file"))
         try:
-            if mode == "w" and self.path.exists():
-                self.path.unlink()  # readers of the old file keep reading it; a new file takes the name
-            self.file = open_for_appending(self.path) if mode == "a" else h5py.File(self.path, mode, libver="latest")
+            if mode == "w":
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+                os.close(fd)
+                self._tmp = Path(tmp)
+                self.file = h5py.File(self._tmp, "w", libver="latest")
+                self.file.attrs[_UNMARKED_BEFORE] = json.dumps(True)
+            else:
+                self.file = open_for_appending(self.path)
         except OSError as error:
-            self._lock.close()
-            raise StoreError(f"results file {self.path} cannot be opened: {error}") from None
+            self._discard()
+            raise DiskError(f"results file {self.path} cannot be opened: {fault_line(error)}") from None
         except BaseException:
-            self._lock.close()
+            self._discard()
             raise
 
     def __enter__(self) -> "ResultsWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        self._discard()
+        if isinstance(error, (OSError, RuntimeError)):  # HDF5 could not write: a full disk, a held file
+            raise DiskError(f"results file {self.path} could not be written: {fault_line(error, self.path)}") from None
 
     def close(self) -> None:
-        if self.file.id.valid:
-            self.file.close()
+        """Close the file (and give a new file its name); a fault is one :class:`StoreError`."""
+        try:
+            if self.file.id.valid:
+                self.file.close()
+            if self._tmp is not None:
+                with open(self._tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+        except (OSError, RuntimeError) as error:
+            self._discard()
+            raise DiskError(f"results file {self.path} could not be written: {fault_line(error, self.path)}") from None
         self._lock.close()
+
+    def _discard(self) -> None:
+        """After a fault: close what is open, remove a new file's temporary, release the lock."""
+        with contextlib.suppress(Exception):
+            if getattr(self, "file", None) is not None and self.file.id.valid:
+                self.file.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        self._lock.close()
+
+    def _mark(self, obj) -> None:
+        """Flush, then mark ``obj`` whole: the mark is on disk only after its data."""
+        self.file.flush()
+        obj.attrs[_COMPLETE] = json.dumps(True)
+        self.file.flush()
 
     def set_attrs(self, **attrs) -> None:
         """Root attributes, each stored as a JSON string."""
         for key, value in attrs.items():
-            self.file.attrs[key] = json.dumps(value)
+            self.file.attrs[key] = dump_json(value)
 
     def check_code(self, code: Tensor) -> None:
         """Refuse to mix results of two ensembles in one file."""
@@ -95,20 +153,30 @@ class ResultsWriter:
         self.file.require_group("samples").create_dataset("seed", data=np.asarray(seeds, np.int64))
 
     def write_statistic(self, name: str, value: np.ndarray) -> None:
-        """``/statistics/<name>``: what a method's scores were computed from, kept for resumes."""
-        self.file.require_group("statistics").create_dataset(name, data=value)
+        """``/statistics/<name>``: what a method's scores were computed from, kept for resumes;
+        marked complete once on disk (a half-written one is replaced)."""
+        group = self.file.require_group("statistics")
+        if name in group:
+            del group[name]
+        self._mark(group.create_dataset(name, data=value))
 
     def write_group(self, name: str, arrays: dict, attrs: dict) -> None:
         """``/<name>`` (e.g. ``certificate``, ``significance/first_order``, ``audit``): numpy
         arrays stored as they are, and root-level JSON attributes of the group; replaces an
-        earlier group of that name whole."""
-        if name in self.file:
-            del self.file[name]
-        group = self.file.create_group(name)
+        earlier group of that name whole (written aside, marked complete, then moved in its
+        place), so a fault leaves the earlier group or none, never a part."""
+        aside = f"{name}.new"
+        if aside in self.file:  # left by a run a fault stopped
+            del self.file[aside]
+        group = self.file.create_group(aside)
         for key, value in arrays.items():
             group.create_dataset(key, data=value)
         for key, value in attrs.items():
-            group.attrs[key] = json.dumps(value)
+            group.attrs[key] = dump_json(value)
+        self._mark(group)
+        if name in self.file:
+            del self.file[name]
+        self.file.move(aside, name)
 
     def write_groups(self, names: Sequence[str], units: Sequence[Sequence[int]]) -> None:
         """Unit sets as CSR: ``/groups/name`` [G], ``/groups/ptr`` [G+1], ``/groups/units``."""
@@ -119,7 +187,7 @@ class ResultsWriter:
                  np.concatenate([np.asarray(u, np.int64) for u in units]) if units else np.zeros(0, np.int64))
 
     def write_counterfactuals(self, units: Tensor, images: Tensor, distance: Tensor, written_by: str = "ablate",
-                              floor: Optional[dict] = None, **extra: Tensor) -> None:
+                              floor: Optional[dict] = None, request: Optional[dict] = None, **extra: Tensor) -> None:
         """``units`` [S, K], ``images`` [S, K, C, H, W], ``distance`` [S, K]; ``extra``: more
         [S, K] arrays to store beside them (for example predicted distances); ``floor``: the
         noise floor and significance, numpy arrays stored as they are (``floor_distance``
@@ -137,10 +205,13 @@ class ResultsWriter:
             fresh.create_dataset(name, data=value.float().numpy())
         if floor is not None:
             floor = dict(floor)
-            fresh.attrs["floor"] = json.dumps(floor.pop("attrs"))
+            fresh.attrs["floor"] = dump_json(floor.pop("attrs"))
             for name, value in floor.items():
                 fresh.create_dataset(name, data=value)
         fresh.attrs["written_by"] = json.dumps(written_by)
+        if request is not None:
+            fresh.attrs["request"] = dump_json(request, sort_keys=True)
+        self._mark(fresh)
         if "counterfactuals" in self.file:
             del self.file["counterfactuals"]
         self.file.move("counterfactuals.new", "counterfactuals")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -23,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion.schedules import NoiseSchedule
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DiskError
 from ..members import Ensemble, VmapEnsemble, build_ensemble
+from ..runtime.files import fault_line
 
 __all__ = ["Checkpoint", "CheckpointError"]
 
@@ -139,19 +141,29 @@ class Checkpoint:
                                   "edited") from None
 
     def save(self, path: os.PathLike) -> None:
-        """Write the checkpoint to ``path`` atomically (a temporary file, then a rename)."""
+        """Write the checkpoint to ``path`` atomically (a temporary file, then a rename); a file
+        that cannot be written (a full disk) leaves the previous one as it was and raises one
+        :class:`CheckpointError` naming the cause."""
         payload = dataclasses.asdict(self)
         payload.update(format=FORMAT, spec=json.dumps(self.spec), config=json.dumps(self.config),
                        unit_names=json.dumps(list(self.unit_names)))
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        except OSError as error:
+            raise DiskError(f"checkpoint {path} cannot be written: {fault_line(error)}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as error:  # torch reports a failed write as a RuntimeError
+            Path(tmp).unlink(missing_ok=True)
+            cause = fault_line(error) if isinstance(error, OSError) else _write_fault(path, error)
+            raise DiskError(f"checkpoint {path} cannot be written ({cause}); the previous checkpoint, "
+                            "if any, is as it was") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -196,6 +208,13 @@ class Checkpoint:
                                   f"{error})") from None
         checkpoint.path, checkpoint.file_hash = path, digest
         return checkpoint
+
+
+def _write_fault(path: Path, error: RuntimeError) -> str:
+    """What made torch's writer fail: a full disk where it is full, else its own words."""
+    if shutil.disk_usage(path.parent).free < (1 << 20):
+        return "no space left on device"
+    return " ".join(str(error).split())[:200]
 
 
 def _identity(path: Path) -> tuple:

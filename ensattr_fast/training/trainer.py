@@ -262,6 +262,12 @@ class Trainer:
         if precision != self.config.precision:
             raise CheckpointError(f"the checkpoint was trained in {precision}, this run is {self.config.precision}: "
                                   f"resume with --precision {precision}")
+        stored, ours = checkpoint.config["train"], dataclasses.asdict(self.config)
+        differ = sorted(k for k in ours if k in stored and stored[k] != ours[k])
+        if differ:  # the learning-rate schedule and the draws would change mid-run, and the record lie
+            detail = ", ".join(f"{k} {stored[k]} there, {ours[k]} here" for k in differ)
+            raise CheckpointError(f"the checkpoint was trained with other settings ({detail}): resume with the same "
+                                  "ones, or pass --overwrite to train anew")
 
         def mine(state):
             return distributed.select_members(state, self.members) if self._sharded else state

@@ -10,18 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ensattr_fast.data import (
-    DataError,
-    Dataset,
-    DiskImages,
-    check_images,
-    load_arrays,
-    load_dataset,
-    load_digits,
-    load_hdf5,
-    load_image_folder,
-    read_unit_metadata,
-)
+from ensattr_fast.data import (DataError, Dataset, DiskImages, check_images, load_arrays, load_dataset, load_digits,
+                               load_hdf5, load_image_folder, read_unit_metadata)
 from ensattr_fast.data import disk as data_module
 
 DIGITS_FINGERPRINT = "a31f849aa0e7a9afae366e305563c2bd809baee1a448c7e141a1f5d150909dd6"
