@@ -52,6 +52,12 @@ def _strict(text: str) -> bool:
         return False
 
 
+def _recorded_data(work: Path) -> Path:
+    """The training data the audit's plan (and so its checkpoint) records."""
+    with h5py.File(work / "plan.h5") as f:
+        return Path(json.loads(f.attrs["plan"])["dataset"]["path"])
+
+
 def _setup(tree: Path, work: Path) -> None:
     np.save(work / "data.npy", np.random.default_rng(5).integers(0, 255, (40, 1, 8, 8), dtype=np.uint8))
     for argv in (["plan", "--out", "plan.h5", "--data", work / "data.npy", "--members", "8"],
@@ -66,17 +72,19 @@ def _setup(tree: Path, work: Path) -> None:
 def _cases():
     """(name, function(tree, work) -> (right: bool, what happened))."""
     def data_as_json(tree, work):
-        before = _digest(work / "data.npy")
+        data = _recorded_data(work)
+        before = _digest(data)
         done = _ensattr(tree, work, "metrics", "--results", "results.h5", "--checkpoint", "ensemble.pt",
-                        "--json", work / "data.npy", "--overwrite")
-        kept = _digest(work / "data.npy") == before
+                        "--json", data, "--overwrite")
+        kept = _digest(data) == before
         return _refused(done) and kept, f"exit {done.returncode}, training data {'kept' if kept else 'REPLACED'}"
 
     def data_as_memorization(tree, work):
-        before = _digest(work / "data.npy")
-        done = _ensattr(tree, work, "memorization", "--checkpoint", "ensemble.pt", "--out", work / "data.npy",
+        data = _recorded_data(work)
+        before = _digest(data)
+        done = _ensattr(tree, work, "memorization", "--checkpoint", "ensemble.pt", "--out", data,
                         "--overwrite", "--seeds", "2", "--sampling-steps", "2", "--phantoms", "2")
-        kept = _digest(work / "data.npy") == before
+        kept = _digest(data) == before
         return _refused(done) and kept, f"exit {done.returncode}, training data {'kept' if kept else 'REPLACED'}"
 
     def code_bit_flipped(tree, work):
@@ -131,8 +139,8 @@ def _cases():
         return _refused(done), f"exit {done.returncode} after {time.monotonic() - start:.0f} s"
 
     def strict_json(tree, work):
-        _ensattr(tree, work, "ablate", "--checkpoint", "ensemble.pt", "--results", "results.h5", "--units", "1,-1",
-                 "--phantoms", "2")
+        _ensattr(tree, work, "ablate", "--checkpoint", "ensemble.pt", "--results", "results.h5", "--units=-1",
+                 "--phantoms", "2")  # no unit in any slot: no effect to take a median of
         done = _ensattr(tree, work, "metrics", "--results", "results.h5", "--json", "m.json")
         right = done.returncode == 0 and _strict((work / "m.json").read_text())
         return right, f"exit {done.returncode}, JSON {'strict' if right else 'holds NaN'}"
@@ -171,7 +179,9 @@ def main(argv=None) -> int:
             for name, case in _cases():
                 work = top / f"{label.replace(' ', '-')}-{len(table.get(name, {}))}-{abs(hash(name))}"
                 shutil.copytree(base, work)
+                pristine = (base / "data.npy").read_bytes()
                 right, what = case(tree, work)
+                (base / "data.npy").write_bytes(pristine)  # what a wrong run replaced, back for the next
                 table.setdefault(name, {})[label] = dict(right=right, what=what)
     finally:
         shutil.rmtree(top, ignore_errors=True)
