@@ -191,7 +191,7 @@ class SampleStream:
                     raise StoreError(f"{self.path} holds samples of another run ({_differences(stored, spec)}); "
                                      "write to a new file or pass --overwrite")
             elif "samples/seed" not in self.file or "samples/images" in self.file:
-                # the seeds are written first (sample_step): anything else is not a sampling run
+                # the seeds are written first (steps.sample): anything else is not a sampling run
                 raise StoreError(f"{self.path} holds no interrupted sampling to resume; pass --overwrite "
                                  "to replace it, or write elsewhere")
             else:
