@@ -32,3 +32,30 @@ def device_dtype_cases():
 
 
 requires_cuda = _NO_GPU
+
+
+def hdf5_items(path, skip_root=()) -> dict:
+    """Every dataset's value and every attribute of an HDF5 file, by path (``name@attr`` for
+    attributes, ``@attr`` at the root, root attributes in ``skip_root`` left out)."""
+    import h5py
+
+    items = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                items[name] = obj[()]
+            items.update({f"{name}@{k}": v for k, v in obj.attrs.items()})
+        f.visititems(visit)
+        items.update({f"@{k}": v for k, v in f.attrs.items() if k not in skip_root})
+    return items
+
+
+def same_value(a, b) -> bool:
+    """Equal dtype, shape and bytes (NaN equal to NaN); variable-length strings by their text."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind == "O":
+        return b.dtype.kind == "O" and a.tolist() == b.tolist()
+    return a.dtype == b.dtype and a.shape == b.shape and (
+        a.tobytes() == b.tobytes() or (a.dtype.kind == "f" and np.array_equal(a, b, equal_nan=True)))

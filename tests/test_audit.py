@@ -6,13 +6,14 @@ import json
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 import ensattr_fast as ef
 import ensattr_fast.training.checkpoint as checkpoint_module
+from conftest import hdf5_items, same_value
+
 from ensattr_fast.cli.main import main
 from ensattr_fast.cli.parser import parse
 from ensattr_fast.data import load_digits
@@ -54,26 +55,6 @@ def _audit_run(data: Path) -> ef.Audit:
     return audit
 
 
-def _hdf5_items(path: Path) -> dict:
-    items = {}
-    with h5py.File(path, "r") as f:
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                items[name] = obj[()]
-            items.update({f"{name}@{k}": v for k, v in obj.attrs.items()})
-        f.visititems(visit)
-        items.update({f"@{k}": v for k, v in f.attrs.items()})
-    return items
-
-
-def _same(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype.kind == "O":  # variable-length strings: compare the strings, not their pointers
-        return b.dtype.kind == "O" and a.tolist() == b.tolist()
-    return a.dtype == b.dtype and a.shape == b.shape and (
-        a.tobytes() == b.tobytes() or (a.dtype.kind == "f" and np.array_equal(a, b, equal_nan=True)))
-
-
 def _assert_equal(a, b, where: str) -> None:
     """Checkpoint payloads equal: tensors bit for bit, containers entry by entry."""
     assert type(a) is type(b), where
@@ -98,9 +79,9 @@ def test_the_command_line_and_the_audit_write_identical_files(data, tmp_path, mo
         monkeypatch.chdir(tmp_path / name)
         run()
     for name in ("plan.h5", "results.h5"):
-        cli, audit = _hdf5_items(tmp_path / "cli" / name), _hdf5_items(tmp_path / "audit" / name)
+        cli, audit = hdf5_items(tmp_path / "cli" / name), hdf5_items(tmp_path / "audit" / name)
         assert sorted(cli) == sorted(audit), (name, set(cli) ^ set(audit))
-        differ = [key for key in cli if not _same(cli[key], audit[key])]
+        differ = [key for key in cli if not same_value(cli[key], audit[key])]
         assert not differ, (name, differ)
         assert any(key.startswith("@options_") for key in cli), name  # the options are recorded, equally
     cli = torch.load(tmp_path / "cli" / "ensemble.pt", weights_only=True)

@@ -84,6 +84,11 @@ class TrainOptions:
     architecture: MemberOptions = nested(MemberOptions)
     passes: Passes = nested(Passes, skip=("shard_members",))
     checkpoint_every: int = option(250, Int(0), "steps between checkpoints (0: at the end only)")
+    all_units: bool = option(False, Switch(), "train --models models on every unit instead of the planned "
+                                              "ensemble: the full-data baseline (memorization's "
+                                              "--generator-checkpoint, lds, the base of a fine-tune)")
+    models: int = option(1, Int(1, 4096), "with --all-units: how many models, each on all the data, independent "
+                                          "(their own initial weights and draws) where more than one")
     resume: bool = option(False, Switch(), "continue from the checkpoint if it exists")
     overwrite: bool = option(False, Switch(), "replace an existing checkpoint")
     device: str = option("cpu", Device(), _DEVICE)

@@ -3,18 +3,21 @@ distributed run), into one checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..data import load_data
 from ..diffusion.schedules import NoiseSchedule
-from ..errors import CodeError, DataError
+from ..errors import CodeError, ConfigError, DataError
 from ..members import build_members
 from ..runtime import distributed
 from ..runtime.files import check_output, check_space
+from ..runtime.progress import note
 from ..store import read_plan
 from ..training import Trainer
 from ..training.checkpoint import Checkpoint
@@ -27,7 +30,8 @@ __all__ = ["train"]
 
 def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOptions(), progress: bool = True,
           record: Optional[dict] = None) -> Tensor:
-    """Train the planned ensemble into the checkpoint ``out``; resume from it when asked and it
+    """Train the planned ensemble (or, with ``all_units``, ``models`` models each on every unit of
+    the plan: the full-data baseline) into the checkpoint ``out``; resume from it when asked and it
     exists (with the settings it was trained with; ``overwrite`` trains anew in its place),
     replace it only when told to ``overwrite``. ``record``: the options as the run was
     asked for, kept in the checkpoint. Distributed, each rank trains its share of the members.
@@ -39,6 +43,14 @@ def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOpti
     if len(units.unit_of) != len(data):
         raise DataError(f"the plan maps {len(units.unit_of)} examples but {data.name} has {len(data)}")
     config = options.train
+    if options.all_units:  # every model sees every unit: no unit is ever excluded, by design
+        code = torch.ones(len(code), options.models, dtype=torch.uint8)
+        if options.models > 1 and config.mode != "independent":
+            note(f"--all-units --models {options.models}: the models train independently (their own initial "
+                 f"weights and draws), not in --mode {config.mode}, or they would be one model {options.models} times")
+            config = dataclasses.replace(config, mode="independent")
+    elif options.models != 1:
+        raise ConfigError("--models counts the models of --all-units; a planned ensemble has the plan's members")
     ensemble = build_members(options.architecture, code.shape[1], data.data_shape, config.mode != "independent",
                              config.seed)
     if distributed.world().size > code.shape[1]:
@@ -49,7 +61,8 @@ def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOpti
     size = 2 * 4 * 4 * sum(p.numel() for p in ensemble.parameters()) + (1 << 20)
     on_writer(lambda: check_space(Path(out).absolute().parent, size, f"--out {out}"))
     trainer = Trainer(ensemble.select(shard), data, code, units.unit_of, units.names, NoiseSchedule.linear(), config,
-                      options.device, members=shard, data_spec=dataset, passes=options.passes)
+                      options.device, members=shard, data_spec=dataset, passes=options.passes,
+                      require_exact_ablation=not options.all_units)
     trainer.options = record
     with writer_lock(out, "checkpoint"):
         if options.resume and Path(out).exists() and not options.overwrite:

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import hdf5_items, same_value
+
 from ensattr_fast.cli.main import main
 from ensattr_fast.data import load_digits
 
@@ -134,26 +136,6 @@ def _argv(command: str, inputs: Path) -> list:
     return [a.format(data=inputs / "forty.npy") for a in COMMANDS[command]]
 
 
-def _hdf5(path: Path) -> dict:
-    items = {}
-    with h5py.File(path, "r") as f:
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                items[name] = obj[()]
-            items.update({f"{name}@{k}": v for k, v in obj.attrs.items()})
-        f.visititems(visit)
-        items.update({f"@{k}": v for k, v in f.attrs.items() if k != "versions"})
-    return items
-
-
-def _same(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype.kind == "O":
-        return a.tolist() == b.tolist()
-    return a.dtype == b.dtype and a.shape == b.shape and (
-        a.tobytes() == b.tobytes() or (a.dtype.kind == "f" and np.array_equal(a, b, equal_nan=True)))
-
-
 def _tensors(value, where=""):
     if isinstance(value, torch.Tensor):
         yield where, value
@@ -167,9 +149,9 @@ def _assert_same_outputs(reference: Path, ours: Path, names: list) -> None:
         a, b = reference / name, ours / name
         assert b.exists(), name
         if name.endswith(".h5"):
-            want, got = _hdf5(a), _hdf5(b)
+            want, got = hdf5_items(a, ("versions",)), hdf5_items(b, ("versions",))
             assert sorted(want) == sorted(got), (name, set(want) ^ set(got))
-            differ = [k for k in want if not _same(want[k], got[k])]
+            differ = [k for k in want if not same_value(want[k], got[k])]
             assert not differ, (name, differ)
         elif name.endswith(".pt"):
             want, got = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
