@@ -61,7 +61,9 @@ def _floor_text(sig: Optional[Dict], certificate: Optional[Dict], i: int) -> str
     if sig is not None and sig.get("floor_median") is not None:
         lines.append(f"floor med {sig['floor_median'][i]:.3g}\nfloor p95 {sig['floor_p95'][i]:.3g}")
     if certificate is not None and "bound" in certificate and i < len(certificate["bound"]):
-        lines.append(f"certified r ≤ {certificate['bound'][i]:.3g}")
+        exact = certificate.get("meta", {}).get("exhaustive")
+        lines.append(f"certified r ≤ {certificate['bound'][i]:.3g}" if exact else
+                     f"r ≈ {certificate['bound'][i]:.3g} (estimate)")
     return "\n".join(lines)
 
 

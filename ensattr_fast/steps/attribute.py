@@ -17,9 +17,11 @@ from ..attribution.full_kernel import gradient_size
 from ..attribution.methods import Method, Rows, get_method, parse_methods
 from ..data import check_images
 from ..errors import ConfigError
-from ..evaluation.counterfactuals import Counterfactuals
-from ..evaluation.floors import certify, score_floors
+from ..evaluation.counterfactuals import Counterfactuals, exact_counterfactuals
+from ..evaluation.floors import NoiseFloor, certify, score_floors
 from ..evaluation.metrics import agreement
+from ..members.passes import Passes
+from ..members.sharded import place_members
 from ..runtime import distributed
 from ..runtime.files import check_space
 from ..runtime.progress import note
@@ -180,6 +182,31 @@ def _score_rows(session: Session, options: AttributeOptions, methods: List[Metho
                          progress=progress, device=options.device)
 
 
+#: ``--certify auto`` ablates every distinct code row where there are at most this many
+EXHAUSTIVE_ROWS = 256
+
+
+def _exhaustive(session: Session, options: AttributeOptions) -> bool:
+    if options.certify != "auto":
+        return options.certify == "exhaustive"
+    return len(torch.unique(session.checkpoint.code, dim=0)) <= EXHAUSTIVE_ROWS
+
+
+def _every_row(session: Session, options: AttributeOptions, rows: int):
+    """The exact distance of each of the first ``rows`` samples without each distinct code row
+    [rows, D] (units of one row are one ablation: replayed once), and a unit of each row [D]."""
+    code = session.checkpoint.code
+    distinct, inverse = torch.unique(code, dim=0, return_inverse=True)
+    first = torch.full((len(distinct),), len(code), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(code)), "amin")
+    seeds, images = session.samples(rows)
+    ensemble, passes = place_members(session.ensemble(options.device), Passes(), options.device)
+    found = exact_counterfactuals(ensemble, session.checkpoint.schedule, session.sampler(), code, seeds, images,
+                                  first.expand(len(seeds), -1).clone(), NoiseFloor(phantoms=0), passes,
+                                  label="certify")
+    return found.distances.numpy(), first.numpy()
+
+
 def exact_check(session: Session, options: AttributeOptions, rows: int):
     """Ablate each sample's top ``options.check`` units by ``options.checked_by`` exactly; store
     the true distances beside every method's scores of those units and the agreement metrics of
@@ -198,8 +225,9 @@ def exact_check(session: Session, options: AttributeOptions, rows: int):
     found = ablate(session, ablation, units, written_by="attribute", predicted=predicted)
     metrics = {m: agreement(predicted[m].numpy(), found.distances.numpy())
                for m in methods if get_method(m).predicts_distance}
+    every = _every_row(session, options, rows) if _exhaustive(session, options) else None
     if distributed.world().main:
-        certify(session.results, get_method(check_method), rows)
+        certify(session.results, get_method(check_method), rows, every)
         with ResultsWriter(session.results, "a") as writer:
             writer.set_attrs(agreement=metrics, checked_by=check_method)
     distributed.barrier()

@@ -147,6 +147,10 @@ class AttributeOptions:
     check: int = option(8, Int(0, 4096), "exact ablation of each sample's top units (0: none)")
     check_by: Optional[str] = option(None, Maybe(MethodName()), "method whose top units are checked (default: "
                                                              "first_order when computed)")
+    certify: str = option("auto", Choice("auto", "exhaustive", "estimate"),
+                          "copy certificates: exhaustive ablates every distinct code row of each checked sample (the "
+                          "true maximum, with its unit); estimate scales first order from the checked units (not a "
+                          "bound); auto: exhaustive where the code has at most 256 distinct rows")
     groups: Optional[Union[Path, Dict[str, List[int]]]] = option(
         None, Maybe(UnitSets()), "also score unit sets, from a JSON file {name: [units]}")
     floor: NoiseFloor = nested(NoiseFloor)

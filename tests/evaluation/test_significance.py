@@ -106,21 +106,26 @@ def test_certificate_against_exhaustive_exact_ablation(tiny, tmp_path):
         samples, sampler = torch.from_numpy(r.samples[()]), read_sampler(tiny / "results.h5")
     every = ablate(ensemble, checkpoint.schedule, sampler, checkpoint.code, range(4), [[u] for u in range(n_units)])
     truth = (every.images - samples[None]).flatten(2).norm(dim=-1).max(0).values.numpy()  # [S]
-    for check in (n_units, 3):
+    for check, certify in ((n_units, "estimate"), (3, "estimate"), (2, "exhaustive"), (1, "auto")):
         results = tmp_path / f"r{check}.h5"
         results.write_bytes((tiny / "results.h5").read_bytes())
         ef.Audit(checkpoint=tiny / "ensemble.pt", results=results, progress=False).attribute(
-            methods=["first_order"], samples=4, topk=n_units, check=check)
+            methods=["first_order"], samples=4, topk=n_units, check=check, certify=certify)
         with open_results(results) as r:
             certificate = r.certificate()
-        if check == n_units:
-            assert certificate["meta"]["exhaustive"]
+        if check == n_units or certify != "estimate":  # every unit checked, or every distinct row ablated
+            assert certificate["meta"]["exhaustive"] and not certificate["meta"]["estimate"]
             np.testing.assert_allclose(certificate["radius"], truth, rtol=1e-5)
             np.testing.assert_allclose(certificate["bound"], truth, rtol=1e-5)
         else:
-            assert not certificate["meta"]["exhaustive"] and (certificate["checked"] == 3).all()
+            assert not certificate["meta"]["exhaustive"] and certificate["meta"]["estimate"]
+            assert "not a bound" in certificate["meta"]["bound"] and (certificate["checked"] == 3).all()
             assert (certificate["radius"] <= truth + 1e-6).all()
             assert (certificate["bound"] >= certificate["radius"]).all()
+        if certify != "estimate":  # the unit that reaches the bound, and its exact distance is the bound
+            unit = certificate["unit"]
+            alone = (every.images[unit, range(4)] - samples).flatten(1).norm(dim=1).numpy()
+            np.testing.assert_allclose(alone, truth, rtol=1e-5)
 
 
 def test_score_floor_is_stored_beside_the_top_units(tiny, tmp_path):

@@ -105,7 +105,7 @@ def test_png_and_html_mark_effects_against_the_floor(tmp_path):
     assert re.search(r'<span id="count">(\d+)</span> of (\d+)', text).groups() == (str(len(SIGNIFICANT)),
                                                                                    str(S * K - 1))
     assert "&lt;u" in text and "<u1" not in text  # unit names are escaped
-    assert "Top training units by dtrak" in text and "Certificate:" in text
+    assert "Top training units by dtrak" in text and "Certificate (estimate):" in text and "not a bound" in text
 
 
 def test_the_headline_says_when_nothing_is_above_the_floor(tmp_path):
