@@ -122,7 +122,8 @@ def _run(command: Command) -> int:
 
 def _plan(audit: Audit, options, out) -> None:
     found = audit.plan(options)
-    print(f"plan written to {out}: {found.stats}\ndesign: {design_reason(out)}")
+    print(f"plan written to {out}: {found.stats}\nduplicates: {found.duplicates_line()}\n"
+          f"design: {design_reason(out)}")
 
 
 def _train(audit: Audit, options, out) -> None:

@@ -209,7 +209,7 @@ def design_reason(units: Units, code: torch.Tensor, design: str, asked: str = "a
     large units: members that see almost everything model nearly the same distribution)."""
     n_examples, n_members = len(units.unit_of), code.shape[1]
     mean = n_examples / max(1, units.n_units)
-    what = f"{units.n_units} units of {mean:.3g} example{'' if mean == 1 else 's'} on average"
+    what = f"{units.n_units} units of {mean:.3g} example{'' if f'{mean:.3g}' == '1' else 's'} on average"
     few, large = _few_and_large(units, n_members)
     if asked != "auto":
         why = f"as asked (--design {asked})"

@@ -6,7 +6,10 @@ import dataclasses
 import math
 from typing import Sequence, Tuple
 
+import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from ..errors import CodeError
@@ -48,6 +51,25 @@ class Units:
         used), named "cluster 0" .. "cluster k-1"; cluster 0 holds example 0 (see
         :func:`~ensattr_fast.codes.clusters.kmeans`). For data without metadata."""
         return cls(kmeans(points, k, seed), tuple(f"cluster {j}" for j in range(k)))
+
+    def grouped(self, set_of: Tensor) -> Tuple["Units", int]:
+        """These units with every duplicate set in one unit: units that hold images of one set
+        (``set_of[i]``, -1 for none; :class:`~ensattr_fast.codes.duplicates.Duplicates`) are
+        merged, transitively. A merged unit keeps its first unit's place and name, with how many
+        it took in ("7 (+19 duplicates)"). Returns the units and how many were merged away."""
+        n_units = self.n_units
+        in_set = torch.nonzero(set_of >= 0).flatten()
+        first = torch.full((int(set_of.max()) + 1 if len(in_set) else 0,), -1, dtype=torch.long)
+        first = first.scatter_reduce(0, set_of[in_set], self.unit_of[in_set], "amin", include_self=False)
+        links = np.stack([self.unit_of[in_set].numpy(), first[set_of[in_set]].numpy()])
+        graph = coo_matrix((np.ones(links.shape[1], np.int8), (links[0], links[1])), shape=(n_units, n_units))
+        _, label = connected_components(graph, directed=False)  # numbered by first unit: order is kept
+        merged = np.bincount(label)
+        names = [""] * len(merged)
+        for u in range(n_units - 1, -1, -1):  # the first unit of each component names it
+            names[label[u]] = self.names[u]
+        names = [n if k == 1 else f"{n} (+{k - 1} duplicate{'s' if k > 2 else ''})" for n, k in zip(names, merged)]
+        return Units(torch.from_numpy(label.astype(np.int64))[self.unit_of], tuple(names)), n_units - len(merged)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,12 +4,15 @@ partition of a data set into units."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..codes import Units
+from ..codes.duplicates import Duplicates, check_embeddings, find_duplicates
 from ..errors import DataError
 from .dataset import Dataset
 from .loaders import load_arrays, load_digits, load_hdf5, load_image_folder, read_unit_metadata
@@ -140,3 +143,19 @@ def _pixels(data: Dataset) -> torch.Tensor:
     """Every image flattened, float64 [n, D], read block by block. The points themselves are
     whole in memory (n x D x 8 bytes): k-means on data past memory would need mini-batches."""
     return torch.cat([block.flatten(1).to(torch.float64) for block in data.blocks()])
+
+
+def duplicates_in(data: Dataset, radius: float, embeddings: Optional[os.PathLike] = None) -> Duplicates:
+    """Exact and near duplicate sets among the training images: pixel L2 within ``radius``, or
+    L2 between the rows of ``embeddings`` (an .npy file [n, k], one row per image) where given
+    (:func:`~ensattr_fast.codes.duplicates.find_duplicates`). Pixels are held as float32, n x D
+    x 4 bytes."""
+    if embeddings is None:
+        points = torch.cat([block.flatten(1) for block in data.blocks()])
+        return find_duplicates(points, radius)
+    try:
+        array = np.load(embeddings, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--embeddings {embeddings}: not a readable .npy array ({e})") from None
+    return find_duplicates(check_embeddings(array, len(data)), radius, space="embeddings")
+

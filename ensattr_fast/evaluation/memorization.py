@@ -1,18 +1,29 @@
 """Copies of training units, found in samples and proven by exact ablation.
 
 A generator is a weighting of an ensemble's members: the full ensemble, one member, or a
-subset (:class:`Generator`). Its samples are searched for near-copies: a sample whose nearest
-training image (pixel L2) lies within ``threshold`` copies that image's unit u. Each copy is
-then proven by an exact counterfactual: the same seed replayed (the same x_T and every z_t)
-without u, by the generator's members that never saw u (renormalised), or, when every one of
-them saw u, by the ensemble's excluders E_u. The proof holds when the counterfactual is no
-longer within ``threshold`` of u's images and moved away from them by more than the noise floor:
-the same replay under ``phantoms`` random sub-ensembles of the same size from the same members.
+subset (:class:`Generator`). Its samples are searched for near-copies: a sample copies every
+training image within ``threshold`` of it (pixel L2, or L2 between the embeddings of a
+:class:`CopyTest`'s ``embed``), and so the whole set of units holding one (the copied set U;
+scattered duplicates put several units in it). Each copy is then proven by an exact
+counterfactual: the same seed replayed (the same x_T and every z_t) without all of U, by the
+generator's members that saw no unit of U (renormalised), or, when every one of them saw some,
+by the ensemble's members that excluded all of U. The proof holds when the counterfactual is no
+longer within ``threshold`` of any image of U and moved away from them by more than the noise
+floor: the same replay under ``phantoms`` random sub-ensembles of the same size from the same
+members.
 
-The effect of a proof is how much farther from u the counterfactual lies than the copy
+A copy that is not proven says why, per sample (``reason``, :data:`REASONS`): the
+counterfactual still copies, or moved no farther than the phantoms, or no member excludes all of
+U (duplicates scattered over units no member excludes together), or the generator never saw any
+unit of U (nothing it trained on to remove), or no phantom could be drawn.
+
+The effect of a proof is how much farther from U the counterfactual lies than the copy
 (``moved`` = proof distance - copy distance); the floor holds the same quantity for each
-phantom. p-values are empirical against the floor (:func:`empirical_pvalues`), q-values
-Benjamini-Hochberg over the copies of a run.
+phantom. The p-value is, by default, a row-permutation trend test over all the replays
+(:func:`trend_pvalues`: do replays that keep more of U's includers stay nearer to U, more than
+they do for phantom rows?), or the counterfactual's effect against the floor alone
+(:func:`empirical_pvalues`); q-values are Benjamini-Hochberg over the copies of a run.
+BENCHMARKS.md ("Trust in the wild") measures both.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,48 +40,18 @@ from torch import Tensor
 from ..data import Dataset
 from ..diffusion.sampling import replay
 from ..diffusion.schedules import NoiseSchedule, Sampler
-from ..errors import CodeError
+from ..errors import DataError
 from ..members import Ensemble
-from .significance import benjamini_hochberg, empirical_pvalues
+from .generators import Generator, parse_generator
+from .significance import benjamini_hochberg, empirical_pvalues, trend_pvalues
 
-__all__ = ["Generator", "parse_generator", "Model", "nearest_copies", "distance_to_units", "proof_pool",
-           "random_subsets", "find_and_prove"]
+__all__ = ["Generator", "parse_generator", "Model", "CopyTest", "REASONS", "proof_pool", "random_subsets",
+           "find_and_prove"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Generator:
-    """Which members of a model sample: all of them (``members`` None) or the listed ones,
-    equally weighted. ``name`` is the form it was given in (``full``, ``member:3``,
-    ``members:0,2,5``)."""
-
-    name: str
-    members: Optional[Tuple[int, ...]] = None
-
-    def weights(self, n_members: int) -> Tensor:
-        """Member weights float64 [M]: 1/|G| on the generator's members."""
-        chosen = range(n_members) if self.members is None else self.members
-        bad = [m for m in chosen if not 0 <= m < n_members]
-        if bad:
-            raise CodeError(f"generator {self.name}: member {bad[0]} is out of range: the model has {n_members}")
-        keep = torch.zeros(n_members, dtype=torch.float64)
-        keep[list(chosen)] = 1.0
-        return keep / keep.sum()
-
-
-def parse_generator(text: str) -> Generator:
-    """``full``, ``member:M`` or ``members:a,b,c`` (distinct member ids >= 0); anything else
-    raises :class:`CodeError`."""
-    text = str(text).strip()
-    if text == "full":
-        return Generator("full")
-    kind, colon, rest = text.partition(":")
-    if colon and kind in ("member", "members"):
-        parts = [p.strip() for p in rest.split(",")]
-        if all(p.isdigit() for p in parts) and (kind == "members" or len(parts) == 1):
-            ids = tuple(int(p) for p in parts)
-            if len(set(ids)) == len(ids) and all(m < 2**31 for m in ids):
-                return Generator(f"{kind}:{','.join(map(str, ids))}", ids)
-    raise CodeError(f"generator must be full, member:M or members:a,b,c (distinct member ids), got {text!r}")
+#: why a sample is, or is not, a proven copy: ``reason`` [S] indexes this
+REASONS = ("proven", "not a copy", "the counterfactual still copies", "moved no farther than the phantom floor",
+           "no member excludes every copied unit", "the generator never saw a copied unit", "no phantom to compare")
+PROVEN, NOT_A_COPY, STILL_COPIES, WITHIN_FLOOR, NO_EXCLUDER, NEVER_SAW, NO_FLOOR = range(len(REASONS))
 
 
 @dataclasses.dataclass
@@ -81,34 +62,68 @@ class Model:
     code: Tensor
 
 
-def nearest_copies(images: Tensor, data: Dataset, unit_of: Tensor, threshold: float):
-    """Each image's nearest training image: its unit int64 [S], its distance float [S], and
-    whether it is a near-copy (distance < ``threshold``) bool [S]."""
-    distances = data.pixel_distances(images)
-    nearest = distances.min(1)
-    return unit_of[nearest.indices], nearest.values, nearest.values < threshold
+class CopyTest:
+    """How samples are compared with the training images: pixel L2 on the data scale, or, with
+    ``embed`` (a function of images float32 [B, C, H, W] in [-1, 1] to embeddings [B, k]), L2
+    between embeddings, the training images embedded once. A sample copies every training image
+    within ``threshold``."""
+
+    def __init__(self, data: Dataset, unit_of: Tensor, threshold: float,
+                 embed: Optional[Callable[[Tensor], Tensor]] = None):
+        self.data, self.unit_of, self.threshold, self.embed = data, unit_of, float(threshold), embed
+        self._train = None if embed is None else torch.cat([self._embedded(b) for b in data.blocks()])
+
+    def _embedded(self, images: Tensor) -> Tensor:
+        out = torch.as_tensor(self.embed(images.float())).detach().float().cpu()
+        if out.ndim != 2 or len(out) != len(images) or not torch.isfinite(out).all():
+            raise DataError(f"the copy test's embedding must map {len(images)} images to finite rows [{len(images)}, "
+                            f"k], got {tuple(out.shape)}")
+        return out
+
+    def distances(self, images: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """Distances [Q, n] (or [Q, len(rows)]) of images [Q, C, H, W] to the training images."""
+        if self._train is None:
+            if rows is None:
+                return self.data.pixel_distances(images)
+            return torch.cdist(images.flatten(1).float(), self.data.read(rows).flatten(1))
+        train = self._train if rows is None else self._train[rows]
+        return torch.cdist(self._embedded(images), train)
+
+    def copied(self, images: Tensor) -> Tuple[Tensor, Tensor, List[List[int]]]:
+        """Each image's nearest training unit int64 [S] and distance [S], and the units it
+        copies (every unit with an image within the threshold; empty for no copy)."""
+        distances = self.distances(images)
+        nearest = distances.min(1)
+        within = distances < self.threshold
+        sets = [self.unit_of[row].unique().tolist() for row in within]
+        return self.unit_of[nearest.indices], nearest.values, sets
+
+    def distance_to_units(self, images: Tensor, sets: Sequence[Sequence[int]]) -> Tensor:
+        """Distance [S, K] of images [S, K, C, H, W] to the nearest training image of ``sets[s]``."""
+        out = torch.empty(images.shape[:2])
+        for s, units in enumerate(sets):
+            rows = torch.nonzero(torch.isin(self.unit_of, torch.tensor(list(units)))).flatten()
+            out[s] = self.distances(images[s], rows).min(1).values
+        return out
 
 
-def distance_to_units(images: Tensor, data: Dataset, unit_of: Tensor, units: Tensor) -> Tensor:
-    """Distance [S, K] of images [S, K, C, H, W] to the nearest training image of ``units[s]``."""
-    out = torch.empty(images.shape[:2])
-    for s, unit in enumerate(units.tolist()):
-        members = data.read(torch.nonzero(unit_of == unit).flatten())
-        out[s] = torch.cdist(images[s].flatten(1).float(), members.flatten(1)).min(1).values
-    return out
-
-
-def proof_pool(generator: Tensor, gen_code: Tensor, code: Tensor, unit: int) -> Tuple[str, List[int], List[int]]:
-    """Where the counterfactual of a copy of ``unit`` is drawn: (``"generator"``, its members,
-    those that never saw the unit) or, when all of them saw it, (``"ensemble"``, every member,
-    the ensemble's excluders E_u)."""
+def proof_pool(generator: Tensor, gen_code: Tensor, code: Tensor, units: Sequence[int]) -> Tuple[str, List[int],
+                                                                                                    List[int]]:
+    """Where the counterfactual of a copy of the units ``units`` is drawn: (``"generator"``, its
+    members, those that saw none of the units), or, when each of them saw one, (``"ensemble"``,
+    every member, those that excluded all of the units). ``("never", ..)`` when the generator saw
+    none of them (there is nothing of theirs it trained on to remove), ``("none", ..)`` when no
+    member excludes them all."""
     chosen = torch.nonzero(generator > 0).flatten().tolist()
-    never = [m for m in chosen if gen_code[unit, m] == 0]
+    units = list(units)
+    never = [m for m in chosen if not gen_code[units, m].any()]
+    if never == chosen:
+        return "never", chosen, []
     if never:
         return "generator", chosen, never
-    excluders = torch.nonzero(code[unit] == 0).flatten().tolist()
+    excluders = torch.nonzero(~code[units].bool().any(0)).flatten().tolist()
     if not excluders:
-        raise CodeError(f"unit {unit} has no excluder: no member can prove a copy of it")
+        return "none", list(range(code.shape[1])), []
     return "ensemble", list(range(code.shape[1])), excluders
 
 
@@ -150,15 +165,20 @@ def _phantoms(model: Model, pool: List[int], size: int, count: int, seed: int) -
     return random_subsets(pool, size, count + 1, units, seed)
 
 
-def _proof_weights(copies: Tensor, units: Tensor, generator: Tensor, gen: Model, ens: Model, phantoms: int,
-                   seed: int) -> Dict[str, Tuple[List[int], Tensor]]:
+def _proof_weights(sets: Dict[int, List[int]], generator: Tensor, gen: Model, ens: Model, phantoms: int,
+                   seed: int) -> Tuple[Dict[str, Tuple[List[int], Tensor]], Dict[int, int]]:
     """Per place (``generator`` or ``ensemble``): the copies proven there and their weights
     [S_c, 1 + P, M]: the counterfactual, then up to P phantoms (rows of NaN where a pool has
-    fewer; P shrinks to the most any copy has)."""
+    fewer; P shrinks to the most any copy has). Also the reason of each copy that has no
+    counterfactual (:data:`NO_EXCLUDER`, :data:`NEVER_SAW`)."""
     places: Dict[str, Tuple[List[int], List[List[Tensor]]]] = {}
     drawn: Dict[tuple, List[Tuple[int, ...]]] = {}
-    for s in copies.tolist():
-        place, pool, proof = proof_pool(generator, gen.code, ens.code, int(units[s]))
+    unprovable: Dict[int, int] = {}
+    for s, units in sets.items():
+        place, pool, proof = proof_pool(generator, gen.code, ens.code, units)
+        if place in ("never", "none"):
+            unprovable[s] = NEVER_SAW if place == "never" else NO_EXCLUDER
+            continue
         model = gen if place == "generator" else ens
         key = (place, tuple(pool), len(proof))
         if key not in drawn:
@@ -171,8 +191,9 @@ def _proof_weights(copies: Tensor, units: Tensor, generator: Tensor, gen: Model,
     width = max((len(r) for _, lists in places.values() for r in lists), default=1)
     nan = {place: torch.full((gen if place == "generator" else ens).code.shape[1:], math.nan, dtype=torch.float64)
            for place in places}
-    return {place: (rows, torch.stack([torch.stack(r + [nan[place]] * (width - len(r))) for r in lists]))
-            for place, (rows, lists) in places.items()}
+    weights = {place: (rows, torch.stack([torch.stack(r + [nan[place]] * (width - len(r))) for r in lists]))
+               for place, (rows, lists) in places.items()}
+    return weights, unprovable
 
 
 def _replay(model: Model, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequence[int], weights: Tensor,
@@ -185,49 +206,79 @@ def _replay(model: Model, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequ
     return images
 
 
-def find_and_prove(ens: Model, gen: Model, generator: Generator, data: Dataset, unit_of: Tensor,
-                   schedule: NoiseSchedule, sampler: Sampler, seeds: Sequence[int], threshold: float = 1.0,
-                   phantoms: int = 64, alpha: float = 0.05, seed: int = 0,
-                   max_trajectories: int = 4096) -> Dict[str, np.ndarray]:
-    """Sample ``seeds`` from ``generator`` (members of ``gen``), find near-copies of training
-    units and prove each by an exact counterfactual against its phantom floor (module doc).
+def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest, schedule: NoiseSchedule,
+                   sampler: Sampler, seeds: Sequence[int], phantoms: int = 64, alpha: float = 0.05, seed: int = 0,
+                   max_trajectories: int = 4096, statistic: str = "trend",
+                   null_check: bool = False) -> Dict[str, np.ndarray]:
+    """Sample ``seeds`` from ``generator`` (members of ``gen``), find the units each sample copies
+    (``test``) and prove each copy by an exact counterfactual without all of them, against its
+    phantom replays (module doc): by the row-permutation trend test over every replay
+    (``statistic="trend"``, :func:`trend_pvalues`) or by the counterfactual's effect against the
+    phantoms' (``"floor"``, :func:`empirical_pvalues`). With ``null_check`` every sample that is
+    not a copy is also proven against its nearest unit as if it copied it: ``false_flag`` marks
+    those that would pass (Benjamini-Hochberg over them alone), the rate of false flags.
 
     Returns the arrays of ``/memorization`` (docs: :func:`ensattr_fast.store.write_memorization`):
     seed [S], images [S, C, H, W], nearest_unit [S], nearest_distance [S], is_copy [S],
-    proof_images [S, C, H, W] (NaN for non-copies), proof_distance [S], moved [S], shift [S]
-    (pixel distance between copy and counterfactual), floor [S, P], pvalue [S], qvalue [S],
-    proven [S].
+    copied_units [S, K] (the copied set, -1 padded), proof_images [S, C, H, W] (NaN where no
+    counterfactual), proof_distance [S], moved [S], shift [S] (pixel distance between copy and
+    counterfactual), floor [S, P], pvalue [S] (of ``statistic``), pvalue_floor, pvalue_trend [S],
+    qvalue [S], proven [S], reason [S] (:data:`REASONS`), false_flag [S].
     """
+    if statistic not in ("trend", "floor"):
+        raise ValueError(f"statistic must be trend or floor, got {statistic!r}")
     seeds = [int(s) for s in seeds]
     S = len(seeds)
     weights = generator.weights(gen.code.shape[1])
     images = _replay(gen, schedule, sampler, seeds, weights[None, None].expand(S, 1, -1), max_trajectories)[:, 0]
-    units, distance, is_copy = nearest_copies(images, data, unit_of, threshold)
+    units, distance, copied = test.copied(images)
+    is_copy = torch.tensor([bool(c) for c in copied]).numpy()
+    targets = [c if c or not null_check else [int(units[s])] for s, c in enumerate(copied)]
     proof_images = torch.full_like(images, math.nan)
     proof_distance, moved, shift = (torch.full((S,), math.nan) for _ in range(3))
-    proofs = _proof_weights(torch.nonzero(is_copy).flatten(), units, weights, gen, ens, phantoms, seed)
+    proofs, unprovable = _proof_weights({s: t for s, t in enumerate(targets) if t}, weights, gen, ens, phantoms, seed)
     P = max((w.shape[1] - 1 for _, w in proofs.values()), default=0)
     floor = torch.full((S, P), math.nan)
+    members = torch.zeros(S, P + 1, max(gen.code.shape[1], ens.code.shape[1]), dtype=torch.bool)
     for place, (rows, w) in proofs.items():
         model = gen if place == "generator" else ens
         replayed = _replay(model, schedule, sampler, [seeds[s] for s in rows], w, max_trajectories)
         rows_t = torch.tensor(rows, dtype=torch.long)
-        away = distance_to_units(replayed.nan_to_num(0.0), data, unit_of, units[rows_t])  # [S_c, 1 + P]
+        away = test.distance_to_units(replayed.nan_to_num(0.0), [targets[s] for s in rows])  # [S_c, 1 + P]
         away[torch.isnan(replayed.flatten(2)).any(-1)] = math.nan
         proof_images[rows_t] = replayed[:, 0]
         proof_distance[rows_t] = away[:, 0]
         moved[rows_t] = away[:, 0] - distance[rows_t]
         floor[rows_t] = away[:, 1:] - distance[rows_t, None]
         shift[rows_t] = (replayed[:, 0] - images[rows_t]).flatten(1).norm(dim=1)
-    pvalue, qvalue = np.full(S, np.nan), np.full(S, np.nan)
+        members[rows_t, :w.shape[1], :w.shape[2]] = (w > 0) & ~torch.isnan(w)
+    p_floor, p_trend = np.full(S, np.nan), np.full(S, np.nan)
     tested = np.isfinite(moved.numpy()) & np.isfinite(floor.numpy()).any(1)
     if tested.any():
-        pvalue[tested] = empirical_pvalues(moved.numpy()[tested, None], floor.numpy()[tested])[0][:, 0]
-        qvalue[tested] = benjamini_hochberg(pvalue[tested])
-    proven = is_copy.numpy() & (proof_distance.numpy() >= threshold) & (np.nan_to_num(qvalue, nan=1.0) <= alpha)
-    return dict(seed=np.asarray(seeds, np.int64), images=images.numpy().astype(np.float32),
-                nearest_unit=units.numpy().astype(np.int64), nearest_distance=distance.numpy().astype(np.float32),
-                is_copy=is_copy.numpy().astype(np.uint8), proof_images=proof_images.numpy().astype(np.float32),
-                proof_distance=proof_distance.numpy().astype(np.float32), moved=moved.numpy().astype(np.float32),
-                shift=shift.numpy().astype(np.float32), floor=floor.numpy().astype(np.float32),
-                pvalue=pvalue.astype(np.float32), qvalue=qvalue.astype(np.float32), proven=proven.astype(np.uint8))
+        p_floor[tested] = empirical_pvalues(moved.numpy()[tested, None], floor.numpy()[tested])[0][:, 0]
+        effects = torch.cat([moved[:, None], floor], 1).numpy()
+        p_trend[tested] = trend_pvalues(members.numpy()[tested], effects[tested])
+    pvalue = p_trend if statistic == "trend" else p_floor
+    tested &= np.isfinite(pvalue)
+    qvalue = np.full(S, np.nan)
+    for group in (tested & is_copy, tested & ~is_copy):  # copies, and the null check's non-copies, apart
+        if group.any():
+            qvalue[group] = benjamini_hochberg(pvalue[group])
+    left = proof_distance.numpy() >= test.threshold
+    significant = np.nan_to_num(qvalue, nan=1.0) <= alpha
+    reason = np.select([~is_copy, np.isfinite(proof_distance.numpy()) & ~left, ~tested, ~significant],
+                       [NOT_A_COPY, STILL_COPIES, NO_FLOOR, WITHIN_FLOOR], PROVEN)
+    for s, why in unprovable.items():
+        reason[s] = why if is_copy[s] else NOT_A_COPY
+    width = max(1, max(len(c) for c in copied))
+    copied_units = np.full((S, width), -1, dtype=np.int64)
+    for s, c in enumerate(copied):
+        copied_units[s, :len(c)] = c
+    f32 = lambda x: np.asarray(x, dtype=np.float32)
+    return dict(seed=np.asarray(seeds, np.int64), images=f32(images), nearest_unit=units.numpy().astype(np.int64),
+                nearest_distance=f32(distance), is_copy=is_copy.astype(np.uint8), copied_units=copied_units,
+                proof_images=f32(proof_images), proof_distance=f32(proof_distance), moved=f32(moved),
+                shift=f32(shift), floor=f32(floor), pvalue=f32(pvalue), pvalue_floor=f32(p_floor),
+                pvalue_trend=f32(p_trend), qvalue=f32(qvalue), proven=(reason == PROVEN).astype(np.uint8),
+                reason=reason.astype(np.uint8),
+                false_flag=(~is_copy & null_check & left & significant).astype(np.uint8))

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy import stats
 
-__all__ = ["empirical_pvalues", "benjamini_hochberg", "Significance", "significance"]
+__all__ = ["empirical_pvalues", "benjamini_hochberg", "Significance", "significance", "trend_pvalues"]
 
 _TINY = 1e-300
 
@@ -111,3 +111,51 @@ def significance(effects: np.ndarray, floor: np.ndarray, alpha: float = 0.05,
     q = benjamini_hochberg(p, tests)
     return Significance(pvalue=p.astype(np.float32), zscore=z.astype(np.float32), qvalue=q.astype(np.float32),
                         significant=(np.nan_to_num(q, nan=1.0) <= alpha).astype(np.uint8))
+
+
+def trend_pvalues(subsets: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """p-value [C] of a row-permutation trend test, for C copies each replayed under K member
+    subsets ``subsets`` bool [C, K, M] (subset 0: the members that excluded the copied units; the
+    others: phantom subsets of the same size from the same pool; a row of False where there is
+    none) with effects ``moved`` [C, K] (how far each replay moved from the copied units).
+
+    Each subset j is read as the excluder set of a row: row 0 the copied units' own, row j a
+    phantom row's. A row's statistic is the Spearman correlation, over the replays, between the
+    share of each replay's members that the row excludes and the replay's effect: a unit that
+    made the copy pulls the replays that keep more of its includers back toward it, whatever the
+    rest of each replay holds. Under the null (the copied units do not matter to this sample) the
+    copied units' row is one more random row, exchangeable with the phantoms', so
+    p = (1 + #{phantom rows j: T_j >= T_0}) / (1 + #phantom rows) is valid; it uses every replay's
+    effect, where the floor's p-value (:func:`empirical_pvalues`) compares replay 0's effect alone
+    with the others'. NaN where fewer than two phantoms remain.
+    """
+    subsets = np.asarray(subsets, dtype=bool)
+    moved = np.asarray(moved, dtype=np.float64)
+    out = np.full(len(moved), np.nan)
+    for c in range(len(moved)):
+        valid = subsets[c].any(1) & np.isfinite(moved[c])
+        if not valid[0] or valid.sum() < 3:
+            continue
+        sets = subsets[c][valid].astype(np.float64)  # [K', M]; row 0 is the copied units'
+        share = sets @ sets.T / sets.sum(1)[None, :]  # [replay k, row r]: share of k's members row r excludes
+        effect = _ranks(moved[c][valid])
+        statistic = np.array([_pearson(_ranks(share[:, r]), effect) for r in range(len(sets))])
+        out[c] = (1 + np.sum(statistic[1:] >= statistic[0] - 1e-12)) / len(sets)
+    return out
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share theirs), as Spearman's correlation takes them."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    scale = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / scale) if scale > 0 else 0.0
+

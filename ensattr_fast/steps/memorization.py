@@ -5,15 +5,16 @@ floor (:mod:`ensattr_fast.evaluation.memorization`)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
 from ..errors import CheckpointError, DataError
-from ..evaluation.memorization import Model, find_and_prove, parse_generator
+from ..evaluation.memorization import REASONS, CopyTest, Model, find_and_prove, parse_generator
 from ..runtime.files import atomic_output, check_output, check_space, writing
 from ..store import write_memorization
 from ..training.checkpoint import Checkpoint
@@ -72,13 +73,16 @@ def memorization(session: Session, out: os.PathLike, options: MemorizationOption
     device, floor, sampler = options.device, options.floor, options.sampler
     ens = Model(session.ensemble(device), checkpoint.code)
     gen = ens if other is checkpoint else Model(other.build().to(device), other.code)
-    arrays = find_and_prove(ens, gen, spec, data, checkpoint.unit_of, checkpoint.schedule, sampler,
-                            list(options.seeds), options.threshold, floor.phantoms, floor.alpha, floor.seed,
-                            max_trajectories)
+    test = CopyTest(data, checkpoint.unit_of, options.threshold, load_embedding(options.embed))
+    arrays = find_and_prove(ens, gen, spec, test, checkpoint.schedule, sampler, list(options.seeds),
+                            floor.phantoms, floor.alpha, floor.seed, max_trajectories, options.statistic,
+                            options.null_check)
     described = dict(spec=spec.name, members=None if spec.members is None else list(spec.members),
                      checkpoint=str(options.generator_checkpoint or session.checkpoint_path))
     with writing(out, "memorization file"), atomic_output(out) as tmp:
-        write_memorization(tmp, arrays, described, threshold=options.threshold, phantoms=floor.phantoms,
+        write_memorization(tmp, arrays, described, threshold=options.threshold, embed=options.embed,
+                           statistic=options.statistic, null_check=options.null_check,
+                           reasons=list(REASONS), phantoms=floor.phantoms,
                            alpha=floor.alpha, seed=floor.seed,
                            sampler=dict(kind=sampler.kind, steps=sampler.steps, eta=sampler.eta,
                                         clip=list(sampler.clip) if sampler.clip else None),
@@ -102,11 +106,34 @@ def _check_same_data(checkpoint: Checkpoint, other: Checkpoint, where) -> None:
 
 
 def summary(arrays: Dict[str, np.ndarray], threshold: float) -> str:
-    """The one line ``ensattr memorization`` prints."""
+    """The one line ``ensattr memorization`` prints: copies, proofs, and why the others are not."""
     S, copies, proven = len(arrays["seed"]), int(arrays["is_copy"].sum()), int(arrays["proven"].sum())
     moved = arrays["moved"][arrays["is_copy"] == 1]
     median = ""
     if np.isfinite(moved).any():
-        median = f"; median move away from the copied unit {np.nanmedian(moved):.2f}"
-    return (f"{copies} of {S} samples are near-copies (< {threshold:g}) of a training unit; {proven} proven by "
-            f"exact ablation (the counterfactual leaves the unit, beyond the phantom floor){median}")
+        median = f"; median move away from the copied units {np.nanmedian(moved):.2f}"
+    why = np.bincount(arrays["reason"][arrays["is_copy"] == 1], minlength=len(REASONS))
+    unproven = ", ".join(f"{count} {REASONS[r]}" for r, count in enumerate(why) if r > 1 and count)
+    unproven = f"; not proven: {unproven}" if unproven else ""
+    null = ""
+    checked = (arrays["is_copy"] == 0) & np.isfinite(arrays["pvalue"])
+    if checked.any():
+        null = (f"; null check: {int(arrays['false_flag'].sum())} of {int(checked.sum())} non-copies pass as copies "
+                f"of their nearest unit (false flags)")
+    return (f"{copies} of {S} samples are near-copies (< {threshold:g}) of training units; {proven} proven by "
+            f"exact ablation (the counterfactual without every copied unit leaves them, beyond the phantom "
+            f"replays){median}{unproven}{null}")
+
+
+def load_embedding(name: Optional[str]) -> Optional[Callable]:
+    """The function ``module:function`` names (images [B, C, H, W] -> embeddings [B, k]), or None."""
+    if name is None:
+        return None
+    module, _, attribute = name.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise DataError(f"--embed {name}: cannot import it ({e}); give module:function, importable here") from None
+    if not callable(found):
+        raise DataError(f"--embed {name}: is not a function")
+    return found

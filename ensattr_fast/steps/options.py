@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 from ..attribution.methods import DEFAULT_METHODS, METHODS
+from ..codes.duplicates import DUPLICATE_MODES
 from ..data import UNIT_KINDS, data_spec
 from ..diffusion.schedules import Sampler
 from ..evaluation.floors import NoiseFloor
@@ -60,6 +61,15 @@ class PlanOptions:
                                   "HDF5: GiB above which the images stay on disk and are read per batch")
     no_scale: bool = option(False, Switch(), "arrays and HDF5: take values as they are (latents) instead of "
                                              "checking [-1, 1]")
+    duplicates: str = option("group", Choice(*DUPLICATE_MODES),
+                             "exact and near duplicate images: group each set into one unit (so that some members "
+                             "exclude every copy), keep them where the units put them, or refuse the data")
+    duplicate_radius: float = option(1.0, Float(0, 1e6),
+                                     "distance at or under which two images are duplicates: pixel L2 on the data "
+                                     "scale [-1, 1] (memorization's --threshold scale), or embedding L2")
+    embeddings: Optional[Path] = option(None, Maybe(FilePath()),
+                                        "an .npy array [n, k] of one embedding per training image: the duplicate "
+                                        "search measures distances there instead of on pixels")
     members: int = option(16, Int(1, 4096), "members of the ensemble (M)")
     design: str = option("auto", Choice("auto", "balanced", "random", "sparse"),
                          "auto: sparse exclusion for few large units, a balanced constant-weight code otherwise")
@@ -193,7 +203,19 @@ class MemorizationOptions:
                                  "trained on everything); copies are proven by the ensemble's excluders")
     seeds: Tuple[int, ...] = option(tuple(range(512)), Seeds(), "N, A:B or a,b,c")
     threshold: float = option(1.0, Float(0, 1e6, low_open=True),
-                              "pixel L2 (data scale [-1, 1]) under which a sample copies its nearest training image")
+                              "distance under which a sample copies a training image: pixel L2 (data scale [-1, 1]), "
+                              "or embedding L2 with --embed")
+    embed: Optional[str] = option(None, Maybe(Text()),
+                                  "module:function mapping images [B, C, H, W] in [-1, 1] to embeddings [B, k]: the "
+                                  "copy test measures L2 there instead of on pixels (pixel L2 means little past small "
+                                  "images)")
+    statistic: str = option("trend", Choice("trend", "floor"),
+                            "the proof's test: trend (do replays keeping more of the copied units' includers stay "
+                            "nearer to them, beyond phantom rows?) or floor (the counterfactual's move against the "
+                            "phantoms' alone)")
+    null_check: bool = option(False, Switch(), "also prove every sample that is not a copy against its nearest unit "
+                                               "as if it copied it: the share that passes (false flags) should stay "
+                                               "<= --alpha")
     sampler: Sampler = nested(Sampler, skip=("precision",))
     # a phantom beyond a copy's effect still leaves p = 2/65 < 0.05
     floor: NoiseFloor = nested(NoiseFloor, phantoms=64)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Tuple
 
 from .. import codes
-from ..data import load_data, units_for
+from ..codes.duplicates import Duplicates
+from ..data import duplicates_in, load_data, units_for
+from ..errors import DataError
 from ..runtime.files import atomic_output, check_output, writing
+from ..runtime.progress import note
 from ..store import ResultsWriter, parse_json, read_hdf5, versions
 from .options import PlanOptions
 
@@ -21,6 +25,22 @@ class Plan:
     stats: codes.CodeStats
     design: str
     reason: str
+    duplicates: Duplicates
+    merged: int = 0  # units merged away to put each duplicate set in one unit
+    scattered: int = 0  # sets left over several units (--duplicates keep)
+
+    def duplicates_line(self) -> str:
+        """What the duplicate search found and what the plan did with it (one line)."""
+        if not self.duplicates.n_sets:
+            return str(self.duplicates)
+        if self.scattered:
+            sets = f"{self.scattered} set{'s' if self.scattered > 1 else ''}"
+            done = f"{sets} kept over several units (no exact ablation removes them)"
+        elif self.merged:
+            done = f"{self.merged} units merged so that each set is one unit"
+        else:
+            done = "each set already within one unit"
+        return f"{self.duplicates}; {done}"
 
 
 def plan(path: os.PathLike, options: PlanOptions = PlanOptions()) -> Plan:
@@ -31,9 +51,12 @@ def plan(path: os.PathLike, options: PlanOptions = PlanOptions()) -> Plan:
     dataset = options.dataset()
     sources = dataset if isinstance(dataset, dict) else {}
     check_output(path, "--out", options.overwrite,
-                 inputs={"--data": sources.get("path"), "--metadata": sources.get("metadata")})
+                 inputs={"--data": sources.get("path"), "--metadata": sources.get("metadata"),
+                         "--embeddings": options.embeddings})
     data = load_data(dataset)
     units = units_for(data, options.units, seed=options.seed)  # the seed also seeds content clusters
+    found = duplicates_in(data, options.duplicate_radius, options.embeddings)
+    units, merged, scattered = _place_duplicates(units, found, options.duplicates)
     code, used = codes.plan(units, options.members, seed=options.seed, design=options.design,
                             excluders_per_group=options.excluders)
     reason = codes.design_reason(units, code, used, asked=options.design)
@@ -43,7 +66,31 @@ def plan(path: os.PathLike, options: PlanOptions = PlanOptions()) -> Plan:
         writer.set_attrs(plan=dict(dataset=dataset, units=options.units, members=options.members, design=used,
                                    design_reason=reason, excluders=options.excluders, seed=options.seed),
                          code_statistics=dataclasses.asdict(stats), versions=versions())
-    return Plan(stats, used, reason)
+        writer.write_group("duplicates", dict(set_of=found.set_of.numpy()),
+                           dict(mode=options.duplicates, radius=found.radius, space=found.space,
+                                embeddings=None if options.embeddings is None else str(options.embeddings),
+                                images=found.n_images, sets=found.n_sets, largest=found.largest,
+                                units_merged=merged, sets_scattered=scattered))
+    return Plan(stats, used, reason, found, merged, scattered)
+
+
+def _place_duplicates(units: codes.Units, found: Duplicates, mode: str) -> Tuple[codes.Units, int, int]:
+    """The units with each duplicate set grouped into one (``group``), as they are (``keep``,
+    with a one-line note of what that costs when a set is scattered), or a DataError
+    (``refuse``); with how many units were merged away and how many sets are left scattered."""
+    scattered = [i for i in range(found.n_sets) if len(units.unit_of[found.members(i)].unique()) > 1]
+    if not scattered:
+        return units, 0, 0
+    example = found.members(scattered[0])[:4].tolist()
+    where = f"{len(scattered)} of {found.n_sets} sets span several units, e.g. images {example}"
+    if mode == "refuse":
+        raise DataError(f"the training data holds duplicates: {found}; {where}. Plan with --duplicates group "
+                        "(each set one unit) or keep, or remove them")
+    if mode == "keep":
+        note(f"--duplicates keep: {found}; {where}: no member excludes every copy of a scattered image, so no "
+             "exact ablation removes it, and memorization cannot prove its copies")
+        return units, 0, len(scattered)
+    return (*units.grouped(found.set_of), 0)
 
 
 def design_reason(path: os.PathLike) -> str:

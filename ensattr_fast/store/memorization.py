@@ -15,15 +15,19 @@ from .writer import ResultsWriter
 __all__ = ["write_memorization", "read_memorization", "MEMORIZATION_ARRAYS"]
 
 #: the arrays of ``/memorization``, each with its leading dimension S (samples)
-MEMORIZATION_ARRAYS = ("seed", "images", "nearest_unit", "nearest_distance", "is_copy", "proof_images",
-                       "proof_distance", "moved", "shift", "floor", "pvalue", "qvalue", "proven")
+MEMORIZATION_ARRAYS = ("seed", "images", "nearest_unit", "nearest_distance", "is_copy", "copied_units",
+                       "proof_images", "proof_distance", "moved", "shift", "floor", "pvalue", "pvalue_floor",
+                       "pvalue_trend", "qvalue", "proven", "reason", "false_flag")
 
 
 def write_memorization(path: os.PathLike, arrays: Dict[str, np.ndarray], generator: dict, **attrs) -> None:
     """A new file ``path`` holding ``/memorization``: ``seed`` int64 [S], ``images`` float32
     [S, C, H, W], ``nearest_unit`` int64 [S], ``nearest_distance`` [S], ``is_copy`` uint8 [S],
-    ``proof_images`` [S, C, H, W] (NaN but for copies), ``proof_distance`` [S], ``moved`` [S],
-    ``shift`` [S], ``floor`` [S, P], ``pvalue`` [S], ``qvalue`` [S], ``proven`` uint8 [S];
+    ``copied_units`` int64 [S, K] (every unit within the threshold, -1 padded), ``proof_images``
+    [S, C, H, W] (NaN where no counterfactual), ``proof_distance`` [S], ``moved`` [S], ``shift``
+    [S], ``floor`` [S, P], ``pvalue`` [S] (of the chosen statistic), ``pvalue_floor`` and
+    ``pvalue_trend`` [S], ``qvalue`` [S], ``proven`` uint8 [S], ``reason`` uint8 [S] (an index into
+    the group's ``reasons`` attribute), ``false_flag`` uint8 [S] (the null check's);
     the group's attributes ``generator`` and ``attrs`` as JSON. Callers write it aside and move
     it in place (:func:`ensattr_fast.runtime.files.atomic_output`)."""
     missing = [name for name in MEMORIZATION_ARRAYS if name not in arrays]

@@ -16,6 +16,8 @@ from ensattr_fast.errors import ConfigError, MethodError
 from ensattr_fast.members import StackedMLP, UNetMember, VmapEnsemble
 from ensattr_fast.members.mlp import _StackedLinear
 
+DIGIT_UNITS = 1794  # the 1,797 digits planned one unit per image, their 3 near-duplicate pairs grouped
+
 SCHEDULE = NoiseSchedule.linear()
 
 
@@ -154,7 +156,7 @@ def test_attribute_streams_gradient_methods(tmp_path):
         queries = torch.from_numpy(f["statistics/features_dtrak"][()])
         torch.testing.assert_close(train[:, :8], gradient_features(ensemble, SCHEDULE, load_digits().images[:8], spec))
         torch.testing.assert_close(queries, gradient_features(ensemble, SCHEDULE, samples, spec))
-        per_member = member_scores(train, queries, checkpoint.unit_of, 1797)
+        per_member = member_scores(train, queries, checkpoint.unit_of, len(checkpoint.code))
         for method, how in (("dtrak", "mean"), ("dtrak_includers", "includers"), ("dtrak_contrast", "contrast")):
             scores, top = f[f"influence/{method}"][()], f[f"topk/{method}/index"][()]
             np.testing.assert_allclose(scores, combine(per_member, checkpoint.code, how).numpy(), rtol=1e-5, atol=1e-7)
@@ -353,5 +355,5 @@ def test_attribute_takes_the_projection_dimension(tmp_path):
     assert main(["attribute", "--checkpoint", str(ckpt), "--results", str(results), "--method", "dtrak",
                  "--projection-dim", "24", "--check", "0"]) == 0
     with h5py.File(results, "r") as f:
-        assert f["statistics/features_dtrak_d24_train"].shape == (16, 1797, 24)
-        assert f["influence/dtrak"].shape == (2, 1797)
+        assert f["statistics/features_dtrak_d24_train"].shape == (16, 1797, 24)  # one row per image
+        assert f["influence/dtrak"].shape == (2, DIGIT_UNITS)

@@ -4,6 +4,8 @@ counterfactual leaves the canary, beyond the phantom floor); the members that ne
 canary draw no copy of it."""
 
 import dataclasses
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from ensattr_fast.data import Dataset, load_data, load_digits, plant_canaries, u
 from ensattr_fast.data.canaries import save_canaries
 from ensattr_fast.errors import CodeError, DataError
 from ensattr_fast.evaluation.lds import train_full_model
-from ensattr_fast.evaluation.memorization import parse_generator, random_subsets
+from ensattr_fast.evaluation.memorization import REASONS, parse_generator, proof_pool, random_subsets
 from ensattr_fast.members import MemberOptions
 from ensattr_fast.store import read_memorization
 from ensattr_fast.training import TrainConfig
@@ -60,7 +62,7 @@ def test_a_planted_copy_found_in_a_member(trained, capsys):
     assert main(["memorization", "--checkpoint", str(work / "ensemble.pt"), "--out", str(out), "--generator",
                  f"member:{member}", "--seeds", "24", "--sampling-steps", "20"]) == 0
     line = capsys.readouterr().out
-    assert " of 24 samples are near-copies (< 1) of a training unit; " in line and line.count("\n") == 1
+    assert " of 24 samples are near-copies (< 1) of training units; " in line and line.count("\n") == 1
     found = read_memorization(out)
     copies = (found["is_copy"] == 1) & (found["nearest_unit"] == canary)
     assert copies.sum() >= 4, found["nearest_distance"]
@@ -130,15 +132,116 @@ def test_another_model_as_generator_is_proven_by_the_ensemble(trained, capsys):
     full = train_full_model(work / "full.pt", load_data(ensemble.data_source), ensemble.unit_of, len(code),
                             TrainConfig(steps=20, batch_size=16, warmup=5, ema_decay=None), ensemble.spec,
                             progress=False)
-    # every sample a "copy" at this threshold: each proof runs on the ensemble's excluders
+    # the embedding sends every image to one point: each sample copies every unit, and no member
+    # excludes them all (the ensemble path itself: test_proof_pools_remove_every_copied_unit)
+    sys.modules["planted_embedding"] = types.SimpleNamespace(embed=lambda x: 100.0 * (x.flatten(1)[:, :1] > 9))
     arrays = ef.Audit(checkpoint=work / "ensemble.pt").memorization(
-        work / "other.h5", generator="full", seeds=range(3), threshold=50.0, generator_checkpoint=work / "full.pt",
-        phantoms=4).arrays
-    assert arrays["is_copy"].all() and np.isfinite(arrays["proof_distance"]).all()
-    assert arrays["floor"].shape == (3, 4) and np.isfinite(arrays["pvalue"]).all()
-    assert read_memorization(work / "other.h5")["attrs"]["generator"]["checkpoint"] == str(work / "full.pt")
+        work / "other.h5", generator="full", seeds=range(3), threshold=1.0, generator_checkpoint=work / "full.pt",
+        phantoms=4, embed="planted_embedding:embed").arrays
+    assert arrays["is_copy"].all() and (arrays["copied_units"] >= 0).sum(1).tolist() == [len(code)] * 3
+    assert (arrays["reason"] == REASONS.index("no member excludes every copied unit")).all()
+    assert not arrays["proven"].any() and np.isnan(arrays["proof_distance"]).all()
+    found = read_memorization(work / "other.h5")
+    assert found["attrs"]["generator"]["checkpoint"] == str(work / "full.pt")
+    assert found["attrs"]["reasons"] == list(REASONS) and found["attrs"]["embed"] == "planted_embedding:embed"
     other = dataclasses.replace(full, data_fingerprint="0" * 64)
     other.save(work / "elsewhere.pt")
     assert main(["memorization", "--checkpoint", str(work / "ensemble.pt"), "--out", str(work / "x.h5"),
                  "--generator-checkpoint", str(work / "elsewhere.pt")]) == 2
     assert "trained on other data" in capsys.readouterr().err
+
+
+def test_proof_pools_remove_every_copied_unit():
+    code = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1], [1, 1, 1, 0]], dtype=torch.uint8)
+    full = torch.full((4,), 0.25, dtype=torch.float64)
+    assert proof_pool(full, code, code, [0]) == ("generator", [0, 1, 2, 3], [2, 3])
+    assert proof_pool(full, code, code, [0, 1]) == ("generator", [0, 1, 2, 3], [3])  # excluded both
+    assert proof_pool(full, code, code, [1, 2]) == ("none", [0, 1, 2, 3], [])  # no member excludes both
+    member0 = torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)
+    assert proof_pool(member0, code, code, [0, 3]) == ("ensemble", [0, 1, 2, 3], [3])  # it saw them: E_0 & E_3
+    assert proof_pool(member0, code, code, [1]) == ("never", [0], [])  # member 0 never trained on unit 1
+    everything = torch.ones_like(code)  # another model, trained on every unit
+    assert proof_pool(torch.ones(1, dtype=torch.float64), everything[:, :1], code, [0]) == \
+        ("ensemble", [0, 1, 2, 3], [2, 3])
+
+
+def test_pixels_and_an_identity_embedding_give_the_same_proofs(trained):
+    work, canary, code = trained
+    member = int(torch.nonzero(code[canary])[0])
+    sys.modules["identity_embedding"] = types.SimpleNamespace(embed=lambda x: 2.0 * x.flatten(1))
+    audit = ef.Audit(checkpoint=work / "ensemble.pt")
+    common = dict(generator=f"member:{member}", seeds=range(6), phantoms=8, sampling_steps=20)
+    pixels = audit.memorization(work / "pixels.h5", threshold=1.0, **common).arrays
+    embedded = audit.memorization(work / "embedded.h5", threshold=2.0, embed="identity_embedding:embed",
+                                  **common).arrays
+    assert pixels["is_copy"].any()
+    for key in ("is_copy", "copied_units", "proven", "reason"):
+        assert np.array_equal(pixels[key], embedded[key]), key
+    np.testing.assert_allclose(2 * pixels["proof_distance"], embedded["proof_distance"], rtol=1e-4)
+    with pytest.raises(DataError, match="--embed no_such_module:f: cannot import it"):
+        audit.memorization(work / "bad.h5", embed="no_such_module:f", **common)
+
+
+@pytest.fixture(scope="module")
+def scattered(tmp_path_factory):
+    """The trained fixture's data planned one unit per image (the canary's 32 copies scattered
+    over 32 units, kept there), 10 members."""
+    work = tmp_path_factory.mktemp("scattered")
+    digits = load_digits()
+    planted = plant_canaries(Dataset(digits.images[:16], digits.labels[:16], "16 digits"), canaries=1, copies=32)
+    save_canaries(work / "data.npz", work / "groups.csv", planted)
+    assert main(["plan", "--out", str(work / "plan.h5"), "--data", str(work / "data.npz"), "--duplicates", "keep",
+                 "--members", str(MEMBERS), "--design", "balanced"]) == 0
+    config = TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup=20, ema_decay=None, seed=0)
+    ef.Audit(plan=work / "plan.h5", checkpoint=work / "ensemble.pt", progress=False).train(
+        ef.TrainOptions(train=config, architecture=MemberOptions(hidden=128, blocks=1)))
+    return work, Checkpoint.load(work / "ensemble.pt").code
+
+
+def test_scattered_copies_say_why_they_are_not_proven(scattered, capsys):
+    work, code = scattered
+    member = int(code[16:].sum(0).argmax())  # the member that saw the most copies of the canary
+    assert main(["memorization", "--checkpoint", str(work / "ensemble.pt"), "--out", str(work / "m.h5"),
+                 "--generator", f"member:{member}", "--seeds", "48", "--sampling-steps", "20",
+                 "--phantoms", "8"]) == 0
+    line = capsys.readouterr().out
+    found = read_memorization(work / "m.h5")
+    copies = found["is_copy"] == 1
+    assert copies.sum() >= 3, line
+    copied = found["copied_units"][copies]
+    assert ((copied >= 16).sum(1) >= 16).all()  # every copy is a copy of many of the canary's units
+    # the member saw some of them, and no member excluded them all: no counterfactual exists
+    assert (found["reason"][copies] == REASONS.index("no member excludes every copied unit")).all()
+    assert f"not proven: {copies.sum()} no member excludes every copied unit" in line
+
+
+def test_the_null_check_proves_non_copies_against_their_nearest_unit(trained, capsys):
+    work, canary, code = trained
+    excluders = ",".join(str(int(m)) for m in torch.nonzero(code[canary] == 0).flatten())
+    assert main(["memorization", "--checkpoint", str(work / "ensemble.pt"), "--out", str(work / "null.h5"),
+                 "--generator", f"members:{excluders}", "--seeds", "8", "--sampling-steps", "10",
+                 "--phantoms", "8", "--null-check", "--statistic", "floor"]) == 0
+    line = capsys.readouterr().out
+    found = read_memorization(work / "null.h5")
+    clean = found["is_copy"] == 0
+    assert clean.sum() >= 6
+    assert np.isfinite(found["pvalue"][clean]).all() and np.isfinite(found["pvalue_trend"][clean]).all()
+    assert np.array_equal(found["pvalue"], found["pvalue_floor"], equal_nan=True)  # --statistic floor
+    assert not found["proven"][clean].any() and (found["reason"][clean] == REASONS.index("not a copy")).all()
+    assert f"null check: {found['false_flag'].sum()} of {clean.sum()} non-copies pass" in line
+    assert found["attrs"]["null_check"] is True and found["attrs"]["statistic"] == "floor"
+
+
+@pytest.mark.parametrize("kind,transform", [("upside_down", lambda x: x.flip(-2)), ("rotate", lambda x: x.rot90(
+    1, (-2, -1))), ("negative", lambda x: -x), ("transpose", lambda x: x.transpose(-1, -2))])
+def test_canaries_of_other_kinds(kind, transform):
+    digits = load_digits()
+    planted = plant_canaries(Dataset(digits.images[:60], digits.labels[:60], "60"), canaries=2, copies=3,
+                             kinds=("mirror", kind), min_distance=2.0)
+    sources = list(planted.sources)
+    assert len(set(sources)) == 2
+    assert torch.equal(planted.data.images[60], digits.images[sources[0]].flip(-1))
+    assert torch.equal(planted.data.images[63:66], transform(digits.images[sources[1]])[None].expand(3, -1, -1, -1))
+    with pytest.raises(DataError, match="canary kinds must be among"):
+        plant_canaries(Dataset(digits.images[:60]), kinds=("blur",))
+

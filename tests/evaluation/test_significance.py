@@ -12,7 +12,7 @@ import ensattr_fast as ef
 from ensattr_fast import codes
 from ensattr_fast.diffusion.sampling import ablate, run_trajectories
 from ensattr_fast.errors import CodeError
-from ensattr_fast.evaluation.significance import benjamini_hochberg, empirical_pvalues, significance
+from ensattr_fast.evaluation.significance import benjamini_hochberg, empirical_pvalues, significance, trend_pvalues
 from ensattr_fast.store import open_results, read_sampler
 from ensattr_fast.training.checkpoint import Checkpoint
 
@@ -146,3 +146,40 @@ def test_score_floor_is_stored_beside_the_top_units(tiny, tmp_path):
             assert np.isfinite(scores).all()
     with h5py.File(results, "r") as f:  # plain h5py reads it too
         assert f["significance/first_order/qvalue"].shape == (4, 4)
+
+
+def _replays(rng, effect: float, members: int = 16, replays: int = 65, saturate: bool = False):
+    """One copy replayed under ``replays`` random half-ensembles, subset 0 the copied unit's
+    excluders: each replay moves from the unit by ``effect`` x the share of its members that
+    excluded the unit (capped at 1 after doubling with ``saturate``: any excluder already helps),
+    plus unit noise."""
+    subsets = np.zeros((replays, members), dtype=bool)
+    for k in range(replays):
+        subsets[k, rng.choice(members, members // 2, replace=False)] = True
+    share = subsets.astype(float) @ subsets[0].astype(float) / (members // 2)
+    signal = np.minimum(2 * share, 1.0) if saturate else share
+    return subsets, effect * signal + rng.normal(size=replays)
+
+
+def test_the_trend_test_holds_its_level_and_outpowers_the_floor():
+    rng = np.random.default_rng(7)
+    null = np.array([trend_pvalues(*(a[None] for a in _replays(rng, 0.0)))[0] for _ in range(400)])
+    assert 0.02 <= (null <= 0.05).mean() <= 0.08  # valid: about alpha under the null
+    assert 0.4 <= null.mean() <= 0.6
+    for saturate in (False, True):
+        trend, floor = [], []
+        for _ in range(150):
+            subsets, moved = _replays(rng, 3.0, saturate=saturate)
+            trend.append(trend_pvalues(subsets[None], moved[None])[0] <= 0.05)
+            floor.append(empirical_pvalues(moved[None, :1], moved[None, 1:], tail=False)[0][0, 0] <= 0.05)
+        assert np.mean(trend) > np.mean(floor) + 0.1, (saturate, np.mean(trend), np.mean(floor))
+
+
+def test_the_trend_test_needs_phantoms():
+    subsets, moved = _replays(np.random.default_rng(0), 1.0, replays=3)
+    moved[1:] = np.nan  # no phantom replay finished
+    assert np.isnan(trend_pvalues(subsets[None], moved[None])).all()
+    subsets, moved = _replays(np.random.default_rng(0), 50.0)
+    p = trend_pvalues(subsets[None], moved[None])[0]
+    assert p == 1 / 65  # the smallest p 64 phantom rows allow
+

@@ -9,6 +9,8 @@ import pytest
 from ensattr_fast.cli.main import main
 from ensattr_fast.store import open_results
 
+DIGIT_UNITS = 1794  # the 1,797 digits planned one unit per image, their 3 near-duplicate pairs grouped
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -26,9 +28,9 @@ def test_steps_write_the_documented_layout(run_dir):
     assert main(["ablate", "--checkpoint", str(d / "ensemble.pt"), "--results", str(d / "results.h5"),
                  "--nearest", "2", "--samples", "3"]) == 0
     with h5py.File(d / "results.h5", "r") as f:
-        assert f["code"].dtype == np.uint8 and f["code"].shape == (1797, 16)
+        assert f["code"].dtype == np.uint8 and f["code"].shape == (DIGIT_UNITS, 16)
         assert f["units/of_example"].dtype == np.int64 and f["units/of_example"].shape == (1797,)
-        assert f["units/name"].shape == (1797,)
+        assert f["units/name"].shape == (DIGIT_UNITS,)
         assert f["samples/images"].dtype == np.float32 and f["samples/images"].shape == (6, 1, 8, 8)
         assert f["samples/seed"][()].tolist() == list(range(6))
         assert f["counterfactuals/units"].shape == (3, 2) and f["counterfactuals/units"].dtype == np.int64
@@ -52,7 +54,7 @@ def test_attribute_metrics_report_and_lds(run_dir, capsys):
         assert r.file["groups/ptr"][-1] == 24 and r.file["groups/units"][3] == 3
         for method in ("direct", "first_order", "loss"):
             view = r.influence(method)
-            assert view.complete and view.shape == (4, 1797)
+            assert view.complete and view.shape == (4, DIGIT_UNITS)
             assert np.isfinite(view[:, :]).all()
             index, score = r.topk(method)
             assert index.shape == (4, 10)

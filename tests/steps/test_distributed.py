@@ -14,6 +14,8 @@ from ensattr_fast.members import StackedMLP
 from ensattr_fast.runtime import distributed
 from ensattr_fast.training.checkpoint import Checkpoint
 
+DIGIT_UNITS = 1794  # the 1,797 digits planned one unit per image, their 3 near-duplicate pairs grouped
+
 # the demo's configuration (16 members, one unit per digit image, MLP of width 256 with 3
 # blocks, shared_noise, DDIM with eta 0), with fewer steps
 TRAIN = ["--steps", "12", "--batch-size", "64", "--checkpoint-every", "5"]
@@ -73,7 +75,7 @@ def test_results_of_a_distributed_run_read_from_anywhere(runs, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with open_results(runs / "results2.h5") as r:
         view = r.influence("first_order")
-        assert view.shape == (5, 1797) and view.complete and np.isfinite(view[:, :]).all()
+        assert view.shape == (5, DIGIT_UNITS) and view.complete and np.isfinite(view[:, :]).all()
 
 
 def test_select_and_gather_members_round_trip():
