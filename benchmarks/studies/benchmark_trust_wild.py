@@ -4,8 +4,10 @@ For each copy count c (10, 20, 30, 60), four canaries are planted in the 1,797 d
 each kind (mirrored, upside down, rotated, negated; each at least 3.0 from every original), c
 copies each, and the data is planned **one unit per image** (``--units example``): ``plan``'s
 duplicate search (radius 1.0) groups each canary's copies into one unit, as a user's by-hand
-grouping would (the benchmark checks that the canary units are exactly those). 16 MLP members
-on a balanced constant-weight code train with the demo's settings (3,500 steps, lr 3e-3).
+grouping would (the benchmark checks that the canary units are exactly those). With
+``$ENSATTR_WILD_BY_HAND=1`` the canaries are grouped by hand instead (``--units group`` from the
+metadata, ``--duplicates keep``). 16 MLP members on a balanced constant-weight code train with
+the demo's settings (3,500 steps, lr 3e-3). ``$ENSATTR_WILD_COUNTS=20,30`` picks the counts.
 
 Figures per c:
 - the full ensemble's copies of a canary (target: none), with the null check on its samples
@@ -39,8 +41,10 @@ KINDS = ("mirror", "upside_down", "rotate", "negative")
 THRESHOLD, ALPHA = 1.0, 0.05
 
 
-def _prepare(work: Path, copies: int, config: TrainConfig, device: str):
-    """Planted data planned one unit per image, and the trained ensemble (reused when there)."""
+def _prepare(work: Path, copies: int, config: TrainConfig, device: str, by_hand: bool = False):
+    """Planted data planned one unit per image (or, ``by_hand``, each canary's copies grouped by
+    the user's metadata and the duplicate search told to keep), and the trained ensemble (reused
+    when there)."""
     work.mkdir(parents=True, exist_ok=True)
     planted = plant_canaries(load_digits(), canaries=len(KINDS), copies=copies, seed=0, kinds=KINDS)
     npz, csv = work / "data.npz", work / "groups.csv"
@@ -48,7 +52,8 @@ def _prepare(work: Path, copies: int, config: TrainConfig, device: str):
         save_canaries(npz, csv, planted, overwrite=True)
     audit = Audit.open(work, progress=False)
     if not (work / Audit.PLAN).exists():
-        audit.plan(PlanOptions(data=str(npz), units="example", members=16, design="balanced", seed=0))
+        units = dict(units="group", metadata=csv, duplicates="keep") if by_hand else dict(units="example")
+        audit.plan(PlanOptions(data=str(npz), members=16, design="balanced", seed=0, **units))
     audit.train(TrainOptions(train=config, checkpoint_every=500, resume=True, device=device))
     unit_of = audit.checkpoint.unit_of
     n = len(planted.data) - len(KINDS) * copies
@@ -71,18 +76,25 @@ def _proven(arrays: Dict[str, np.ndarray], which: np.ndarray, key: str) -> np.nd
     return out & (arrays["proof_distance"] >= THRESHOLD)
 
 
-def run(quick: bool, device: str, counts=None) -> Suite:
-    suite = Suite("trust in the wild: canaries of four kinds, planned one unit per image", quick)
-    counts = counts or ((20,) if quick else (10, 20, 30, 60))
+def run(quick: bool, device: str, counts=None, by_hand: bool = None) -> Suite:
+    """``counts`` (default 10, 20, 30, 60) and ``by_hand`` also come from ``$ENSATTR_WILD_COUNTS``
+    (e.g. ``20``) and ``$ENSATTR_WILD_BY_HAND=1``."""
+    by_hand = bool(os.environ.get("ENSATTR_WILD_BY_HAND")) if by_hand is None else by_hand
+    planned = "grouped by hand" if by_hand else "planned one unit per image"
+    suite = Suite(f"trust in the wild: canaries of four kinds, {planned}", quick)
+    listed = os.environ.get("ENSATTR_WILD_COUNTS")
+    counts = counts or (tuple(int(c) for c in listed.split(",")) if listed else None) or \
+        ((20,) if quick else (10, 20, 30, 60))
     config = TrainConfig(steps=600 if quick else 3500, batch_size=128, lr=3e-3, seed=0)
     seeds_full, seeds_member = (64, 32) if quick else (256, 256)
     root = Path(os.environ.get("ENSATTR_TRUST_DIR", "out/trust"))
     sampler = Sampler("ddim", 50, 0.0)
     for c in counts:
-        work = root / f"wild-{c}{'-quick' if quick else ''}"
-        audit, canaries = _prepare(work, c, config, device)
+        work = root / f"wild-{c}{'-hand' if by_hand else ''}{'-quick' if quick else ''}"
+        audit, canaries = _prepare(work, c, config, device, by_hand)
         code = audit.checkpoint.code
-        label = f"{c} copies x {len(KINDS)} kinds, one unit per image, {config.steps} steps"
+        label = f"{c} copies x {len(KINDS)} kinds, {'by hand' if by_hand else 'one unit per image'}, " \
+                f"{config.steps} steps"
         full = audit.memorization(work / "full.h5", MemorizationOptions(
             seeds=tuple(range(seeds_full)), threshold=THRESHOLD, sampler=sampler, null_check=True, overwrite=True,
             device=device)).arrays

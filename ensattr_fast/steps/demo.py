@@ -59,7 +59,7 @@ def demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     planned = plan(session.plan_path, PlanOptions(data="digits", units=options.units, members=n_members,
                                                   design="sparse" if by_class else "balanced", excluders=2,
                                                   seed=config.seed, overwrite=True))
-    _step(f"plan: {planned.stats}", start)
+    _step(f"plan: {planned.stats}; duplicates: {planned.duplicates_line()}", start)
     train(session.plan_path, session.checkpoint_path,
           TrainOptions(train=config, architecture=options.architecture, checkpoint_every=0, overwrite=True,
                        device=device))
