@@ -71,6 +71,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(command.step, error)
     except OSError as error:  # a full disk, a read-only folder, a file taken away
         return _stop(command.step, fault_line(error), own)
+    except KeyError as error:  # h5py's error for an object whose metadata a damaged file garbles
+        if not _hdf5_damage(error):
+            raise
+        return _error(command.step, f"an input HDF5 file is damaged ({error.args[0]}): restore it from a copy "
+                                    "and run this again")
     except RuntimeError as error:
         if not _system_fault(error):
             raise
@@ -78,6 +83,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _hdf5_damage(error: KeyError) -> bool:
+    """Whether h5py raised ``error`` on reading a damaged object (a checksum or a header that
+    does not hold), rather than on a name that is missing."""
+    text = str(error.args[0]) if error.args else ""
+    return text.startswith("Unable to") and any(w in text for w in ("checksum", "metadata", "header", "decode",
+                                                                     "bad", "corrupt", "truncated"))
 
 
 def _stop(command: str, error, own: bool) -> int:

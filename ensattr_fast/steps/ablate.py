@@ -84,6 +84,7 @@ def _ablate(session: Session, options: AblateOptions, units, written_by: str, pr
     ensemble, passes = place_members(session.ensemble(options.device), options.passes, options.device)
     found = exact_counterfactuals(ensemble, checkpoint.schedule, session.sampler(), code, seeds, images, units, floor,
                                   passes, max_trajectories, label=written_by)
+    distributed.barrier()  # every rank has read the samples: the writer finds no reader
     if distributed.world().main:
         with ResultsWriter(session.results, "a") as writer:
             writer.check_code(code)

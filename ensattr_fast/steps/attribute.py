@@ -226,6 +226,7 @@ def exact_check(session: Session, options: AttributeOptions, rows: int):
     metrics = {m: agreement(predicted[m].numpy(), found.distances.numpy())
                for m in methods if get_method(m).predicts_distance}
     every = _every_row(session, options, rows) if _exhaustive(session, options) else None
+    distributed.barrier()  # no rank still reads what the certificate is written into
     if distributed.world().main:
         certify(session.results, get_method(check_method), rows, every)
         with ResultsWriter(session.results, "a") as writer:

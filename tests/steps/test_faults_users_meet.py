@@ -239,3 +239,24 @@ def test_json_outputs_are_strict(run, tmp_path, capsys):
     with h5py.File(d / "results.h5") as f:
         for value in f.attrs.values():
             json.loads(value, parse_constant=refuse)
+
+
+def test_a_damaged_hdf5_object_is_one_line(tmp_path, monkeypatch, capsys):
+    """h5py raises KeyError when a flipped bit garbles an object's header: one line, exit 2; a
+    KeyError of a missing name is a bug and stays a traceback."""
+    import ensattr_fast.cli.main as cli
+
+    def damaged(command):
+        raise KeyError("Unable to synchronously open object (incorrect metadata checksum after all read attempts)")
+
+    monkeypatch.setattr(cli, "_run", damaged)
+    assert cli.main(["plan", "--out", str(tmp_path / "p.h5")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ensattr plan: error: an input HDF5 file is damaged") and err.count("\n") == 1
+
+    def missing(command):
+        raise KeyError("code")
+
+    monkeypatch.setattr(cli, "_run", missing)
+    with pytest.raises(KeyError):
+        cli.main(["plan", "--out", str(tmp_path / "p.h5")])
