@@ -12,6 +12,7 @@ other process has the file open for writing; the file is never copied or replace
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from ..errors import StoreError
@@ -113,13 +114,19 @@ def open_for_appending(path: os.PathLike):
     import h5py
 
     recover_after_kill(path)
-    try:
-        return h5py.File(path, "a", libver="latest")
-    except OSError as error:
-        readers = open_elsewhere(path)
-        # HDF5 lets no writer in while a plain (not SWMR) reader holds the file
-        if readers and "unable to lock file" in str(error):
-            raise StoreError(f"results file {path} is open in process {readers[0]}, which reads it without SWMR: "
-                             "close it there (ensattr_fast.open_results reads a file while it is written), "
-                             "then run this again") from None
-        raise unreadable(path, error) from None
+    # a lock held for a moment (another rank's read closing, a handle not yet collected) is
+    # waited out, about 3 s; one held longer is refused in one line
+    for wait in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, None):
+        try:
+            return h5py.File(path, "a", libver="latest")
+        except OSError as error:
+            if wait is not None and "unable to lock file" in str(error):
+                time.sleep(wait)
+                continue
+            readers = open_elsewhere(path)
+            # HDF5 lets no writer in while a plain (not SWMR) reader holds the file
+            if readers and "unable to lock file" in str(error):
+                raise StoreError(f"results file {path} is open in process {readers[0]}, which reads it without "
+                                 "SWMR: close it there (ensattr_fast.open_results reads a file while it is "
+                                 "written), then run this again") from None
+            raise unreadable(path, error) from None
