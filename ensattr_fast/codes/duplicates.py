@@ -168,10 +168,17 @@ def _merge(parent: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     linked = parent != np.arange(n)
     i = np.concatenate([rows, np.nonzero(linked)[0]])
     j = np.concatenate([cols, parent[linked]])
-    _, label = connected_components(coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n)), directed=False)
+    label = components(i, j, n)
     smallest = np.full(label.max() + 1, n)
     np.minimum.at(smallest, label, np.arange(n))
     return smallest[label]
+
+
+def components(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """Component of each of n nodes linked by the pairs (i[k], j[k]), numbered in order of their
+    smallest node (scipy labels components as it meets them, from node 0 up)."""
+    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def _number_sets(parent: np.ndarray) -> Tensor:

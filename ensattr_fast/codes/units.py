@@ -8,12 +8,11 @@ from typing import Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from ..errors import CodeError
 from .clusters import kmeans
+from .duplicates import components
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +61,7 @@ class Units:
         first = torch.full((int(set_of.max()) + 1 if len(in_set) else 0,), -1, dtype=torch.long)
         first = first.scatter_reduce(0, set_of[in_set], self.unit_of[in_set], "amin", include_self=False)
         links = np.stack([self.unit_of[in_set].numpy(), first[set_of[in_set]].numpy()])
-        graph = coo_matrix((np.ones(links.shape[1], np.int8), (links[0], links[1])), shape=(n_units, n_units))
-        _, label = connected_components(graph, directed=False)  # numbered by first unit: order is kept
+        label = components(links[0], links[1], n_units)  # numbered by first unit: order is kept
         merged = np.bincount(label)
         names = [""] * len(merged)
         for u in range(n_units - 1, -1, -1):  # the first unit of each component names it
