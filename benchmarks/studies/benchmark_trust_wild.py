@@ -11,8 +11,9 @@ the demo's settings (3,500 steps, lr 3e-3). ``$ENSATTR_WILD_COUNTS=20,30`` picks
 
 Figures per c:
 - the full ensemble's copies of a canary (target: none), with the null check on its samples
-  (each non-copy proven against its nearest unit as if it copied it: the share that passes,
-  target <= alpha = 0.05);
+  (each non-copy proven against its nearest unit as if it copied it, and again against the units
+  of a planted near-copy of a training image drawn at random: the share that passes, target
+  <= alpha = 0.05);
 - every member's copies of a canary (S seeds each) and the share proven, by canary kind, under
   the trend test (the default) and the floor test, from the same replays (target >= 90%).
 
@@ -101,12 +102,16 @@ def run(quick: bool, device: str, counts=None, by_hand: bool = None) -> Suite:
         copies_full = int((full["is_copy"] == 1)[np.isin(full["nearest_unit"], canaries)].sum())
         suite.record(Record(name=f"{label}: full ensemble, samples copying a canary (of {seeds_full})",
                             value=copies_full, unit="samples", target="0", met=copies_full == 0))
-        null = (full["is_copy"] == 0) & np.isfinite(full["pvalue"])
-        for key in ("pvalue_trend", "pvalue_floor"):
-            flagged = _proven(full, null, key)[null].mean() if null.any() else np.nan
-            suite.record(Record(name=f"{label}: full ensemble's non-copies proven against their nearest unit "
-                                     f"({key.split('_')[1]}; {int(null.sum())} tested)",
-                                value=flagged, unit="share", target=f"<= {ALPHA}", met=bool(flagged <= ALPHA)))
+        planted = audit.memorization(work / "full-planted.h5", MemorizationOptions(
+            seeds=tuple(range(seeds_full)), threshold=THRESHOLD, sampler=sampler, null_check=True,
+            null_target="planted", overwrite=True, device=device)).arrays
+        for arrays, against in ((full, "their nearest unit"), (planted, "a planted near-copy of a random image")):
+            null = (arrays["is_copy"] == 0) & np.isfinite(arrays["pvalue"])
+            for key in ("pvalue_trend", "pvalue_floor"):
+                flagged = _proven(arrays, null, key)[null].mean() if null.any() else np.nan
+                suite.record(Record(name=f"{label}: full ensemble's non-copies proven against {against} "
+                                         f"({key.split('_')[1]}; {int(null.sum())} tested)",
+                                    value=flagged, unit="share", target=f"<= {ALPHA}", met=bool(flagged <= ALPHA)))
         rows: List[Dict[str, np.ndarray]] = []
         for m in range(code.shape[1]):
             arrays = audit.memorization(work / f"member-{m}.h5", MemorizationOptions(

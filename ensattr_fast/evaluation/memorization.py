@@ -31,17 +31,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..data import Dataset
 from ..diffusion.sampling import replay
 from ..diffusion.schedules import NoiseSchedule, Sampler
-from ..errors import DataError
 from ..members import Ensemble
+from .copies import CopyTest, plant_null
 from .generators import Generator, parse_generator
 from .significance import benjamini_hochberg, empirical_pvalues, trend_pvalues
 
@@ -60,51 +59,6 @@ class Model:
 
     ensemble: Ensemble
     code: Tensor
-
-
-class CopyTest:
-    """How samples are compared with the training images: pixel L2 on the data scale, or, with
-    ``embed`` (a function of images float32 [B, C, H, W] in [-1, 1] to embeddings [B, k]), L2
-    between embeddings, the training images embedded once. A sample copies every training image
-    within ``threshold``."""
-
-    def __init__(self, data: Dataset, unit_of: Tensor, threshold: float,
-                 embed: Optional[Callable[[Tensor], Tensor]] = None):
-        self.data, self.unit_of, self.threshold, self.embed = data, unit_of, float(threshold), embed
-        self._train = None if embed is None else torch.cat([self._embedded(b) for b in data.blocks()])
-
-    def _embedded(self, images: Tensor) -> Tensor:
-        out = torch.as_tensor(self.embed(images.float())).detach().float().cpu()
-        if out.ndim != 2 or len(out) != len(images) or not torch.isfinite(out).all():
-            raise DataError(f"the copy test's embedding must map {len(images)} images to finite rows [{len(images)}, "
-                            f"k], got {tuple(out.shape)}")
-        return out
-
-    def distances(self, images: Tensor, rows: Optional[Tensor] = None) -> Tensor:
-        """Distances [Q, n] (or [Q, len(rows)]) of images [Q, C, H, W] to the training images."""
-        if self._train is None:
-            if rows is None:
-                return self.data.pixel_distances(images)
-            return torch.cdist(images.flatten(1).float(), self.data.read(rows).flatten(1))
-        train = self._train if rows is None else self._train[rows]
-        return torch.cdist(self._embedded(images), train)
-
-    def copied(self, images: Tensor) -> Tuple[Tensor, Tensor, List[List[int]]]:
-        """Each image's nearest training unit int64 [S] and distance [S], and the units it
-        copies (every unit with an image within the threshold; empty for no copy)."""
-        distances = self.distances(images)
-        nearest = distances.min(1)
-        within = distances < self.threshold
-        sets = [self.unit_of[row].unique().tolist() for row in within]
-        return self.unit_of[nearest.indices], nearest.values, sets
-
-    def distance_to_units(self, images: Tensor, sets: Sequence[Sequence[int]]) -> Tensor:
-        """Distance [S, K] of images [S, K, C, H, W] to the nearest training image of ``sets[s]``."""
-        out = torch.empty(images.shape[:2])
-        for s, units in enumerate(sets):
-            rows = torch.nonzero(torch.isin(self.unit_of, torch.tensor(list(units)))).flatten()
-            out[s] = self.distances(images[s], rows).min(1).values
-        return out
 
 
 def proof_pool(generator: Tensor, gen_code: Tensor, code: Tensor, units: Sequence[int]) -> Tuple[str, List[int],
@@ -209,24 +163,29 @@ def _replay(model: Model, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequ
 def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest, schedule: NoiseSchedule,
                    sampler: Sampler, seeds: Sequence[int], phantoms: int = 64, alpha: float = 0.05, seed: int = 0,
                    max_trajectories: int = 4096, statistic: str = "trend",
-                   null_check: bool = False) -> Dict[str, np.ndarray]:
+                   null_check: bool = False, null_target: str = "nearest") -> Dict[str, np.ndarray]:
     """Sample ``seeds`` from ``generator`` (members of ``gen``), find the units each sample copies
     (``test``) and prove each copy by an exact counterfactual without all of them, against its
     phantom replays (module doc): by the row-permutation trend test over every replay
     (``statistic="trend"``, :func:`trend_pvalues`) or by the counterfactual's effect against the
     phantoms' (``"floor"``, :func:`empirical_pvalues`). With ``null_check`` every sample that is
-    not a copy is also proven against its nearest unit as if it copied it: ``false_flag`` marks
-    those that would pass (Benjamini-Hochberg over them alone), the rate of false flags.
+    not a copy is also proven as if it copied a unit: its nearest (``null_target="nearest"``), or
+    the units within the threshold of a planted near-copy of a training image drawn at random
+    (``"planted"``: the image plus noise of norm threshold/4, so the unit tested is chosen apart
+    from the sample); ``false_flag`` marks those that would pass (Benjamini-Hochberg over them
+    alone), the rate of false flags, and ``null_units`` [S] the unit each was tested against.
 
     Returns the arrays of ``/memorization`` (docs: :func:`ensattr_fast.store.write_memorization`):
     seed [S], images [S, C, H, W], nearest_unit [S], nearest_distance [S], is_copy [S],
     copied_units [S, K] (the copied set, -1 padded), proof_images [S, C, H, W] (NaN where no
     counterfactual), proof_distance [S], moved [S], shift [S] (pixel distance between copy and
     counterfactual), floor [S, P], pvalue [S] (of ``statistic``), pvalue_floor, pvalue_trend [S],
-    qvalue [S], proven [S], reason [S] (:data:`REASONS`), false_flag [S].
+    qvalue [S], proven [S], reason [S] (:data:`REASONS`), false_flag [S], null_units [S] (-1: none).
     """
     if statistic not in ("trend", "floor"):
         raise ValueError(f"statistic must be trend or floor, got {statistic!r}")
+    if null_target not in ("nearest", "planted"):
+        raise ValueError(f"null_target must be nearest or planted, got {null_target!r}")
     seeds = [int(s) for s in seeds]
     S = len(seeds)
     weights = generator.weights(gen.code.shape[1])
@@ -234,6 +193,9 @@ def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest,
     units, distance, copied = test.copied(images)
     is_copy = torch.tensor([bool(c) for c in copied]).numpy()
     targets = [c if c or not null_check else [int(units[s])] for s, c in enumerate(copied)]
+    tested_distance = distance.clone()  # from the sample to what its proof is tested against
+    if null_check and null_target == "planted":
+        plant_null(test, targets, copied, tested_distance, seed)
     proof_images = torch.full_like(images, math.nan)
     proof_distance, moved, shift = (torch.full((S,), math.nan) for _ in range(3))
     proofs, unprovable = _proof_weights({s: t for s, t in enumerate(targets) if t}, weights, gen, ens, phantoms, seed)
@@ -248,8 +210,8 @@ def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest,
         away[torch.isnan(replayed.flatten(2)).any(-1)] = math.nan
         proof_images[rows_t] = replayed[:, 0]
         proof_distance[rows_t] = away[:, 0]
-        moved[rows_t] = away[:, 0] - distance[rows_t]
-        floor[rows_t] = away[:, 1:] - distance[rows_t, None]
+        moved[rows_t] = away[:, 0] - tested_distance[rows_t]
+        floor[rows_t] = away[:, 1:] - tested_distance[rows_t, None]
         shift[rows_t] = (replayed[:, 0] - images[rows_t]).flatten(1).norm(dim=1)
         members[rows_t, :w.shape[1], :w.shape[2]] = (w > 0) & ~torch.isnan(w)
     p_floor, p_trend = np.full(S, np.nan), np.full(S, np.nan)
@@ -281,4 +243,5 @@ def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest,
                 shift=f32(shift), floor=f32(floor), pvalue=f32(pvalue), pvalue_floor=f32(p_floor),
                 pvalue_trend=f32(p_trend), qvalue=f32(qvalue), proven=(reason == PROVEN).astype(np.uint8),
                 reason=reason.astype(np.uint8),
+                null_units=np.array([t[0] if t and not c else -1 for t, c in zip(targets, copied)], np.int64),
                 false_flag=(~is_copy & null_check & left & significant).astype(np.uint8))

@@ -76,12 +76,13 @@ def memorization(session: Session, out: os.PathLike, options: MemorizationOption
     test = CopyTest(data, checkpoint.unit_of, options.threshold, load_embedding(options.embed))
     arrays = find_and_prove(ens, gen, spec, test, checkpoint.schedule, sampler, list(options.seeds),
                             floor.phantoms, floor.alpha, floor.seed, max_trajectories, options.statistic,
-                            options.null_check)
+                            options.null_check, options.null_target)
     described = dict(spec=spec.name, members=None if spec.members is None else list(spec.members),
                      checkpoint=str(options.generator_checkpoint or session.checkpoint_path))
     with writing(out, "memorization file"), atomic_output(out) as tmp:
         write_memorization(tmp, arrays, described, threshold=options.threshold, embed=options.embed,
                            statistic=options.statistic, null_check=options.null_check,
+                           null_target=options.null_target if options.null_check else None,
                            reasons=list(REASONS), phantoms=floor.phantoms,
                            alpha=floor.alpha, seed=floor.seed,
                            sampler=dict(kind=sampler.kind, steps=sampler.steps, eta=sampler.eta,
@@ -118,8 +119,11 @@ def summary(arrays: Dict[str, np.ndarray], threshold: float) -> str:
     null = ""
     checked = (arrays["is_copy"] == 0) & np.isfinite(arrays["pvalue"])
     if checked.any():
+        planted = "null_units" in arrays and not np.array_equal(arrays["null_units"][checked],
+                                                                 arrays["nearest_unit"][checked])
+        against = "a planted near-copy's units" if planted else "their nearest unit"
         null = (f"; null check: {int(arrays['false_flag'].sum())} of {int(checked.sum())} non-copies pass as copies "
-                f"of their nearest unit (false flags)")
+                f"of {against} (false flags)")
     return (f"{copies} of {S} samples are near-copies (< {threshold:g}) of training units; {proven} proven by "
             f"exact ablation (the counterfactual without every copied unit leaves them, beyond the phantom "
             f"replays){median}{unproven}{null}")

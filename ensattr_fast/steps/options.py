@@ -216,6 +216,9 @@ class MemorizationOptions:
     null_check: bool = option(False, Switch(), "also prove every sample that is not a copy against its nearest unit "
                                                "as if it copied it: the share that passes (false flags) should stay "
                                                "<= --alpha")
+    null_target: str = option("nearest", Choice("nearest", "planted"),
+                              "what --null-check proves each non-copy against: its nearest unit, or the units of a "
+                              "planted near-copy of a training image drawn at random (chosen apart from the sample)")
     sampler: Sampler = nested(Sampler, skip=("precision",))
     # a phantom beyond a copy's effect still leaves p = 2/65 < 0.05
     floor: NoiseFloor = nested(NoiseFloor, phantoms=64)

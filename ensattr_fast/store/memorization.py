@@ -17,7 +17,7 @@ __all__ = ["write_memorization", "read_memorization", "MEMORIZATION_ARRAYS"]
 #: the arrays of ``/memorization``, each with its leading dimension S (samples)
 MEMORIZATION_ARRAYS = ("seed", "images", "nearest_unit", "nearest_distance", "is_copy", "copied_units",
                        "proof_images", "proof_distance", "moved", "shift", "floor", "pvalue", "pvalue_floor",
-                       "pvalue_trend", "qvalue", "proven", "reason", "false_flag")
+                       "pvalue_trend", "qvalue", "proven", "reason", "false_flag", "null_units")
 
 
 def write_memorization(path: os.PathLike, arrays: Dict[str, np.ndarray], generator: dict, **attrs) -> None:
@@ -27,7 +27,8 @@ def write_memorization(path: os.PathLike, arrays: Dict[str, np.ndarray], generat
     [S, C, H, W] (NaN where no counterfactual), ``proof_distance`` [S], ``moved`` [S], ``shift``
     [S], ``floor`` [S, P], ``pvalue`` [S] (of the chosen statistic), ``pvalue_floor`` and
     ``pvalue_trend`` [S], ``qvalue`` [S], ``proven`` uint8 [S], ``reason`` uint8 [S] (an index into
-    the group's ``reasons`` attribute), ``false_flag`` uint8 [S] (the null check's);
+    the group's ``reasons`` attribute), ``false_flag`` uint8 [S] (the null check's), ``null_units``
+    int64 [S] (the unit each non-copy was tested against, -1 where none);
     the group's attributes ``generator`` and ``attrs`` as JSON. Callers write it aside and move
     it in place (:func:`ensattr_fast.runtime.files.atomic_output`)."""
     missing = [name for name in MEMORIZATION_ARRAYS if name not in arrays]

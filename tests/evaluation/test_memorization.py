@@ -245,3 +245,23 @@ def test_canaries_of_other_kinds(kind, transform):
     with pytest.raises(DataError, match="canary kinds must be among"):
         plant_canaries(Dataset(digits.images[:60]), kinds=("blur",))
 
+
+
+def test_the_planted_null_proves_non_copies_against_units_drawn_apart_from_them(trained, capsys):
+    work, canary, code = trained
+    excluders = ",".join(str(int(m)) for m in torch.nonzero(code[canary] == 0).flatten())
+    args = ["memorization", "--checkpoint", str(work / "ensemble.pt"), "--generator", f"members:{excluders}",
+            "--seeds", "8", "--sampling-steps", "10", "--phantoms", "8", "--null-check"]
+    assert main(args + ["--out", str(work / "nearest.h5")]) == 0
+    assert main(args + ["--out", str(work / "planted.h5"), "--null-target", "planted"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    nearest, planted = read_memorization(work / "nearest.h5"), read_memorization(work / "planted.h5")
+    clean = planted["is_copy"] == 0
+    assert clean.sum() >= 6 and np.array_equal(nearest["is_copy"], planted["is_copy"])
+    assert np.array_equal(nearest["null_units"][clean], nearest["nearest_unit"][clean])
+    assert (planted["null_units"][clean] >= 0).all() and (planted["null_units"][~clean] == -1).all()
+    # units drawn at random, not the samples' nearest: the proofs are of other units
+    assert (planted["null_units"][clean] != planted["nearest_unit"][clean]).mean() > 0.5
+    # tested wherever some generating member saw the unit (the others have nothing to remove)
+    assert np.isfinite(planted["pvalue"][clean]).sum() >= 3 and not planted["proven"][clean].any()
+    assert "a planted near-copy's units" in line and planted["attrs"]["null_target"] == "planted"
