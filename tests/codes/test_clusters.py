@@ -1,7 +1,8 @@
-"""Content clusters (``--units clusters:K``): seeded k-means that replays bit for bit, its
-renumbering rule, its bounds, and plans built on it."""
+"""Content clusters (``--units clusters:K``): seeded k-means that replays bit for bit, by faiss
+and by the hand-written fallback, its renumbering rule, its bounds, and plans built on it."""
 
 import json
+import sys
 
 import h5py
 import pytest
@@ -10,6 +11,7 @@ import torch
 import ensattr_fast as ef
 from ensattr_fast import codes
 from ensattr_fast.cli.main import main
+from ensattr_fast.codes import clusters
 from ensattr_fast.codes.clusters import _fill_empty, kmeans
 from ensattr_fast.data import load_data, load_hdf5, units_for
 from ensattr_fast.errors import CodeError, DataError
@@ -31,13 +33,23 @@ def blobs(seed=0, per_blob=(30, 20, 25)):
     return points, blob
 
 
+@pytest.fixture(params=["faiss", "fallback"])
+def engine(request, monkeypatch):
+    """Each k-means test once through faiss and once through the fallback (faiss made unimportable)."""
+    if request.param == "faiss":
+        pytest.importorskip("faiss")
+    else:
+        monkeypatch.setitem(sys.modules, "faiss", None)  # ``import faiss`` raises ImportError
+    return request.param
+
+
 def first_appearance(labels):
     """``labels`` renumbered by first appearance in example order."""
     order = {}
     return torch.tensor([order.setdefault(int(v), len(order)) for v in labels])
 
 
-def test_the_same_seed_replays_bit_for_bit_on_any_thread_count(digits_points):
+def test_the_same_seed_replays_bit_for_bit_on_any_thread_count(digits_points, engine):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -53,22 +65,69 @@ def test_the_same_seed_replays_bit_for_bit_on_any_thread_count(digits_points):
     assert torch.equal(one, two) and torch.equal(two, again) and torch.equal(one, four)
 
 
-def test_another_seed_may_cluster_differently(digits_points):
+def test_faiss_replays_on_one_and_two_threads_and_restores_its_thread_count(digits_points):
+    faiss = pytest.importorskip("faiss")
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    labels = []
+    try:
+        for threads in (1, 2, 2, 1):
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
+            labels.append(kmeans(digits_points, 100, seed=7))
+            assert faiss.omp_get_max_threads() == threads  # the caller's setting, as it was
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
+    assert all(torch.equal(labels[0], other) for other in labels[1:])
+
+
+def test_another_seed_may_cluster_differently(digits_points, engine):
     first = kmeans(digits_points, 8, seed=0)
     assert any(not torch.equal(first, kmeans(digits_points, 8, seed=s)) for s in range(1, 4))  # draws follow the seed
 
 
-def test_well_separated_blobs_are_recovered_exactly():
+def test_well_separated_blobs_are_recovered_exactly(engine):
     points, blob = blobs()
     for seed in range(5):
         assert torch.equal(kmeans(points, 3, seed=seed), first_appearance(blob))
 
 
-def test_clusters_are_numbered_by_first_appearance(digits_points):
+def test_clusters_are_numbered_by_first_appearance(digits_points, engine):
     labels = kmeans(digits_points, 10, seed=1)
     assert labels[0] == 0
     assert torch.equal(labels, first_appearance(labels))
     assert torch.equal(torch.unique(labels), torch.arange(10))  # no cluster left empty
+
+
+def test_faiss_leaves_no_cluster_empty_even_with_many_clusters(digits_points):
+    pytest.importorskip("faiss")
+    labels = kmeans(digits_points, 300, seed=2)
+    assert torch.equal(torch.unique(labels), torch.arange(300))
+    assert torch.equal(labels, first_appearance(labels))
+
+
+def test_points_distinct_only_in_float64_still_fill_every_faiss_cluster():
+    pytest.importorskip("faiss")
+    points = torch.ones(12, 3, dtype=torch.float64)
+    points[:, 0] += torch.arange(12, dtype=torch.float64) * 1e-10  # one point in float32
+    labels = kmeans(points, 4, seed=0)  # faiss puts every point in one cluster; three are filled
+    assert torch.equal(torch.unique(labels), torch.arange(4))
+    assert torch.equal(labels, first_appearance(labels))
+
+
+def test_the_fallback_runs_when_faiss_is_missing(monkeypatch):
+    calls = []
+    lloyd, faiss_kmeans = clusters._lloyd, clusters._faiss_kmeans
+    monkeypatch.setattr(clusters, "_lloyd", lambda *a: calls.append("fallback") or lloyd(*a))
+    monkeypatch.setattr(clusters, "_faiss_kmeans", lambda *a: calls.append("faiss") or faiss_kmeans(*a))
+    points, blob = blobs()
+    with monkeypatch.context() as without:
+        without.setitem(sys.modules, "faiss", None)  # ``import faiss`` raises ImportError
+        assert torch.equal(kmeans(points, 3, seed=0), first_appearance(blob))
+    assert calls == ["fallback"]
+    if clusters._faiss() is not None:  # and faiss, once importable again
+        kmeans(points, 3, seed=0)
+        assert calls == ["fallback", "faiss"]
 
 
 def test_an_empty_cluster_takes_the_point_farthest_from_its_centre():
