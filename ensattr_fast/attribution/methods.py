@@ -32,6 +32,7 @@ from ..members import Ensemble
 from .first_order import first_order_grams
 from .full_kernel import exact_member_scores
 from .gradients import COMBINATIONS, FeatureSpec, combine, dataset_features, gradient_features, member_scores
+from .kernels import TrainFeatures, combined, kernel_sums, kernel_weights
 from .loss import member_losses
 
 __all__ = ["Rows", "Scorer", "CodeScorer", "GradientScorer", "SCORERS", "Method", "METHODS", "DEFAULT_METHODS",
@@ -57,8 +58,17 @@ class Rows:
     chunk: int = 16  # samples per pass of the first-order Jacobian
     features: FeatureSpec = FeatureSpec()
     keep: Callable[[str, Callable[[], Tensor]], Tensor] = lambda name, compute: compute()
+    #: the training examples' features and Grams under a spec; None: computed here, in memory
+    train_features: Optional[Callable[[FeatureSpec], TrainFeatures]] = None
     progress: bool = False
     _memo: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def features_of_training(self, spec: FeatureSpec) -> TrainFeatures:
+        """The training examples' features under ``spec`` (the caller's store, else in memory)."""
+        if self.train_features is not None:
+            return self.train_features(spec)
+        return TrainFeatures.in_memory(dataset_features(self.ensemble, self.schedule, self.data(), spec,
+                                                        self.progress))
 
     def once(self, key, compute: Callable[[], object]):
         """``compute()`` the first time ``key`` is asked for, its value after."""
@@ -100,22 +110,27 @@ class GradientScorer(Scorer):
     name = "gradient"
 
     def scores(self, method: "Method", rows: Rows) -> Tensor:
-        per_member = rows.once(("gradient", method.feature_kind), lambda: self.member_scores(method, rows))
-        return combine(per_member, rows.code, method.combination)
+        spec = dataclasses.replace(rows.features, kind=method.feature_kind)
+        if spec.exact:  # no features to keep: the Grams of the full gradients, then the kernel
+            per_member = rows.once(("exact", spec.kind), lambda: exact_member_scores(
+                rows.ensemble, rows.schedule, rows.data(), rows.images, spec, rows.unit_of, len(rows.code)))
+            return combine(per_member, rows.code, method.combination)
+        sums = rows.once(("gradient", spec.kind), lambda: self.sums(spec, rows))
+        if isinstance(sums, Tensor):  # the dual form's per-member scores
+            return combine(sums, rows.code, method.combination)
+        return combined(*sums, rows.code, method.combination)
 
     @staticmethod
-    def member_scores(method: "Method", rows: Rows) -> Tensor:
-        """Each member's scores [M, S, N]: projected features of the training data and of the
-        rows (both kept), or the kernel of the full gradients (``features.exact``)."""
-        spec = dataclasses.replace(rows.features, kind=method.feature_kind)
-        ensemble, schedule, n_units = rows.ensemble, rows.schedule, len(rows.code)
-        if spec.exact:  # no features to keep: the Grams of the full gradients, then the kernel
-            return exact_member_scores(ensemble, schedule, rows.data(), rows.images, spec, rows.unit_of, n_units)
-        train = rows.keep(f"features_{spec.kind}{spec.tag}_train",
-                          lambda: dataset_features(ensemble, schedule, rows.data(), spec, rows.progress))
+    def sums(spec: FeatureSpec, rows: Rows):
+        """Projected features of the rows (kept) against the training features (the caller's
+        store): :func:`~.kernels.kernel_sums` block by block, or, where the projection is wider
+        than the examples are many, each member's scores [M, S, N] through the n x n dual."""
+        train = rows.features_of_training(spec)
         queries = rows.keep(f"features_{spec.kind}{spec.tag}",
-                            lambda: gradient_features(ensemble, schedule, rows.images, spec))
-        return member_scores(train, queries, rows.unit_of, n_units)
+                            lambda: gradient_features(rows.ensemble, rows.schedule, rows.images, spec))
+        if spec.dim > train.n:
+            return member_scores(train.whole(), queries, rows.unit_of, len(rows.code))
+        return kernel_sums(train.blocks(), kernel_weights(train.gram, queries), rows.unit_of, rows.code)
 
 
 def _grams(rows: Rows):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["World", "world", "shard", "gather_rows", "select_members",
-           "gather_members", "barrier", "broadcast_object"]
+           "gather_members", "all_reduce_sum", "barrier", "broadcast_object"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +112,16 @@ def gather_members(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(gather_members(v) for v in state)
     return state
+
+
+def all_reduce_sum(value: Tensor) -> Tensor:
+    """The sum of ``value`` over every rank, on every rank (in place; itself when not
+    distributed)."""
+    if world().distributed:
+        moved = value.to(_comm_device())
+        dist.all_reduce(moved)
+        value.copy_(moved)
+    return value
 
 
 def barrier() -> None:

@@ -30,6 +30,7 @@ from ..store import (ResultsWriter, cached_statistic, code_hash, count_samples, 
 from ._rules import existing, on_writer, recovered, writer_lock
 from .ablate import ablate
 from .options import AblateOptions, AttributeOptions, read_groups
+from .features import keep_features, training_features
 from .scoring import stream_influence
 from .session import Session
 
@@ -124,8 +125,14 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
     if groups and world.main:
         with ResultsWriter(results, "a") as writer:
             writer.write_groups(list(groups), list(groups.values()))
+    train = training_features(session, options.device, progress, options.feature_rows)
+    for kind in dict.fromkeys(m.feature_kind for m in chosen if not m.scorer.by_code and not options.exact_kernel):
+        spec = FeatureSpec(kind=kind, dim=options.projection_dim)
+        found = train(spec)  # every rank: the main one fills the features file, the others wait
+        if options.keep_features and world.main:
+            keep_features(found, results, spec)  # the results file itself, not a rank's part
     if len(mine):
-        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main)
+        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main, train)
     if world.distributed:
         distributed.barrier()  # every part is complete
         if world.main:
@@ -143,19 +150,21 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
 def _expected_bytes(session: Session, options: AttributeOptions, methods: List[Method], rows: int,
                     groups: Optional[dict]) -> int:
     """About what attributing ``rows`` rows adds to the results file: every matrix [rows, N] and
-    its top-k, the statistics kept for resumes, the gradient features of the data and the rows."""
+    its top-k, the statistics kept for resumes, the gradient features of the rows (and, with
+    ``--keep-features``, of the training data; otherwise those go to the features file)."""
     code = session.checkpoint.code
     N, M = code.shape
     matrices = len(methods) + (sum(m.scorer.by_code for m in methods) if groups else 0)
     size = matrices * rows * (N + 3 * options.topk) * 4 + rows * M * (2 * M + 1) * 4
     kinds = {m.feature_kind for m in methods if not m.scorer.by_code}
     if kinds and not options.exact_kernel:
-        size += len(kinds) * M * (len(session.checkpoint.unit_of) + rows) * options.projection_dim * 4
+        examples = len(session.checkpoint.unit_of) if options.keep_features else 0
+        size += len(kinds) * M * (examples + rows) * options.projection_dim * 4
     return size + (1 << 20)
 
 
 def _score_rows(session: Session, options: AttributeOptions, methods: List[Method], seeds: List[int],
-                samples: torch.Tensor, target: Path, groups: Optional[dict], progress: bool) -> None:
+                samples: torch.Tensor, target: Path, groups: Optional[dict], progress: bool, train) -> None:
     """The statistics of the rows (kept in ``target`` for resumes) and every method's matrix."""
     checkpoint = session.checkpoint
     rows = Rows(session.ensemble(options.device), checkpoint.schedule, session.sampler(), seeds, samples,
@@ -163,7 +172,8 @@ def _score_rows(session: Session, options: AttributeOptions, methods: List[Metho
                 # chunks end on row-block ends, so ranks batch rows as one process does
                 chunk=math.gcd(options.block_rows, 16),
                 features=FeatureSpec(dim=options.projection_dim, exact=options.exact_kernel),
-                keep=lambda name, compute: cached_statistic(target, name, compute), progress=progress)
+                keep=lambda name, compute: cached_statistic(target, name, compute), train_features=train,
+                progress=progress)
     by_code = {m.name: (m.scorer.name, m.scorer.statistic(m, rows)) for m in methods if m.scorer.by_code}
     spec = dict(rows="samples", sampler=dataclasses.asdict(rows.sampler), draws=options.draws,
                 checkpoint_hash=checkpoint.file_hash)

@@ -21,14 +21,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..attribution import FeatureSpec, combine, dataset_features, gradient_features, member_scores
+from ..attribution import FeatureSpec, combine, gradient_features, member_scores
+from ..attribution.kernels import combined, kernel_sums, kernel_weights
 from ..attribution.methods import get_method
 from ..errors import CodeError, MethodError
 from ..evaluation.counterfactuals import Counterfactuals
 from ..runtime.progress import note
-from ..store import ResultsWriter, cached_statistic, count_samples, open_results
+from ..store import ResultsWriter, count_samples, open_results
 from .ablate import ablate
 from .options import AblateOptions, GroupAuditOptions
+from .features import training_features
 from .session import Session
 
 __all__ = ["GroupAudit", "audit_groups", "describe", "AUDIT_MAX_GROUPS"]
@@ -91,17 +93,20 @@ def audit_groups(session: Session, options: GroupAuditOptions = GroupAuditOption
 
 def _example_scores(session: Session, rows: int, method, device: str) -> torch.Tensor:
     """Every training example's score [S, n] by a gradient method, examples as their own units;
-    the features are those ``ensattr attribute`` keeps (shared through ``/statistics``)."""
+    the training features are those of the features file beside the checkpoint (shared with
+    ``ensattr attribute``), read block by block."""
     checkpoint = session.checkpoint
     ensemble, schedule = session.ensemble(device), checkpoint.schedule
     _, queries = session.samples(rows)
     spec = FeatureSpec(kind=method.feature_kind)
-    train = cached_statistic(session.results, f"features_{spec.kind}_train",
-                             lambda: dataset_features(ensemble, schedule, session.data(), spec, False))
+    train = training_features(session, device)(spec)
     query = gradient_features(ensemble, schedule, queries, spec)
-    n = train.shape[1]
-    per_example = member_scores(train, query, torch.arange(n), n)  # [M, S, n]
-    return combine(per_example, checkpoint.code[checkpoint.unit_of], method.combination)
+    n = train.n
+    code = checkpoint.code[checkpoint.unit_of]  # each example under its unit's code row
+    if spec.dim > n:  # the dual form, as attribute scores it
+        return combine(member_scores(train.whole(), query, torch.arange(n), n), code, method.combination)
+    sums = kernel_sums(train.blocks(), kernel_weights(train.gram, query), torch.arange(n), code)
+    return combined(*sums, code, method.combination)
 
 
 def _top_examples(scores: torch.Tensor, unit_of: torch.Tensor, groups: torch.Tensor, k: int):

@@ -26,7 +26,8 @@ def part_path(results: os.PathLike, rank: int, size: int) -> Path:
 
 
 STITCHED = ("influence", "progress", "topk", "statistics")
-PER_RANK = ("statistics/features_dtrak_train", "statistics/features_trak_train")  # whole on every rank
+#: whole on every rank in the parts of runs before the features file (now: beside the checkpoint)
+PER_RANK = ("statistics/features_dtrak_train", "statistics/features_trak_train")
 
 
 def stitch_parts(path: os.PathLike, parts) -> None:

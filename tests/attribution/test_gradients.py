@@ -150,9 +150,15 @@ def test_attribute_streams_gradient_methods(tmp_path):
                  "--method", "dtrak,dtrak_includers,dtrak_contrast", "--block-rows", "2", "--check", "1"]) == 0
     checkpoint = Checkpoint.load(ckpt)
     ensemble, spec = checkpoint.build(), FeatureSpec("dtrak")
+    with h5py.File(str(ckpt) + ".features.h5", "r") as f:  # the training features: beside the checkpoint
+        (name,) = [k for k in f if k.startswith("dtrak-")]
+        assert f[name].attrs["complete"] and f[name]["done"][()].all()
+        train = torch.from_numpy(f[name]["features"][()])
+        gram = torch.from_numpy(f[name]["gram"][()])
+        torch.testing.assert_close(gram, train.double().transpose(1, 2) @ train.double())
     with h5py.File(results, "r") as f:
+        assert "features_dtrak_train" not in f["statistics"]  # results files stay small
         samples = torch.from_numpy(f["samples/images"][()])
-        train = torch.from_numpy(f["statistics/features_dtrak_train"][()])  # kept for resumes
         queries = torch.from_numpy(f["statistics/features_dtrak"][()])
         torch.testing.assert_close(train[:, :8], gradient_features(ensemble, SCHEDULE, load_digits().images[:8], spec))
         torch.testing.assert_close(queries, gradient_features(ensemble, SCHEDULE, samples, spec))
@@ -353,7 +359,7 @@ def test_attribute_takes_the_projection_dimension(tmp_path):
     assert main(["sample", "--checkpoint", str(ckpt), "--out", str(results), "--seeds", "2",
                  "--sampling-steps", "2"]) == 0
     assert main(["attribute", "--checkpoint", str(ckpt), "--results", str(results), "--method", "dtrak",
-                 "--projection-dim", "24", "--check", "0"]) == 0
+                 "--projection-dim", "24", "--check", "0", "--keep-features"]) == 0
     with h5py.File(results, "r") as f:
         assert f["statistics/features_dtrak_d24_train"].shape == (16, 1797, 24)  # one row per image
         assert f["influence/dtrak"].shape == (2, DIGIT_UNITS)

@@ -95,3 +95,43 @@ def test_shards_cover_the_rows_once_in_whole_blocks(n, align, size):
     shards = [distributed.shard(n, align, distributed.World(rank, size)) for rank in range(size)]
     assert [i for s in shards for i in s] == list(range(n))
     assert all(s.start % align == 0 for s in shards if len(s))
+
+
+def test_sharded_training_features_match_one_process(runs, tmp_path):
+    """D-TRAK's training features computed by 2 and 3 ranks, each its share of the examples
+    (blocks of 256), the Grams summed: the features file and the scores equal one process's."""
+    import shutil
+
+    from ensattr_fast.store.features import features_path
+
+    got = {}
+    for ranks in (1, 2, 3):
+        d = tmp_path / f"ranks{ranks}"
+        d.mkdir()
+        shutil.copy(runs / "ensemble1.pt", d / "ensemble.pt")
+        ensattr(1, "sample", "--checkpoint", str(d / "ensemble.pt"), "--out", str(d / "results.h5"), "--seeds", "4",
+                "--sampling-steps", "4")
+        ensattr(ranks, "attribute", "--checkpoint", str(d / "ensemble.pt"), "--results", str(d / "results.h5"),
+                "--samples", "4", "--method", "dtrak,dtrak_contrast", "--check", "0", "--feature-rows", "256",
+                "--projection-dim", "64", "--block-rows", "2")
+        with h5py.File(features_path(d / "ensemble.pt"), "r") as f, h5py.File(d / "results.h5", "r") as r:
+            (name,) = list(f)
+            assert f[name]["features"].is_virtual == (ranks > 1)
+            got[ranks] = (f[name]["features"][()], f[name]["gram"][()], r["influence/dtrak"][()],
+                          r["influence/dtrak_contrast"][()])
+    assert got[1][0].shape == (16, 1797, 64)
+    for ranks in (2, 3):
+        assert np.array_equal(got[ranks][0], got[1][0])  # each example's features, bit for bit
+        np.testing.assert_allclose(got[ranks][1], got[1][1], rtol=1e-12)  # the Grams: sums in another order
+        for a, b in zip(got[ranks][2:], got[1][2:]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    parts = sorted(p.name.split("-rank")[1] for p in (tmp_path / "ranks3" / "ensemble.pt.features.parts").iterdir())
+    assert parts == ["0-of-3.h5", "1-of-3.h5", "2-of-3.h5"]
+    # a part taken away is refused in one line, never read as zeros
+    (tmp_path / "ranks3" / "ensemble.pt.features.parts" / f"{name}-rank1-of-3.h5").unlink()
+    d = tmp_path / "ranks3"
+    result = subprocess.run([sys.executable, "-m", "ensattr_fast", "attribute", "--checkpoint", str(d / "ensemble.pt"),
+                             "--results", str(d / "results.h5"), "--samples", "4", "--method", "dtrak_includers",
+                             "--check", "0", "--projection-dim", "64"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"{name}-rank1-of-3.h5" in result.stderr and "are missing" in result.stderr, result.stderr[-2000:]

@@ -1,0 +1,55 @@
+"""The training features of gradient methods, from the features file beside the checkpoint
+(:mod:`ensattr_fast.store.features`): computed once per ensemble and spec, block by block; in a
+distributed run each rank computes its share of the examples and the Grams are summed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..attribution import FeatureSpec, gradient_features
+from ..attribution.kernels import TrainFeatures
+from ..runtime import distributed
+from ..store.features import copy_features, stored_features
+from .session import Session
+
+__all__ = ["training_features", "block_rows", "FEATURE_BLOCK_BYTES"]
+
+#: bytes of features one block holds in memory ([M, b, d] float32)
+FEATURE_BLOCK_BYTES = 256 << 20
+
+
+def block_rows(members: int, dim: int, budget: int = FEATURE_BLOCK_BYTES) -> int:
+    """Training examples per block of features: as many as ``budget`` holds, 64 to 16,384."""
+    return max(64, min(16384, budget // max(1, members * dim * 4)))
+
+
+def training_features(session: Session, device: str, progress: bool = False,
+                      rows: int = 0) -> Callable[[FeatureSpec], TrainFeatures]:
+    """The training features of a spec, as :class:`~ensattr_fast.attribution.methods.Rows` asks
+    for them. Every rank must call the result for the same specs in the same order (each
+    computes its share); each spec's features are opened once. ``rows``: examples per block
+    (0: :func:`block_rows`)."""
+    opened = {}
+
+    def features(spec: FeatureSpec) -> TrainFeatures:
+        if spec in opened:
+            return opened[spec]
+        checkpoint = session.checkpoint
+        ensemble = session.ensemble(device)
+        shape = (ensemble.n_members, len(checkpoint.unit_of), spec.dim)
+
+        world = distributed.world()
+        opened[spec] = stored_features(
+            session.checkpoint_path, checkpoint.file_hash, dict(dataclasses.asdict(spec), tag=spec.tag), shape,
+            lambda images: gradient_features(ensemble, checkpoint.schedule, images, spec),
+            lambda rows: session.data().blocks(rows), rows or block_rows(shape[0], spec.dim), progress and world.main,
+            world.rank, world.size, distributed.all_reduce_sum, distributed.barrier)
+        return opened[spec]
+
+    return features
+
+
+def keep_features(features: TrainFeatures, results, spec: FeatureSpec) -> None:
+    """``--keep-features``: the training features inside the results file too."""
+    copy_features(features, results, f"features_{spec.kind}{spec.tag}_train")
