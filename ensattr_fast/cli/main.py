@@ -6,6 +6,7 @@ through an ``Audit`` on the files given, prints what it found, and prints any re
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -55,10 +56,16 @@ def _error(command: str, error) -> int:
     return 2
 
 
+#: (wall, CPU) when this process started its command, what ``_cost`` counts from
+_STARTED = (time.monotonic(), 0.0)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one ``ensattr`` command (``argv``: its arguments; None: this process's own, and then a
     fault of the system ends the process at once, see :func:`_stop`). Returns the exit status."""
+    global _STARTED
     own = argv is None
+    _STARTED = _clock()
     try:
         command = parse(argv)
     except EnsattrError as error:
@@ -130,7 +137,24 @@ def _run(command: Command) -> int:
                   results=files.get("results", out if command.step == "sample" else None),
                   config=command.config)
     COMMANDS[command.step](audit, options, out)
+    _cost(command.step)
     return 0
+
+
+def _cost(step: str) -> None:
+    """What the command cost, on stderr: the process's peak resident memory, and the CPU and
+    wall time since the command began (imports not counted)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    cpu = usage.ru_utime + usage.ru_stime - _STARTED[1]
+    print(f"{step}: peak memory {peak / 2**30:.2f} GiB, CPU {cpu:.1f} s, wall {time.monotonic() - _STARTED[0]:.1f} s",
+          file=sys.stderr, flush=True)
+
+
+def _clock() -> tuple:
+    """(wall, CPU) seconds now: where a command's cost is counted from."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.monotonic(), usage.ru_utime + usage.ru_stime
 
 
 def _plan(audit: Audit, options, out) -> None:

@@ -14,6 +14,15 @@ from .checks import _distances, validate
 from .units import Units
 
 
+def members_needed(n_units: int) -> int:
+    """The fewest (even) members whose constant-weight rows can tell ``n_units`` units apart:
+    the least M with C(M, M/2) >= N (M = 20 holds 184,756 units, M = 24 2.7 million)."""
+    M = 2
+    while math.comb(M, M // 2) < n_units:
+        M += 2
+    return M
+
+
 def _require_constant_weight(n_units: int, n_members: int, allow_duplicates: bool) -> None:
     if n_members < 2 or n_members % 2:
         raise CodeError(
@@ -24,8 +33,8 @@ def _require_constant_weight(n_units: int, n_members: int, allow_duplicates: boo
     if n_units > capacity and not allow_duplicates:
         raise CodeError(
             f"{n_units} units cannot have distinct rows of weight {n_members // 2} with "
-            f"{n_members} members (at most {capacity}): use more members, or pass "
-            f"allow_duplicates=True to accept units that no score can tell apart"
+            f"{n_members} members (at most {capacity}): use at least {members_needed(n_units)} members, "
+            f"or pass allow_duplicates=True to accept units that no score can tell apart"
         )
 
 

@@ -37,7 +37,7 @@ from ..errors import DataError
 
 __all__ = ["Duplicates", "find_duplicates", "DUPLICATE_MODES"]
 
-DUPLICATE_MODES = ("group", "keep", "refuse")
+DUPLICATE_MODES = ("group", "keep", "refuse", "off")
 _FILTER_DIMS = 64  # principal directions of the filter: the flat search's cost is n^2 x this
 _PAIRS_PER_BLOCK = 1 << 24  # query rows x points compared at once (64 MiB of float32 distances)
 _SLACK = 1e-4  # relative slack of the float32 filter, far above its rounding error
@@ -50,7 +50,7 @@ class Duplicates:
 
     set_of: Tensor  # int64 [n]
     radius: float
-    space: str = "pixels"  # or "embeddings"
+    space: str = "pixels"  # or "embeddings"; "none": no search was made (``--duplicates off``)
 
     @property
     def n_sets(self) -> int:
@@ -76,6 +76,8 @@ class Duplicates:
 
     def __str__(self) -> str:
         where = "pixel L2" if self.space == "pixels" else "embedding L2"
+        if self.space == "none":
+            return "not searched (--duplicates off): copies of an image scattered over units go unnoticed"
         if not self.n_sets:
             return f"no duplicate images (none within {where} {self.radius:g})"
         sets = f"{self.n_sets} duplicate set{'s' if self.n_sets > 1 else ''}"

@@ -57,13 +57,13 @@ class PlanOptions:
     fit: str = option("crop", Choice("crop", "resize"),
                       "image folders: centre-crop after resizing the short side, or resize")
     key: str = option("images", Text(), "arrays and HDF5: the images' key or dataset")
-    memory_budget: float = option(2.0, Float(0, 2**20, low_open=True),
-                                  "HDF5: GiB above which the images stay on disk and are read per batch")
+    memory_budget: float = option(2.0, Float(0, 2**20, low_open=True), "HDF5: GiB above which images stay on disk")
     no_scale: bool = option(False, Switch(), "arrays and HDF5: take values as they are (latents) instead of "
                                              "checking [-1, 1]")
     duplicates: str = option("group", Choice(*DUPLICATE_MODES),
                              "exact and near duplicate images: group each set into one unit (so that some members "
-                             "exclude every copy), keep them where the units put them, or refuse the data")
+                             "exclude every copy), keep them where the units put them, refuse the data, or off: "
+                             "no search (quadratic in the images: minutes at 10^5, hours at 10^6)")
     duplicate_radius: float = option(1.0, Float(0, 1e6),
                                      "distance at or under which two images are duplicates: pixel L2 on the data "
                                      "scale [-1, 1] (memorization's --threshold scale), or embedding L2")
@@ -152,6 +152,8 @@ class AttributeOptions:
     block_units: int = option(16384, Int(1, 2**24), "units per streamed block")
     draws: int = option(64, Int(1, 2**20), "shared (t, eps) draws per loss")
     projection_dim: int = option(1024, Int(1, 2**20), "numbers each gradient is projected to (dtrak/trak methods)")
+    keep_features: bool = option(False, Switch(), "copy <checkpoint>.features.h5's training features in as well")
+    feature_rows: int = option(0, Int(0, 2**24), "training examples per block of features (0: 256 MiB's worth)")
     exact_kernel: bool = option(False, Switch(), "dtrak/trak methods on the full gradients, no projection (small "
                                                  "training sets only)")
     check: int = option(8, Int(0, 4096), "exact ablation of each sample's top units (0: none)")
@@ -216,9 +218,8 @@ class MemorizationOptions:
     null_check: bool = option(False, Switch(), "also prove every sample that is not a copy against its nearest unit "
                                                "as if it copied it: the share that passes (false flags) should stay "
                                                "<= --alpha")
-    null_target: str = option("nearest", Choice("nearest", "planted"),
-                              "what --null-check proves each non-copy against: its nearest unit, or the units of a "
-                              "planted near-copy of a training image drawn at random (chosen apart from the sample)")
+    null_target: str = option("nearest", Choice("nearest", "planted"), "--null-check against each non-copy's "
+                              "nearest unit, or a planted near-copy of a random training image's units")
     sampler: Sampler = nested(Sampler, skip=("precision",))
     # a phantom beyond a copy's effect still leaves p = 2/65 < 0.05
     floor: NoiseFloor = nested(NoiseFloor, phantoms=64)
@@ -268,8 +269,7 @@ class ReportOptions:
 
     step = "report"
     rows: int = option(8, Int(1, 4096), "samples shown")
-    data: Optional[str] = option(None, Maybe(Text()), "the training data (as given to `ensattr plan --data`), for a "
-                                                      "results file that does not record it")
+    data: Optional[str] = option(None, Maybe(Text()), "the training data (`plan --data`) if the results file lacks it")
     overwrite: bool = option(False, Switch(), "replace an existing report")
 
     __post_init__ = _post_init

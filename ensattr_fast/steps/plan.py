@@ -6,7 +6,10 @@ import dataclasses
 import os
 from typing import Tuple
 
+import torch
+
 from .. import codes
+
 from ..codes.duplicates import Duplicates
 from ..data import duplicates_in, load_data, units_for
 from ..errors import DataError
@@ -55,7 +58,10 @@ def plan(path: os.PathLike, options: PlanOptions = PlanOptions()) -> Plan:
                          "--embeddings": options.embeddings})
     data = load_data(dataset)
     units = units_for(data, options.units, seed=options.seed)  # the seed also seeds content clusters
-    found = duplicates_in(data, options.duplicate_radius, options.embeddings)
+    if options.duplicates == "off":  # the search is quadratic in the images: a user may skip it
+        found = Duplicates(torch.full((len(data),), -1, dtype=torch.long), options.duplicate_radius, "none")
+    else:
+        found = duplicates_in(data, options.duplicate_radius, options.embeddings)
     units, merged, scattered = _place_duplicates(units, found, options.duplicates)
     code, used = codes.plan(units, options.members, seed=options.seed, design=options.design,
                             excluders_per_group=options.excluders)

@@ -64,7 +64,8 @@ def test_units_from_labels_names_and_sizes():
     "make,message",
     [
         (lambda: codes.balanced_constant_weight(10, 15), "even number of members"),
-        (lambda: codes.random_constant_weight(100, 6), "cannot have distinct rows of weight 3 with 6 members"),
+        (lambda: codes.random_constant_weight(100, 6), "cannot have distinct rows of weight 3 with 6 members .at most "
+                                                       "20.: use at least 10 members"),
         (lambda: codes.validate(torch.tensor([[1, 0], [1, 1]], dtype=torch.uint8)), "unit 1 has no excluder"),
         (lambda: codes.validate(torch.tensor([[1, 0], [0, 0]], dtype=torch.uint8)), "unit 1 is seen by no member"),
         (lambda: codes.validate(torch.tensor([[1, 0, 1, 0], [1, 1, 1, 0]], dtype=torch.uint8), constant_weight=True),
