@@ -160,3 +160,19 @@ def test_plan_on_embeddings(scattered):
     np.save(where / "bad.npy", embeddings[:10])
     with pytest.raises(DataError, match=r"one row per training image"):
         _plan(where, "bad.h5", embeddings=where / "bad.npy")
+
+
+def test_plan_duplicates_off_searches_nothing_and_says_so(scattered, capsys):
+    """``--duplicates off`` (the search is quadratic: hours at 10^6 images) plans the units as
+    they are, records that no search was made, and says what that leaves unnoticed."""
+    from ensattr_fast.cli.main import main
+
+    where, found = scattered
+    assert main(["plan", "--data", str(where / "data.npz"), "--units", "example", "--members", "16",
+                 "--duplicates", "off", "--out", str(where / "off.h5")]) == 0
+    out, err = capsys.readouterr()
+    assert "not searched (--duplicates off)" in out
+    assert "plan: peak memory " in err and " GiB, CPU " in err  # every command's cost line
+    with h5py.File(where / "off.h5", "r") as f:
+        assert f["duplicates"].attrs["space"] == '"none"' and (f["duplicates/set_of"][:] == -1).all()
+        assert f["code"].shape[0] == len(found.data)  # every copy its own unit
