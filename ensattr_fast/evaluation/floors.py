@@ -39,7 +39,9 @@ __all__ = ["NoiseFloor", "floor_arrays", "score_floors", "certify", "summary", "
 
 #: phantom rows scored per row: cheap (one code_scores call), and p-values resolve to 1e-3
 SCORE_PHANTOMS = 1024
-_BLOCK = 64
+#: values of a block of an influence matrix judged at once (rows x units): each float64 array
+#: of the p-values, z-scores and BH ranks of a block is 32 MiB, whatever N
+_BLOCK_VALUES = 1 << 22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +98,9 @@ def _judge(view, floor: np.ndarray, index: np.ndarray, alpha: float) -> dict:
     """p, z, q of the top units ``index`` [R, k] of a lazy influence matrix [R, N], BH over N."""
     out = {name: np.full(index.shape, np.nan, np.float32) for name in ("pvalue", "zscore", "qvalue")}
     n_significant = np.zeros(len(index), np.int64)
-    for start in range(0, len(index), _BLOCK):
-        block = slice(start, start + _BLOCK)
+    rows = max(1, min(64, _BLOCK_VALUES // max(1, view.shape[1])))
+    for start in range(0, len(index), rows):
+        block = slice(start, start + rows)
         p, z = empirical_pvalues(view[block, :], floor[block])
         q = benjamini_hochberg(p)
         n_significant[block] = (np.nan_to_num(q, nan=1.0) <= alpha).sum(1)
