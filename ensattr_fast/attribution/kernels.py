@@ -17,7 +17,7 @@ or the features file beside a checkpoint (:mod:`ensattr_fast.store.features`) fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,17 +33,20 @@ Block = Tuple[int, Tensor]
 @dataclasses.dataclass
 class TrainFeatures:
     """The training examples' features, ``n`` of them under ``M`` members: the Grams
-    ``gram`` float64 [M, d, d] (Phi_m^T Phi_m) and ``blocks()``, every block in order."""
+    ``gram`` float64 [M, d, d] (Phi_m^T Phi_m; None where d > n, whose kernel is solved in the
+    n x n dual form from the features themselves) and ``blocks()``, every block in order."""
 
     n: int
-    gram: Tensor
+    gram: Optional[Tensor]
     blocks: Callable[[], Iterator[Block]]
 
     @classmethod
     def in_memory(cls, features: Tensor, rows: int = 4096) -> "TrainFeatures":
         """From features [M, n, d] held whole (small data, tests)."""
-        gram = torch.zeros(features.shape[0], features.shape[2], features.shape[2], dtype=torch.float64)
-        add_gram(gram, features)
+        gram = None
+        if features.shape[2] <= features.shape[1]:
+            gram = torch.zeros(features.shape[0], features.shape[2], features.shape[2], dtype=torch.float64)
+            add_gram(gram, features)
         return cls(features.shape[1], gram,
                    lambda: ((s, features[:, s:s + rows]) for s in range(0, features.shape[1], rows)))
 

@@ -5,7 +5,9 @@ Grams, computed once per ensemble and feature spec and read by every later attri
 hash of the whole spec): ``features`` float32 [M, n, d], written block by block as the blocks
 are computed (never whole in memory), ``done`` uint8 [blocks] (a block's flag is set after its
 data is flushed, so a killed run resumes at the first block not done), and, once every block is
-there, ``gram`` float64 [M, d, d] (Phi_m^T Phi_m per member) and the attribute ``complete``.
+there, ``gram`` float64 [M, d, d] (Phi_m^T Phi_m per member; only where d <= n: with fewer
+examples than dimensions the kernel is solved in its n x n dual form, from the features) and the
+attribute ``complete``.
 The root's ``checkpoint_hash`` ties the file to the checkpoint: features of another checkpoint
 (the ensemble retrained) are replaced, with a note. Results files stay small: they keep the
 queries' features only (``--keep-features`` copies the training ones in as well).
@@ -64,7 +66,8 @@ def stored_features(checkpoint: os.PathLike, checkpoint_hash: str, spec: dict, s
         if ranks == 1:
             with writing(path, "features file"):
                 _replace_if_stale(path, checkpoint_hash)
-                _fill(path, name, checkpoint_hash, spec, shape, compute, images, block_rows, progress)
+                _fill(path, name, checkpoint_hash, spec, shape, compute, images, block_rows, progress,
+                      shape[2] <= shape[1])
         else:
             _sharded(path, name, checkpoint_hash, spec, shape, compute, images, block_rows, progress, rank, ranks,
                      sum_over_ranks, barrier)
@@ -74,6 +77,7 @@ def stored_features(checkpoint: os.PathLike, checkpoint_hash: str, spec: dict, s
 def _sharded(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple, compute, images,
              block_rows: int, progress: bool, rank: int, ranks: int, sum_over_ranks, barrier) -> None:
     M, n, d = shape
+    with_gram = d <= n
     blocks = -(-n // block_rows)
     first, last = blocks * rank // ranks, blocks * (rank + 1) // ranks
     rows = range(min(n, first * block_rows), min(n, last * block_rows))
@@ -82,11 +86,12 @@ def _sharded(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tup
     with writing(parts[rank], "features part"):
         _replace_if_stale(parts[rank], checkpoint_hash)
         gram = _fill(parts[rank], name, checkpoint_hash, spec, (M, len(rows), d), compute,
-                     lambda size: _share(images(size), first, last), block_rows, progress)
-    if gram is None:  # the part was whole: its Gram is there
-        with read_hdf5(parts[rank], "features part") as f:
-            gram = torch.from_numpy(f[name]["gram"][()])
-    sum_over_ranks(gram)
+                     lambda size: _share(images(size), first, last), block_rows, progress, with_gram)
+    if with_gram:
+        if gram is None:  # the part was whole: its Gram is there
+            with read_hdf5(parts[rank], "features part") as f:
+                gram = torch.from_numpy(f[name]["gram"][()])
+        sum_over_ranks(gram)
     barrier()  # every part is whole
     if rank == 0:
         with writing(path, "features file"):
@@ -109,7 +114,7 @@ def _sharded(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tup
                 group = f.create_group(name)
                 group.attrs.update(spec=dump_json(spec), block_rows=block_rows, complete=False, ranks=ranks)
                 group.create_virtual_dataset("features", layout)
-            _finish(path, name, gram)
+            _finish(path, name, gram if with_gram else None)
     barrier()  # the file is whole
 
 
@@ -138,10 +143,10 @@ def _complete(path: Path, name: str, checkpoint_hash: str) -> bool:
 
 
 def _fill(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple, compute, images,
-          block_rows: int, progress: bool) -> Optional[Tensor]:
+          block_rows: int, progress: bool, with_gram: bool) -> Optional[Tensor]:
     """The features ``shape`` of the blocks ``images`` yields into group ``name`` of ``path``
-    (those a killed run left done are read back); their Gram, or None when the group was
-    complete already."""
+    (those a killed run left done are read back); their Gram (``with_gram``), or None when the
+    group was complete already or without it."""
     M, n, d = shape
     with h5py.File(path, "a") as f:
         f.attrs["checkpoint_hash"] = checkpoint_hash
@@ -154,13 +159,14 @@ def _fill(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple,
             del f[name]  # a resume under other blocks: start the spec over
             group = None
         if group is None:
-            check_space(path.absolute().parent, M * n * d * 4 + M * d * d * 8 + (1 << 20), f"features file {path}")
+            gram_bytes = M * d * d * 8 if with_gram else 0
+            check_space(path.absolute().parent, M * n * d * 4 + gram_bytes + (1 << 20), f"features file {path}")
             group = f.create_group(name)
             group.attrs.update(spec=dump_json(spec), block_rows=block_rows, complete=False)
             group.create_dataset("features", shape, np.float32, chunks=(1, min(n, 256), d) if n else None)
             group.create_dataset("done", (-(-n // block_rows),), np.uint8, fillvalue=0)
         features, done = group["features"], group["done"]
-        gram = torch.zeros(M, d, d, dtype=torch.float64)
+        gram = torch.zeros(M, d, d, dtype=torch.float64) if with_gram else None
         with Progress(n, f"{spec['kind']} features of the training data", "examples", enabled=progress) as bar:
             for b, block in enumerate(images(block_rows)):
                 start = b * block_rows
@@ -172,7 +178,8 @@ def _fill(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple,
                     f.flush()
                     done[b] = 1
                     f.flush()
-                add_gram(gram, phi)
+                if gram is not None:
+                    add_gram(gram, phi)
                 bar.update(len(block))
         if not np.all(done[()]):
             raise RuntimeError(f"features file {path}: the training images ended before block "
@@ -181,13 +188,14 @@ def _fill(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple,
     return gram
 
 
-def _finish(path: Path, name: str, gram: Tensor) -> None:
-    """The Gram written, then the group marked whole."""
+def _finish(path: Path, name: str, gram: Optional[Tensor]) -> None:
+    """The Gram written (where there is one), then the group marked whole."""
     with h5py.File(path, "a") as f:
         group = f[name]
         if "gram" in group:
             del group["gram"]
-        group.create_dataset("gram", data=gram.numpy())
+        if gram is not None:
+            group.create_dataset("gram", data=gram.numpy())
         f.flush()
         group.attrs["complete"] = True
 
@@ -211,7 +219,7 @@ def _replace_if_stale(path: Path, checkpoint_hash: str) -> None:
 
 def _reader(path: Path, name: str, n: int, block_rows: int) -> TrainFeatures:
     with read_hdf5(path, "features file") as f:
-        gram = torch.from_numpy(f[name]["gram"][()])
+        gram = torch.from_numpy(f[name]["gram"][()]) if "gram" in f[name] else None
         if f[name]["features"].is_virtual:  # a sharded run's: a part taken away would read as zeros
             missing = [s.file_name for s in f[name]["features"].virtual_sources()
                        if not (path.parent / s.file_name).is_file()]
