@@ -119,7 +119,8 @@ def test_a_training_job_logs_progress_lines(tmp_path):
                          capture_output=True, text=True, timeout=600,
                          env=dict(env, ENSATTR_PROGRESS_SECONDS="0", OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr
-    lines = run.stderr.splitlines()
+    *lines, cost = run.stderr.splitlines()
+    assert re.match(r"^train: peak memory [\d.]+ GiB, CPU [\d.]+ s, wall [\d.]+ s$", cost), cost  # the last line
     assert all(LINE.match(line) for line in lines), lines
     assert [int(LINE.match(line)[2]) for line in lines] == list(range(5, 101, 5))
     assert any(line.startswith("train: 40/200 steps (20%), ") for line in lines)
