@@ -33,7 +33,7 @@ from torch import Tensor
 from ..attribution.kernels import TrainFeatures, add_gram
 from ..runtime.files import check_space, writing
 from ..runtime.progress import Progress, note
-from .hdf5 import damaged, dump_json, parse_json, read_hdf5, versions
+from .hdf5 import damaged, dump_json, read_hdf5, versions
 
 __all__ = ["features_path", "stored_features", "copy_features", "FEATURES_SUFFIX"]
 
@@ -235,12 +235,6 @@ def _reader(path: Path, name: str, n: int, block_rows: int) -> TrainFeatures:
                 yield start, torch.from_numpy(features[:, start:start + block_rows])
 
     return TrainFeatures(n, gram, blocks)
-
-
-def stored_spec(path: os.PathLike, name: str) -> Optional[dict]:
-    """The spec a group of a features file was computed under (None: no such group)."""
-    with read_hdf5(path, "features file") as f:
-        return parse_json(f[name].attrs["spec"]) if name in f else None
 
 
 def copy_features(features: TrainFeatures, results: os.PathLike, name: str) -> None:
