@@ -19,7 +19,7 @@ from ..audit import Audit
 from ..errors import DiskError, EnsattrError
 from ..evaluation.floors import summary as significance_summary
 from ..runtime import distributed
-from ..runtime.files import fault_line
+from ..runtime.files import fault_line, quiet_hdf5_teardown
 from ..steps import demo
 from ..steps.groups import describe as describe_audit
 from ..steps.plan import design_reason
@@ -66,6 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     global _STARTED
     own = argv is None
     _STARTED = _clock()
+    quiet_hdf5_teardown()  # after a fault of the system, its one line and no echo from every freed handle
     try:
         command = parse(argv)
     except EnsattrError as error:

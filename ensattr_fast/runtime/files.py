@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Optional
 from ..errors import DiskError, StoreError
 
 __all__ = ["writing", "holder", "atomic_output", "check_output", "check_space", "fault_line", "same_file",
-           "open_elsewhere"]
+           "open_elsewhere", "quiet_hdf5_teardown", "system_fault"]
 
 _held: Dict[str, List] = {}  # real path of a locked file -> [lock file descriptor, depth]
 
@@ -205,6 +205,50 @@ def fault_line(error: BaseException, path: Optional[os.PathLike] = None) -> str:
     name = re.search(r"filename = '([^']*)'", text)
     where = where or (name.group(1) if name else None)
     return f"{cause}: {where}" if where else cause
+
+
+def system_fault(error: BaseException) -> bool:
+    """Whether ``error`` is the system refusing a read or write (an OSError with its errno, or
+    HDF5's text for one), not a fault of the package or its input."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return True
+    text = str(error)
+    return isinstance(error, (OSError, RuntimeError)) and ("errno =" in text or "file write failed" in text)
+
+
+def _teardown_noise(error: BaseException, traceback) -> bool:
+    """Whether ``error`` is HDF5 failing, once more, to flush a file whose write the system
+    already refused, as h5py frees one of that file's handles (``ObjectID._dealloc``)."""
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    where = traceback.tb_frame.f_code if traceback is not None else None
+    return (isinstance(error, (OSError, RuntimeError)) and where is not None and where.co_name.endswith("_dealloc")
+            and where.co_filename.endswith("_objects.pyx") and _HDF5_FAULT.search(" ".join(str(error).split())))
+
+
+def quiet_hdf5_teardown() -> None:
+    """Drop the messages h5py prints as it frees the handles of a file whose last write failed.
+
+    After a full disk or a read-only remount, HDF5 cannot flush the file, so every dataset and
+    group handle still held (in a caller's variables, in a traceback) fails to close when Python
+    frees it, and Cython prints each failure twice, traceback and all (through ``sys.excepthook``
+    and ``sys.unraisablehook``): dozens of tracebacks after the one line that already named the
+    fault. Only those are dropped; every other error still reaches the hooks installed before.
+    Installed by the command line at start and by a writer at its first fault; idempotent."""
+    if getattr(sys.unraisablehook, "_ensattr", False):
+        return
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable(info):
+        if not _teardown_noise(info.exc_value, info.exc_traceback):
+            previous_unraisable(info)
+
+    def excepthook(kind, error, traceback):
+        if not _teardown_noise(error, traceback):
+            previous_except(kind, error, traceback)
+
+    unraisable._ensattr = excepthook._ensattr = True
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
 
 
 _CAUSES = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..attribution.kernels import TrainFeatures, add_gram
 from ..runtime.files import check_space, writing
 from ..runtime.progress import Progress, note
-from .hdf5 import damaged, dump_json, read_hdf5, versions
+from .hdf5 import damaged, dump_json, read_hdf5, versions, writable
 
 __all__ = ["features_path", "stored_features", "copy_features", "FEATURES_SUFFIX"]
 
@@ -96,7 +96,7 @@ def _sharded(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tup
     if rank == 0:
         with writing(path, "features file"):
             _replace_if_stale(path, checkpoint_hash)
-            with h5py.File(path, "a") as f:
+            with writable(path) as f:
                 f.attrs["checkpoint_hash"] = checkpoint_hash
                 if name in f:
                     del f[name]
@@ -148,7 +148,7 @@ def _fill(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple,
     (those a killed run left done are read back); their Gram (``with_gram``), or None when the
     group was complete already or without it."""
     M, n, d = shape
-    with h5py.File(path, "a") as f:
+    with writable(path) as f:
         f.attrs["checkpoint_hash"] = checkpoint_hash
         f.attrs["versions"] = dump_json(versions())
         group = f.get(name)
@@ -190,7 +190,7 @@ def _fill(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple,
 
 def _finish(path: Path, name: str, gram: Optional[Tensor]) -> None:
     """The Gram written (where there is one), then the group marked whole."""
-    with h5py.File(path, "a") as f:
+    with writable(path) as f:
         group = f[name]
         if "gram" in group:
             del group["gram"]
@@ -244,10 +244,5 @@ def copy_features(features: TrainFeatures, results: os.PathLike, name: str) -> N
 
     first = next(features.blocks())[1]
     with ResultsWriter(results, "a") as writer:
-        group = writer.file.require_group("statistics")
-        if name in group:
-            del group[name]
-        target = group.create_dataset(name, (first.shape[0], features.n, first.shape[2]), np.float32)
-        for start, block in features.blocks():
-            target[:, start:start + block.shape[1]] = block.numpy()
-        writer._mark(target)  # whole: a resumed run may read it
+        writer.write_statistic_blocks(name, (first.shape[0], features.n, first.shape[2]),
+                                      ((start, block.numpy()) for start, block in features.blocks()))

@@ -21,10 +21,14 @@ from torch import Tensor
 
 from .._version import __version__
 from ..errors import StoreError
+from ..runtime.files import quiet_hdf5_teardown, system_fault
 from .recovery import unreadable
 
 __all__ = ["code_hash", "file_hash", "versions", "read_hdf5", "open_for_reading", "check_code", "check_results",
-           "parse_json", "dump_json", "damaged"]
+           "parse_json", "dump_json", "damaged", "writable", "finish", "abandon"]
+
+#: files HDF5 could not write, held open until the process ends (see :func:`abandon`)
+_ABANDONED: list = []
 
 #: the longest attribute text a file may hold: hand-edited or hostile files stop here, not in memory
 MAX_ATTRIBUTE = 16 << 20
@@ -165,3 +169,62 @@ def check_results(file: h5py.File, what: str = "results file", hash_required: bo
     if images is not None and (not isinstance(images, h5py.Dataset) or images.ndim != 4 or seeds is None
                                or len(images) != len(seeds)):
         raise damaged(path, "/samples/images is not one image [C, H, W] for each seed", what)
+
+
+def abandon(file: h5py.File) -> None:
+    """Give up ``file`` after the system refused one of its writes (a full disk, a read-only
+    remount), leaving on disk what a killed writer leaves, which the next writer recovers or
+    refuses.
+
+    Closed as it is, HDF5 would flush, fail half-way and leave handles h5py takes for valid;
+    freeing any of them then, or HDF5's own teardown at exit, crashes the process (h5py issues
+    #914 and #2160; HDF5 2.0 still does). So the file's descriptor is first pointed at an
+    anonymous in-memory file of its size (``memfd_create``, Linux): the close writes there, the
+    disk is left alone, and the process goes on. Where that cannot be done the file stays open,
+    held here; either way its handles fail in silence as they are freed (see
+    :func:`~ensattr_fast.runtime.files.quiet_hdf5_teardown`)."""
+    quiet_hdf5_teardown()
+    if any(held is file for held in _ABANDONED) or not file.id.valid:
+        return
+    try:
+        descriptor = file.id.get_vfd_handle()
+        blank = os.memfd_create("ensattr-given-up")
+        try:
+            os.ftruncate(blank, os.fstat(descriptor).st_size)  # sparse: no memory until written
+            os.dup2(blank, descriptor)  # also drops HDF5's lock on the real file
+        finally:
+            os.close(blank)
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        _ABANDONED.append(file)
+        return
+    with contextlib.suppress(Exception):  # HDF5 may still refuse, in memory now: nothing to add
+        file.close()
+
+
+def finish(file: h5py.File) -> None:
+    """Close ``file``, flushed first, so that a write the system refuses shows while the file
+    can still be given up whole (see :func:`abandon`); that fault is raised."""
+    try:
+        file.flush()
+    except BaseException as error:
+        if system_fault(error):
+            abandon(file)
+        raise
+    file.close()
+
+
+@contextlib.contextmanager
+def writable(path: os.PathLike, mode: str = "a", **kwargs) -> Iterator[h5py.File]:
+    """``with writable(path) as f:`` an HDF5 file to write, closed by :func:`finish` when the
+    block ends, given up by :func:`abandon` when the system refused a write inside it (a
+    :func:`~ensattr_fast.runtime.files.system_fault`)."""
+    file = h5py.File(path, mode, **kwargs)
+    try:
+        yield file
+    except BaseException as error:
+        if system_fault(error):
+            abandon(file)
+        else:
+            file.close()
+        raise
+    finish(file)

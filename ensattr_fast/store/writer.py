@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..errors import DiskError
-from ..runtime.files import fault_line, writing
-from .hdf5 import check_code, code_hash, dump_json, parse_json, read_hdf5
+from ..runtime.files import fault_line, system_fault, writing
+from .hdf5 import abandon, check_code, code_hash, dump_json, finish, parse_json, read_hdf5
 from .recovery import open_for_appending
 
 __all__ = ["ResultsWriter", "cached_statistic", "complete"]
@@ -95,7 +95,7 @@ class ResultsWriter:
         if kind is None:
             self.close()
             return
-        self._discard()
+        self._discard(given_up=system_fault(error))
         if isinstance(error, (OSError, RuntimeError)):  # HDF5 could not write: a full disk, a held file
             raise DiskError(f"results file {self.path} could not be written: {fault_line(error, self.path)}") from None
 
@@ -103,22 +103,28 @@ class ResultsWriter:
         """Close the file (and give a new file its name); a fault is one :class:`StoreError`."""
         try:
             if self.file.id.valid:
-                self.file.close()
+                finish(self.file)
             if self._tmp is not None:
                 with open(self._tmp, "rb+") as f:
                     os.fsync(f.fileno())
                 os.replace(self._tmp, self.path)
                 self._tmp = None
         except (OSError, RuntimeError) as error:
-            self._discard()
+            self._discard(given_up=system_fault(error))
             raise DiskError(f"results file {self.path} could not be written: {fault_line(error, self.path)}") from None
         self._lock.close()
 
-    def _discard(self) -> None:
-        """After a fault: close what is open, remove a new file's temporary, release the lock."""
-        with contextlib.suppress(Exception):
-            if getattr(self, "file", None) is not None and self.file.id.valid:
-                self.file.close()
+    def _discard(self, given_up: bool = False) -> None:
+        """After an error: close what is open (or, where the system refused a write, give the file
+        up unclosed: see :func:`~ensattr_fast.store.hdf5.abandon`), remove a new file's
+        temporary, release the lock."""
+        file = getattr(self, "file", None)
+        if file is not None and file.id.valid:
+            if given_up:
+                abandon(file)
+            else:
+                with contextlib.suppress(Exception):
+                    file.close()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
@@ -159,6 +165,18 @@ class ResultsWriter:
         if name in group:
             del group[name]
         self._mark(group.create_dataset(name, data=value))
+
+    def write_statistic_blocks(self, name: str, shape: Sequence[int], blocks) -> None:
+        """``/statistics/<name>`` float32 ``shape`` [A, n, ...], written block by block from
+        ``blocks`` ((first index along n, array [A, b, ...]) pairs: never whole in memory),
+        marked complete once every block is on disk."""
+        group = self.file.require_group("statistics")
+        if name in group:
+            del group[name]
+        target = group.create_dataset(name, tuple(shape), np.float32)
+        for start, block in blocks:
+            target[:, start:start + block.shape[1]] = np.asarray(block, np.float32)
+        self._mark(target)
 
     def write_group(self, name: str, arrays: dict, attrs: dict) -> None:
         """``/<name>`` (e.g. ``certificate``, ``significance/first_order``, ``audit``): numpy

@@ -113,6 +113,50 @@ def test_hdf5s_long_fault_text_becomes_one_line():
     assert fault_line(error) == "no space left on device: r.h5"
 
 
+_HELD_HANDLES = """
+import sys, numpy as np
+from ensattr_fast.store.writer import ResultsWriter
+from ensattr_fast.errors import DiskError
+held = []
+try:
+    with ResultsWriter(sys.argv[1], "a") as writer:
+        group = writer.file.create_group("g")
+        with open(sys.argv[2], "wb", buffering=0) as filler:  # take every free byte
+            try:
+                while True:
+                    filler.write(bytes(4096))
+            except OSError:
+                pass
+        for i in range(200):  # handles held outside the writer, as a step's variables hold them
+            held.append(group.create_dataset(f"d{i}", data=np.random.rand(1000), chunks=(10,)))
+        writer.file.flush()
+except DiskError as error:
+    print(error, file=sys.stderr)
+held.clear()
+print("freed", file=sys.stderr)
+"""
+
+
+def test_a_process_that_met_a_full_disk_goes_on_quietly(tmp_path):
+    """The CI run of 2633484 ended an audit on a full disk with its one line after 60 lines of
+    h5py tracebacks: every dataset handle still held failed, as Python freed it, to flush the
+    file HDF5 could no longer write; and a library user's process that caught the DiskError
+    crashed (SIGSEGV) as it freed those handles, or at exit. Now: the one line, then the
+    process goes on and exits cleanly."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("no small filesystem can be mounted here")
+    try:
+        run = subprocess.run([sys.executable, "-c", _HELD_HANDLES, str(disk / "r.h5"), str(disk / "filler")],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    assert run.stderr.splitlines() == [f"results file {disk / 'r.h5'} could not be written: no space left on device: "
+                                       f"{disk / 'r.h5'}", "freed"], run.stderr
+    assert run.returncode == 0
+
+
 # ------------------------------------------------------------------------ damage refused
 
 
