@@ -31,6 +31,7 @@ from .errors import StoreError
 from .evaluation.counterfactuals import Counterfactuals
 from .runtime import distributed
 from .runtime.fields import as_record, update
+from .runtime.memory import set_budget
 from .steps import (AblateOptions, AttributeOptions, Attribution, Copies, GroupAudit, GroupAuditOptions, LdsOptions,
                     MemorizationOptions, MetricsOptions, Plan, PlanOptions, ReportOptions, SampleOptions, Samples,
                     Session, TrainOptions)
@@ -59,14 +60,18 @@ class Audit:
     results=...)`` works on files wherever they are (as the command line does). ``config``: a
     config file (or a loaded :class:`~ensattr_fast.steps.config_file.Config`) whose values are
     every step's defaults here. ``progress``: report long steps on stderr (a bar on a terminal,
-    lines in a log).
+    lines in a log). ``memory``: the GiB every step of this process plans its blocks from
+    (``--memory``; see :mod:`ensattr_fast.runtime.memory`).
     """
 
     PLAN, CHECKPOINT, RESULTS = "plan.h5", "ensemble.pt", "results.h5"
 
     def __init__(self, plan: Optional[os.PathLike] = None, checkpoint: Optional[os.PathLike] = None,
                  results: Optional[os.PathLike] = None, *, workdir: Optional[os.PathLike] = None,
-                 config: Union[os.PathLike, Config, None] = None, progress: bool = True):
+                 config: Union[os.PathLike, Config, None] = None, progress: bool = True,
+                 memory: Optional[float] = None):
+        if memory is not None:
+            set_budget(memory)
         self.session = Session(plan, checkpoint, results)
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = load_config(config) if config is not None and not isinstance(config, Config) else config

@@ -21,6 +21,11 @@ command), memorization (16 seeds, 8 phantoms), report.
 3,000. Targets: peak memory under 4 GiB at N >= 10^5, results file under 200 MB at 10^5, D-TRAK's
 CPU time per example within 1.2x of its time at the smallest N, no step superlinear in N.
 ``$ENSATTR_SCALE_DIR`` keeps the audits' folders (default: a new temporary folder).
+
+Every step runs under ``--memory $ENSATTR_SCALE_MEMORY`` (GiB, default 2: the blocks the
+figures of BENCHMARKS.md were taken with). At the largest N that runs D-TRAK, its training
+features are then computed twice more from scratch, under a 0.25 and a 4 GiB budget, side by
+side: peak memory and time of each, and whether the scores are the same.
 """
 
 from __future__ import annotations
@@ -57,11 +62,13 @@ def synthetic(n: int, path: Path, seed: int = 0) -> None:
     out.flush()
 
 
-def _step(args: List[str], work: Path) -> Dict[str, float]:
-    """Run one command in its own process; its cost line, parsed (wall: the whole process,
-    imports included)."""
+def _step(args: List[str], work: Path, memory: str = "") -> Dict[str, float]:
+    """Run one command in its own process under ``--memory`` (GiB); its cost line, parsed (wall:
+    the whole process, imports included)."""
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "ensattr_fast", *args], cwd=work, capture_output=True, text=True)
+    memory = memory or os.environ.get("ENSATTR_SCALE_MEMORY", "2")
+    done = subprocess.run([sys.executable, "-m", "ensattr_fast", *args, "--memory", memory], cwd=work,
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"ensattr {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
                            f"{done.stderr[-2000:]}")
@@ -113,6 +120,27 @@ def audit_costs(n: int, work: Path, dtrak: bool) -> Dict[str, Dict[str, float]]:
     return costs
 
 
+def budget_costs(work: Path, budgets=("0.25", "4")) -> Dict[str, Dict[str, float]]:
+    """D-TRAK's training features computed from scratch under each budget, in the audit of
+    ``work``: each one's cost, and the largest difference of its scores from the first's."""
+    import h5py
+
+    _step(["sample", "--checkpoint", "ensemble.pt", "--out", "budget.h5", "--seeds", "128:192",
+           "--sampling-steps", "20"], work)
+    costs, first = {}, None
+    for budget in budgets:
+        (work / "ensemble.pt.features.h5").unlink(missing_ok=True)
+        shutil.copy(work / "budget.h5", work / f"budget-{budget}.h5")
+        costs[budget] = _step(["attribute", "--checkpoint", "ensemble.pt", "--results", f"budget-{budget}.h5",
+                               "--samples", "64", "--method", "dtrak", "--check", "0"], work, budget)
+        with h5py.File(work / f"budget-{budget}.h5", "r") as f:
+            scores = f["influence/dtrak"][()]
+        first = scores if first is None else first
+        costs[budget]["difference"] = float(np.abs(scores - first).max())
+        print(f"--memory {budget}: {costs[budget]}", flush=True)
+    return costs
+
+
 def exponent(sizes: List[int], values: List[float]) -> float:
     """The least-squares slope of log(value) on log(N): cost ~ N^slope."""
     if len(sizes) < 2:
@@ -130,6 +158,8 @@ def run(quick: bool, device: str) -> Suite:
     root = Path(kept or tempfile.mkdtemp(prefix="ensattr-scale-"))
     try:
         table = {n: audit_costs(n, root / f"n{n}", n <= dtrak_max) for n in sizes}
+        dtrak = [n for n in sizes if n <= dtrak_max]
+        budgets = budget_costs(root / f"n{dtrak[-1]}") if dtrak else {}
     finally:
         if not kept:
             shutil.rmtree(root, ignore_errors=True)
@@ -160,6 +190,10 @@ def run(quick: bool, device: str) -> Suite:
         wall = table[n]["attribute dtrak, features on disk"]["wall"]
         suite.record(Record(name=f"D-TRAK scores from the features file at N = {n:,} (64 samples, whole command, "
                                  f"{wall:.0f} s)", value=64 * n / wall / 2, unit="(sample, unit)/s per core"))
+    for budget, cost in budgets.items():
+        suite.record(Record(name=f"D-TRAK at N = {dtrak[-1]:,}, features from scratch under --memory {budget}: peak "
+                                 f"memory (CPU {cost['cpu']:.0f} s, scores differ by {cost['difference']:.1e})",
+                            value=cost["peak"], unit="GiB"))
     for n in sizes:
         files = table[n]["files"]
         suite.record(Record(name=f"files at N = {n:,}: results (features file {files['features']:.0f} MB, "

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ..errors import MethodError
+from .gradients import member_scores
 
-__all__ = ["TrainFeatures", "add_gram", "kernel_weights", "kernel_sums", "combined", "feature_blocks"]
+__all__ = ["TrainFeatures", "add_gram", "kernel_weights", "kernel_sums", "unit_sums", "combined", "feature_blocks"]
 
 #: a block of training features: the first example's index and features [M, b, d]
 Block = Tuple[int, Tensor]
@@ -95,6 +96,18 @@ def kernel_sums(blocks: Iterator[Block], weights: Tensor, unit_of: Tensor, code:
             includers.index_add_(1, units, scores * trained[:, m])
             excluders.index_add_(1, units, scores * ~trained[:, m])
     return includers, excluders
+
+
+def unit_sums(train: TrainFeatures, queries: Tensor, unit_of: Tensor, code: Tensor) -> Tuple[Tensor, Tensor]:
+    """:func:`kernel_sums`' two sums for the queries' features [M, Q, d]: block by block through
+    the Grams, or, where ``train`` has none (a projection wider than the examples are many),
+    from each member's scores through the n x n dual (:func:`~.gradients.member_scores`; its
+    features are few), summed over includers and excluders the same way."""
+    if train.gram is not None:
+        return kernel_sums(train.blocks(), kernel_weights(train.gram, queries), unit_of, code)
+    scores = member_scores(train.whole(), queries, unit_of, len(code))  # [M, Q, N]
+    seen = code.T.float()[:, None, :]
+    return (scores * seen).sum(0), (scores * (1 - seen)).sum(0)
 
 
 def combined(includers: Tensor, excluders: Tensor, code: Tensor, how: str) -> Tensor:

@@ -31,8 +31,8 @@ from ..errors import MethodError
 from ..members import Ensemble
 from .first_order import first_order_grams
 from .full_kernel import exact_member_scores
-from .gradients import COMBINATIONS, FeatureSpec, combine, dataset_features, gradient_features, member_scores
-from .kernels import TrainFeatures, combined, kernel_sums, kernel_weights
+from .gradients import COMBINATIONS, FeatureSpec, combine, dataset_features, gradient_features
+from .kernels import TrainFeatures, combined, unit_sums
 from .loss import member_losses
 
 __all__ = ["Rows", "Scorer", "CodeScorer", "GradientScorer", "SCORERS", "Method", "METHODS", "DEFAULT_METHODS",
@@ -116,21 +116,17 @@ class GradientScorer(Scorer):
                 rows.ensemble, rows.schedule, rows.data(), rows.images, spec, rows.unit_of, len(rows.code)))
             return combine(per_member, rows.code, method.combination)
         sums = rows.once(("gradient", spec.kind), lambda: self.sums(spec, rows))
-        if isinstance(sums, Tensor):  # the dual form's per-member scores
-            return combine(sums, rows.code, method.combination)
         return combined(*sums, rows.code, method.combination)
 
     @staticmethod
     def sums(spec: FeatureSpec, rows: Rows):
         """Projected features of the rows (kept) against the training features (the caller's
-        store): :func:`~.kernels.kernel_sums` block by block, or, where the projection is wider
-        than the examples are many, each member's scores [M, S, N] through the n x n dual."""
+        store): :func:`~.kernels.unit_sums`, over the members that trained on each unit and
+        over those that did not."""
         train = rows.features_of_training(spec)
         queries = rows.keep(f"features_{spec.kind}{spec.tag}",
                             lambda: gradient_features(rows.ensemble, rows.schedule, rows.images, spec))
-        if spec.dim > train.n:
-            return member_scores(train.whole(), queries, rows.unit_of, len(rows.code))
-        return kernel_sums(train.blocks(), kernel_weights(train.gram, queries), rows.unit_of, rows.code)
+        return unit_sums(train, queries, rows.unit_of, rows.code)
 
 
 def _grams(rows: Rows):

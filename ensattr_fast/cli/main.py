@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..audit import Audit
 from ..errors import DiskError, EnsattrError
 from ..evaluation.floors import summary as significance_summary
-from ..runtime import distributed
+from ..runtime import distributed, memory
 from ..runtime.files import fault_line, quiet_hdf5_teardown
 from ..steps import demo
 from ..steps.groups import describe as describe_audit
@@ -117,6 +117,7 @@ def _stop(command: str, error, own: bool) -> int:
 
 
 def _run(command: Command) -> int:
+    memory.set_budget(command.memory)
     options = command.options
     if hasattr(options, "device"):
         device = launch(options.device)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 from ..errors import ConfigError
 from ..runtime.fields import Kind, Leaf, leaves, update
+from ..runtime.kinds import Float
 from ..steps.config_file import Config, load_config
 from ..steps.files import STEP_FILES
 from ..steps.options import STEP_OPTIONS
@@ -58,6 +59,7 @@ class Command(NamedTuple):
     options: Any
     files: Dict[str, Optional[Path]]
     config: Optional[Config]
+    memory: Optional[float] = None  # GiB, --memory
 
 
 def _argument_type(kind: Kind):
@@ -96,6 +98,9 @@ def _add_step(sub, step: str) -> None:
         p.add_argument(leaf.flag, **arguments)
     p.add_argument("--config", type=Path, default=argparse.SUPPRESS, action=_Once,
                    help="TOML or YAML file of options (flags win over it); one per run")
+    p.add_argument("--memory", type=_argument_type(Float(0, 2**20, low_open=True)), default=None,
+                   help="GiB the step plans its blocks from (default: ENSATTR_MEMORY, else an eighth of this "
+                        "machine's memory); the command's peak is printed at its end")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,6 +119,7 @@ def parse(argv: Optional[List[str]] = None) -> Command:
     step = given.pop("command")
     prog = f"ensattr {step}"
     config_path = given.pop("config", None)
+    memory = given.pop("memory", None)
     config = load_config(config_path) if config_path is not None else None
     roles = {role.name: role for role in STEP_FILES[step]}
     from_file = config.values(step) if config is not None else {}
@@ -135,4 +141,4 @@ def parse(argv: Optional[List[str]] = None) -> Command:
         options = update(options, flags, prog)
     except ConfigError as error:
         raise UsageError(prog, str(error).removeprefix(f"{prog}: ")) from None
-    return Command(step, options, files, config)
+    return Command(step, options, files, config, memory)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CodeError
+from ..runtime import memory
 
 __all__ = ["kmeans"]
 
@@ -43,9 +44,9 @@ __all__ = ["kmeans"]
 #: any machine setting (1 thread: 10^5 x 64 points into 1024 clusters in about 12 s)
 _FAISS_THREADS = 1
 
-#: float64 values per block of the distance computation (64 MiB), so that distances to the
-#: centres never hold a copy of the data per centre
-_BLOCK_VALUES = 1 << 23
+#: the memory budget's share of one block of the distance computation (float64; 64 MiB at
+#: 2 GiB), so that distances to the centres never hold a copy of the data per centre
+_BLOCK_SHARE = 1 / 32
 
 
 def kmeans(points: Tensor, k: int, seed: int, iterations: int = 100) -> Tensor:
@@ -156,7 +157,7 @@ def _check(points: Tensor, k: int, iterations: int) -> Tensor:
 
 def _squared_distances(x: Tensor, centres: Tensor) -> Tensor:
     """||x_i - c_j||^2, float64 [n, k], summed over D for each pair alone (thread-proof)."""
-    rows = max(1, _BLOCK_VALUES // max(1, x.shape[1]))
+    rows = max(1, memory.share(_BLOCK_SHARE, 8) // max(1, x.shape[1]))
     out = torch.empty(len(x), len(centres), dtype=torch.float64)
     for start in range(0, len(x), rows):
         block = x[start : start + rows]

@@ -34,12 +34,13 @@ from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from ..errors import DataError
+from ..runtime import memory
 
 __all__ = ["Duplicates", "find_duplicates", "DUPLICATE_MODES"]
 
 DUPLICATE_MODES = ("group", "keep", "refuse", "off")
 _FILTER_DIMS = 64  # principal directions of the filter: the flat search's cost is n^2 x this
-_PAIRS_PER_BLOCK = 1 << 24  # query rows x points compared at once (64 MiB of float32 distances)
+_PAIRS_SHARE = 1 / 32  # of the memory budget: the float32 distances of the rows x points compared at once
 _SLACK = 1e-4  # relative slack of the float32 filter, far above its rounding error
 
 
@@ -124,7 +125,7 @@ def _candidates(points: Tensor, radius: float) -> Iterator[Tuple[np.ndarray, np.
     scale = float(norms.max()) if len(norms) else 0.0
     limit = radius**2 + _SLACK * (2 * scale + radius**2) + 1e-12
     index = _faiss_index(y)
-    step = max(1, _PAIRS_PER_BLOCK // max(1, len(y)))
+    step = max(1, memory.share(_PAIRS_SHARE, 4) // max(1, len(y)))
     for start in range(0, len(y), step):
         block = y[start:start + step]
         if index is not None:
@@ -153,7 +154,7 @@ def _faiss_index(y: Tensor):
 def _confirm(points: Tensor, rows: np.ndarray, cols: np.ndarray, radius: float) -> np.ndarray:
     """Which candidate pairs are within ``radius`` in full dimension (float64, row by row)."""
     keep = np.zeros(len(rows), dtype=bool)
-    step = max(1, _PAIRS_PER_BLOCK // max(1, points.shape[1]))
+    step = max(1, memory.share(_PAIRS_SHARE, 4) // max(1, points.shape[1]))
     for start in range(0, len(rows), step):
         i = torch.from_numpy(rows[start:start + step])
         j = torch.from_numpy(cols[start:start + step])

@@ -31,6 +31,7 @@ import torch
 from .. import codes
 from ..attribution.methods import Method
 from ..ops import code_scores
+from ..runtime import memory
 from ..runtime.fields import Float, Int, check_fields, option
 from ..store import ResultsWriter, open_results, parse_json
 from .significance import benjamini_hochberg, empirical_pvalues, significance
@@ -39,9 +40,10 @@ __all__ = ["NoiseFloor", "floor_arrays", "score_floors", "certify", "summary", "
 
 #: phantom rows scored per row: cheap (one code_scores call), and p-values resolve to 1e-3
 SCORE_PHANTOMS = 1024
-#: values of a block of an influence matrix judged at once (rows x units): each float64 array
-#: of the p-values, z-scores and BH ranks of a block is 32 MiB, whatever N
-_BLOCK_VALUES = 1 << 22
+#: the memory budget's share, in values, of a block of an influence matrix judged at once (rows
+#: x units): each float64 array of the p-values, z-scores and BH ranks of a block is 32 MiB at
+#: a 2 GiB budget, whatever N
+_BLOCK_SHARE = 1 / 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _judge(view, floor: np.ndarray, index: np.ndarray, alpha: float) -> dict:
     """p, z, q of the top units ``index`` [R, k] of a lazy influence matrix [R, N], BH over N."""
     out = {name: np.full(index.shape, np.nan, np.float32) for name in ("pvalue", "zscore", "qvalue")}
     n_significant = np.zeros(len(index), np.int64)
-    rows = max(1, min(64, _BLOCK_VALUES // max(1, view.shape[1])))
+    rows = max(1, min(64, memory.share(_BLOCK_SHARE) // max(1, view.shape[1])))
     for start in range(0, len(index), rows):
         block = slice(start, start + rows)
         p, z = empirical_pvalues(view[block, :], floor[block])

@@ -9,19 +9,20 @@ from typing import Callable
 
 from ..attribution import FeatureSpec, gradient_features
 from ..attribution.kernels import TrainFeatures
-from ..runtime import distributed
+from ..runtime import distributed, memory
 from ..store.features import copy_features, stored_features
 from .session import Session
 
-__all__ = ["training_features", "block_rows", "FEATURE_BLOCK_BYTES"]
+__all__ = ["training_features", "block_rows", "FEATURE_SHARE"]
 
-#: bytes of features one block holds in memory ([M, b, d] float32)
-FEATURE_BLOCK_BYTES = 256 << 20
+#: the share of the memory budget one block of features ([M, b, d] float32) holds
+FEATURE_SHARE = 1 / 8
 
 
-def block_rows(members: int, dim: int, budget: int = FEATURE_BLOCK_BYTES) -> int:
-    """Training examples per block of features: as many as ``budget`` holds, 64 to 16,384."""
-    return max(64, min(16384, budget // max(1, members * dim * 4)))
+def block_rows(members: int, dim: int) -> int:
+    """Training examples per block of features: as many as an eighth of the memory budget holds
+    (:mod:`ensattr_fast.runtime.memory`), 64 to 16,384."""
+    return max(64, min(16384, memory.share(FEATURE_SHARE, members * dim * 4)))
 
 
 def training_features(session: Session, device: str, progress: bool = False,

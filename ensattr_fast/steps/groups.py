@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..attribution import FeatureSpec, combine, gradient_features, member_scores
-from ..attribution.kernels import combined, kernel_sums, kernel_weights
+from ..attribution import FeatureSpec, gradient_features
+from ..attribution.kernels import combined, unit_sums
 from ..attribution.methods import get_method
 from ..errors import CodeError, MethodError
 from ..evaluation.counterfactuals import Counterfactuals
@@ -103,10 +103,7 @@ def _example_scores(session: Session, rows: int, method, device: str) -> torch.T
     query = gradient_features(ensemble, schedule, queries, spec)
     n = train.n
     code = checkpoint.code[checkpoint.unit_of]  # each example under its unit's code row
-    if spec.dim > n:  # the dual form, as attribute scores it
-        return combine(member_scores(train.whole(), query, torch.arange(n), n), code, method.combination)
-    sums = kernel_sums(train.blocks(), kernel_weights(train.gram, query), torch.arange(n), code)
-    return combined(*sums, code, method.combination)
+    return combined(*unit_sums(train, query, torch.arange(n), code), code, method.combination)
 
 
 def _top_examples(scores: torch.Tensor, unit_of: torch.Tensor, groups: torch.Tensor, k: int):

@@ -57,7 +57,7 @@ class PlanOptions:
     fit: str = option("crop", Choice("crop", "resize"),
                       "image folders: centre-crop after resizing the short side, or resize")
     key: str = option("images", Text(), "arrays and HDF5: the images' key or dataset")
-    memory_budget: float = option(2.0, Float(0, 2**20, low_open=True), "HDF5: GiB above which images stay on disk")
+    memory_budget: float = option(2.0, Float(0, 2**20, low_open=True), "HDF5: GiB of images held; past it on disk")
     no_scale: bool = option(False, Switch(), "arrays and HDF5: take values as they are (latents) instead of "
                                              "checking [-1, 1]")
     duplicates: str = option("group", Choice(*DUPLICATE_MODES),

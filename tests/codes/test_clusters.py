@@ -15,6 +15,7 @@ from ensattr_fast.codes import clusters
 from ensattr_fast.codes.clusters import _fill_empty, kmeans
 from ensattr_fast.data import load_data, load_hdf5, units_for
 from ensattr_fast.errors import CodeError, DataError
+from ensattr_fast.runtime import memory
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,14 @@ def test_the_command_line_prints_the_design_and_refuses_bad_cluster_counts(tmp_p
         assert err.startswith("ensattr plan: error: ") and len(err.splitlines()) == 1, err
         assert "clusters:K" in err
         assert not refused.exists() and list(tmp_path.iterdir()) == [out]
+
+
+def test_a_small_budget_gives_the_same_clusters(monkeypatch):
+    """--memory sizes the blocks of the distances to the centres, never the clusters."""
+    monkeypatch.setattr(clusters, "_faiss", lambda: None)  # the blocked float64 path
+    x = torch.randn(3000, 64, generator=torch.Generator().manual_seed(3))
+    with memory.budget_of(1 / 1024):
+        small = clusters.kmeans(x, 12, seed=0, iterations=20)
+    with memory.budget_of(8):
+        large = clusters.kmeans(x, 12, seed=0, iterations=20)
+    assert torch.equal(small, large)

@@ -15,6 +15,7 @@ from ensattr_fast.codes import duplicates as dup
 from ensattr_fast.data import load_digits, plant_canaries
 from ensattr_fast.data.canaries import save_canaries
 from ensattr_fast.errors import DataError
+from ensattr_fast.runtime import memory
 from ensattr_fast.steps.options import PlanOptions
 from ensattr_fast.steps.plan import plan
 
@@ -176,3 +177,15 @@ def test_plan_duplicates_off_searches_nothing_and_says_so(scattered, capsys):
     with h5py.File(where / "off.h5", "r") as f:
         assert f["duplicates"].attrs["space"] == '"none"' and (f["duplicates/set_of"][:] == -1).all()
         assert f["code"].shape[0] == len(found.data)  # every copy its own unit
+
+
+def test_a_small_budget_finds_the_same_duplicates(search):
+    """--memory sizes the blocks of rows compared at once, never the sets."""
+    x = planted(16)
+    with memory.budget_of(1 / 1024):  # 1 MiB: a few dozen rows compared at a time
+        assert memory.share(dup._PAIRS_SHARE, 4) // len(x) < len(x) // 10
+        small = dup.find_duplicates(x, 1.0).set_of
+    with memory.budget_of(8):
+        large = dup.find_duplicates(x, 1.0).set_of
+    assert np.array_equal(small.numpy(), large.numpy())
+    assert np.array_equal(small.numpy(), brute_force(x, 1.0))
