@@ -52,6 +52,16 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.images)
 
+    def class_labels(self, classes: int) -> Tensor:
+        """The labels int64 [n] that members conditioned on ``classes`` classes train on, or a
+        :class:`DataError` where there are none or one lies outside 0..classes-1."""
+        if self.labels is None:
+            raise DataError(f"these members are class-conditional but {self.name} has no labels")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= classes):
+            raise DataError(f"{self.name} has labels {int(self.labels.min())}..{int(self.labels.max())}; "
+                            f"the members know classes 0..{classes - 1}")
+        return self.labels.long()
+
     @property
     def in_memory(self) -> bool:
         """Whether the images are a tensor in memory (else they stay on disk)."""

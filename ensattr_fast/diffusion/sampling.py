@@ -24,13 +24,14 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import CodeError
+from ..errors import CodeError, DataError
 from ..members import Ensemble, PackedLayout
 from ..members.passes import MemberPasses, Passes, precision_scope
 from ..ops import ensemble_step
 from .schedules import NoiseSchedule, Sampler
 
-__all__ = ["ablation_weights", "seeded_normal", "run_trajectories", "sample", "ablate", "replay", "Trajectories"]
+__all__ = ["ablation_weights", "seeded_normal", "run_trajectories", "sample", "ablate", "replay", "Trajectories",
+           "check_labels", "per_seed_labels"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -93,19 +94,69 @@ class Trajectories:
 
 
 class _Packing:
-    """The packed layout of trajectories with member weights w [T, M]: member-major rows."""
+    """The packed layout of trajectories with member weights w [T, M]: member-major rows.
 
-    def __init__(self, weights: Tensor, device: torch.device):
+    With ``labels`` (one per trajectory, -1: none) each packed row carries its label; with
+    ``guidance`` w > 0 as well, each (member, trajectory) pair is two packed rows, the labelled
+    one weighted (1 + w) w_m and the unlabelled one -w w_m, so that the op's weighted sum is the
+    guided mean of the kept members: classifier-free guidance, ablated or not, with no kernel of
+    its own (every packed row is still one trajectory's, so the op writes the next input of
+    both)."""
+
+    def __init__(self, weights: Tensor, device: torch.device, labels: Optional[Tensor] = None,
+                 guidance: float = 0.0):
         keeps = weights > 0
-        pairs = keeps.T.nonzero()  # (member, trajectory), member-major: the packed rows
-        self.layout = PackedLayout(keeps.sum(0))
-        self.trajectory = pairs[:, 1]
-        by_trajectory = torch.argsort(pairs[:, 1] * weights.shape[1] + pairs[:, 0])
-        counts = keeps.sum(1)
+        T, M = weights.shape
+        factors = torch.tensor([1.0 + guidance, -guidance] if labels is not None and guidance else [1.0],
+                               dtype=torch.float64)
+        pairs = keeps.T.nonzero()  # (member, trajectory), member-major
+        V = len(factors)
+        member, trajectory = pairs[:, 0].repeat(V), pairs[:, 1].repeat(V)
+        variant = torch.arange(V).repeat_interleave(len(pairs))
+        order = torch.argsort((member * V + variant) * T + trajectory)  # the packed rows: member, variant, trajectory
+        member, trajectory, variant = member[order], trajectory[order], variant[order]
+        self.layout = PackedLayout(keeps.sum(0) * V)
+        self.trajectory = trajectory
+        self.labels = None
+        if labels is not None:
+            self.labels = torch.where(variant == 0, labels[trajectory], -1).to(device)
+        by_trajectory = torch.argsort((trajectory * M + member) * V + variant)
+        counts = keeps.sum(1) * V
         self.row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(device)
         self.rows = by_trajectory.to(device)
-        self.weights = weights[pairs[by_trajectory, 1], pairs[by_trajectory, 0]]
+        self.weights = weights[trajectory[by_trajectory], member[by_trajectory]] * factors[variant[by_trajectory]]
         self.device = device
+
+
+def per_seed_labels(given: Optional[Sequence[int]], count: int) -> Optional[Tensor]:
+    """``--labels`` as int64 [count]: one label for every seed, or one each; None stays None."""
+    if given is None:
+        return None
+    if len(given) not in (1, count):
+        raise DataError(f"--labels gives {len(given)} labels for {count} seeds: give one for every seed, or one each")
+    return torch.tensor(list(given) * count if len(given) == 1 else list(given), dtype=torch.long)
+
+
+def check_labels(classes: int, labels, samples: int, guidance: float = 0.0) -> Optional[Tensor]:
+    """``labels`` as int64 [samples] (-1: no condition), or a :class:`DataError` naming what does
+    not fit members of ``classes`` classes (0: unconditional): labels for unconditional members,
+    a wrong count, a label outside 0..classes-1, guidance without labels."""
+    if labels is None:
+        if guidance:
+            raise DataError(f"guidance {guidance} needs a label per sample (--labels): it pushes each sample toward "
+                            "its label")
+        return None
+    if not classes:
+        raise DataError("labels were given, but these members are unconditional (trained without --conditional)")
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (samples,):
+        raise DataError(f"labels must be {samples} integers, one per sample, got {labels.dtype} "
+                        f"{tuple(labels.shape)}")
+    bad = labels[(labels < -1) | (labels >= classes)]
+    if len(bad):
+        raise DataError(f"label {int(bad[0])} is not one the members were trained on (0..{classes - 1}, or -1 for "
+                        "none)")
+    return labels.long()
 
 
 @torch.no_grad()
@@ -118,6 +169,7 @@ def run_trajectories(
     sample_of: Tensor,
     passes: Passes = Passes(),
     progress: Optional[Callable[[float], None]] = None,
+    labels: Optional[Tensor] = None,
 ) -> Trajectories:
     """Run trajectory t from seed ``seeds[sample_of[t]]`` under member weights ``weights[t]``.
 
@@ -125,6 +177,8 @@ def run_trajectories(
         seeds: one seed per sample [S]; weights: float [T, M]; sample_of: int64 [T].
         passes: how the members are evaluated; progress: called after each step with the samples
             it advanced (S / steps), e.g. ``Progress.update``.
+        labels: class-conditional members: the label of each sample [S] (-1: none), guided by
+            ``sampler.guidance``.
     Returns:
         :class:`Trajectories` with the final images [T, *data_shape].
     """
@@ -132,7 +186,8 @@ def run_trajectories(
     shape, M = ensemble.data_shape, ensemble.n_members
     if weights.shape[1:] != (M,):
         raise CodeError(f"weights must have shape [T, {M}], got {tuple(weights.shape)}")
-    packing = _Packing(weights, device)
+    labels = check_labels(ensemble.classes, labels, len(seeds), sampler.guidance)
+    packing = _Packing(weights, device, None if labels is None else labels[sample_of], sampler.guidance)
     dtype = next(ensemble.parameters()).dtype
     entry_weights = packing.weights.to(device, torch.promote_types(dtype, torch.float32))  # the op's accumulation dtype
     sample_of = sample_of.to(device)
@@ -142,7 +197,7 @@ def run_trajectories(
     members, plan = MemberPasses(ensemble, passes), sampler.plan(schedule)
     for k, step in enumerate(plan):
         with precision_scope(sampler.precision or "fp32", device):
-            eps = members.forward_packed(packed.view(-1, *shape), step.t, packing.layout)
+            eps = members.forward_packed(packed.view(-1, *shape), step.t, packing.layout, packing.labels)
         eps = eps.flatten(1).to(dtype)  # autocast members answer in half precision
         evaluations += packing.layout.n_packed
         padded += M * packing.layout.n_max - packing.layout.n_packed
@@ -160,11 +215,13 @@ def run_trajectories(
 def sample(
     ensemble: Ensemble, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequence[int],
     passes: Passes = Passes(), progress: Optional[Callable[[float], None]] = None,
+    labels: Optional[Tensor] = None,
 ) -> Tensor:
-    """Full-ensemble samples [S, *data_shape], one per seed."""
+    """Full-ensemble samples [S, *data_shape], one per seed (and label: class-conditional
+    members, guided by ``sampler.guidance``)."""
     full = torch.full((len(seeds), ensemble.n_members), 1.0 / ensemble.n_members, dtype=torch.float64)
     return run_trajectories(ensemble, schedule, sampler, seeds, full, torch.arange(len(seeds)), passes,
-                            progress).images
+                            progress, labels).images
 
 
 def ablate(
@@ -177,8 +234,10 @@ def ablate(
     per_sample: bool = False,
     max_trajectories: Optional[int] = None,
     passes: Passes = Passes(),
+    labels: Optional[Tensor] = None,
 ) -> Trajectories:
-    """Counterfactual samples: each seed run under each unit set's ablation.
+    """Counterfactual samples: each seed (with its label, for class-conditional members) run
+    under each unit set's ablation.
 
     ``per_sample=False``: every seed under every unit set; images [A, S, *data_shape].
     ``per_sample=True``: ``unit_sets[i]`` is the list of unit sets for seed i (K each);
@@ -195,7 +254,7 @@ def ablate(
     else:
         K = len(unit_sets)
         weights = ablation_weights(code, unit_sets)[None].expand(S, K, -1)
-    result = replay(ensemble, schedule, sampler, seeds, weights, max_trajectories, passes)
+    result = replay(ensemble, schedule, sampler, seeds, weights, max_trajectories, passes, labels=labels)
     if not per_sample:
         result.images = result.images.transpose(0, 1)
     return result
@@ -210,10 +269,11 @@ def replay(
     max_trajectories: Optional[int] = None,
     passes: Passes = Passes(),
     progress: Optional[Callable[[float], None]] = None,
+    labels: Optional[Tensor] = None,
 ) -> Trajectories:
-    """Seed i replayed under each of its K member weightings ``weights[i]`` [S, K, M]: images
-    [S, K, *data_shape]. Work is split into chunks of whole samples, at most
-    ``max_trajectories`` trajectories each (at least one sample)."""
+    """Seed i (and label i: class-conditional members) replayed under each of its K member
+    weightings ``weights[i]`` [S, K, M]: images [S, K, *data_shape]. Work is split into chunks
+    of whole samples, at most ``max_trajectories`` trajectories each (at least one sample)."""
     S, K = weights.shape[:2]
     chunk = max(1, (max_trajectories or S * K) // max(K, 1))  # sample-major: a chunk holds whole samples
     images, evaluations, padded = [], 0, 0
@@ -223,6 +283,7 @@ def replay(
         result = run_trajectories(
             ensemble, schedule, sampler, seeds[start : start + chunk], w.reshape(n * K, -1),
             torch.arange(n).repeat_interleave(K), passes, progress,
+            None if labels is None else torch.as_tensor(labels)[start : start + chunk],
         )
         images.append(result.images.view(n, K, *ensemble.data_shape))
         evaluations += result.member_evaluations

@@ -78,6 +78,7 @@ class Sampler:
     """DDPM ancestral sampling (all T steps) or DDIM (``steps`` of them, stochasticity ``eta``).
 
     ``clip``: range of x0_hat, or None. DDIM with eta = 1 over all T steps equals DDPM.
+    ``guidance``: classifier-free guidance w for class-conditional members sampled with labels.
     ``precision``: the members' precision (:data:`ensattr_fast.members.passes.PRECISIONS`); a
     sample replays bit for bit only in its own, so every replay of it takes the sampler it was
     drawn with. None: fp32 (``ensattr sample`` fills in the members' training precision).
@@ -91,6 +92,8 @@ class Sampler:
     precision: Optional[str] = option(None, Maybe(Choice(*PRECISIONS)),
                                       "of the members (default: the precision they were trained in); recorded with "
                                       "the samples, whose every replay (ablate, attribute) uses it")
+    guidance: float = option(0.0, Float(0, 1000), "classifier-free guidance w of class-conditional members: eps = "
+                                                  "(1 + w) eps(x, label) - w eps(x), over the kept members")
 
     def __post_init__(self):
         if self.kind not in ("ddpm", "ddim"):
@@ -99,6 +102,8 @@ class Sampler:
             raise ConfigError(f"DDIM needs steps >= 1, got {self.steps}")
         if not isinstance(self.eta, (int, float)) or not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta must lie in [0, 1], got {self.eta}")
+        if not isinstance(self.guidance, (int, float)) or not 0.0 <= self.guidance <= 1000:
+            raise ConfigError(f"guidance must lie in [0, 1000], got {self.guidance}")
         if self.precision is not None:
             check_precision(self.precision)
         if self.clip is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -54,20 +54,26 @@ class PackedLayout:
 
 
 class Ensemble(nn.Module):
-    """Base class: ``n_members`` denoisers over data of shape ``data_shape``."""
+    """Base class: ``n_members`` denoisers over data of shape ``data_shape``; class-conditional
+    where ``classes`` > 0, whose ``forward(x, t, labels)`` takes a label per row (-1: none)."""
 
     n_members: int
     data_shape: Tuple[int, ...]
+    classes: int = 0
 
     def spec(self) -> dict:
         """JSON-able description from which :func:`build_ensemble` rebuilds the architecture."""
         raise NotImplementedError
 
-    def forward_packed(self, x_packed: Tensor, t: int, layout: PackedLayout) -> Tensor:
-        """Member outputs for packed rows x_packed [P, *data_shape], all at timestep t."""
+    def forward_packed(self, x_packed: Tensor, t: int, layout: PackedLayout,
+                       labels: Optional[Tensor] = None) -> Tensor:
+        """Member outputs for packed rows x_packed [P, *data_shape], all at timestep t, with
+        the label of each row ``labels`` [P] (class-conditional members)."""
         padded = layout.pad(x_packed)
         steps = torch.full(padded.shape[:2], t, dtype=torch.long, device=x_packed.device)
-        return layout.unpad(self(padded, steps))
+        if labels is None:
+            return layout.unpad(self(padded, steps))
+        return layout.unpad(self(padded, steps, layout.pad(labels)))
 
     def parameters_per_member(self) -> int:
         return sum(p.numel() for p in self.parameters()) // self.n_members

@@ -4,12 +4,13 @@ with batched matmuls."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ArchitectureError
 from .base import Ensemble, timestep_embedding
 
 
@@ -47,7 +48,9 @@ class StackedMLP(Ensemble):
     """Residual MLP denoisers on flattened data, weights stacked over members.
 
     h = W_in x; per block: h += W_2 silu(W_1 silu(LN(h)) + W_t e(t)); eps = W_out silu(LN(h)),
-    with e(t) = silu(W_e sinusoidal(t)).
+    with e(t) = silu(W_e sinusoidal(t)). Class-conditional members (``classes`` > 0) add
+    W_c onehot(c) inside that silu, c in 0..classes-1, or ``classes`` (the empty condition)
+    for a label of -1: each member is then its conditional and unconditional model at once.
     """
 
     def __init__(
@@ -59,9 +62,10 @@ class StackedMLP(Ensemble):
         time_dim: int = 128,
         shared_init: bool = False,
         seed: int = 0,
+        classes: int = 0,
     ):
         super().__init__()
-        self.n_members, self.data_shape = n_members, tuple(data_shape)
+        self.n_members, self.data_shape, self.classes = n_members, tuple(data_shape), classes
         self.hidden, self.blocks, self.time_dim = hidden, blocks, time_dim
         self.shared_init, self.seed = shared_init, seed
         dim, M = math.prod(self.data_shape), n_members
@@ -73,6 +77,8 @@ class StackedMLP(Ensemble):
         self.lin2 = nn.ModuleList([_StackedLinear(M, hidden, hidden, 0.5) for _ in range(blocks)])
         self.out_norm = _StackedLayerNorm(M, hidden)
         self.out = _StackedLinear(M, hidden, dim, init_scale=0.1)
+        # last, so that an unconditional ensemble draws the same weights as before it existed
+        self.label = _StackedLinear(M, classes + 1, time_dim) if classes else None
         generator = torch.Generator().manual_seed(seed)
         for module in self.modules():
             if isinstance(module, _StackedLinear):
@@ -81,14 +87,22 @@ class StackedMLP(Ensemble):
     def spec(self) -> dict:
         return dict(kind="mlp", n_members=self.n_members, data_shape=list(self.data_shape),
                     hidden=self.hidden, blocks=self.blocks, time_dim=self.time_dim,
-                    shared_init=self.shared_init, seed=self.seed)
+                    shared_init=self.shared_init, seed=self.seed, **({"classes": self.classes} if self.classes else {}))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """eps [M, B, ...] for x [M, B, ...], t [M, B] or [B] and, for class-conditional
+        members, ``labels`` int64 [M, B] or [B] (-1: no condition; None: none for any row)."""
         M, B = x.shape[:2]
         e = timestep_embedding(t, self.time_dim).to(x.dtype)
         if e.dim() == 2:  # timesteps shared by all members
             e = e.expand(M, B, self.time_dim)
-        e = F.silu(self.time(e))
+        e = self.time(e)
+        if self.label is not None:
+            index = torch.full((M, B), self.classes, device=x.device) if labels is None else labels.expand(M, B)
+            e = e + self.label(F.one_hot(torch.where(index < 0, self.classes, index), self.classes + 1).to(x.dtype))
+        elif labels is not None:
+            raise ArchitectureError("these members are unconditional: they take no labels")
+        e = F.silu(e)
         h = self.inp(x.reshape(M, B, -1))
         for norm, lin1, temb, lin2 in zip(self.norms, self.lin1, self.temb, self.lin2):
             h = h + lin2(F.silu(lin1(F.silu(norm(h))) + temb(e)))

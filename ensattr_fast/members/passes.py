@@ -127,11 +127,11 @@ class MemberPasses:
     def _part_forward(self, part, members: range) -> Callable:
         ensemble, cut = self.ensemble, slice(members.start, members.stop)
 
-        def forward(x: Tensor, t: Tensor) -> Tensor:
+        def forward(x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
             part.train(ensemble.training)
             state = {name: v[cut] for name, v in ensemble.named_parameters()}
             state.update({name: v[cut] for name, v in ensemble.named_buffers()})
-            return functional_call(part, state, (x, t))
+            return functional_call(part, state, (x, t) if labels is None else (x, t, labels))
         return forward
 
     def passes(self) -> Iterator[Tuple[slice, Callable[[Tensor, Tensor], Tensor]]]:
@@ -141,18 +141,20 @@ class MemberPasses:
                 forward = _checkpointed(forward)
             yield slice(members.start, members.stop), forward
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        """Member outputs [M, B, ...] for x [M, B, ...] and t [M, B] or [B], pass by pass."""
-        outputs = [forward(x[cut], t[cut] if t.dim() == 2 else t) for cut, forward in self.passes()]
+    def __call__(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """Member outputs [M, B, ...] for x [M, B, ...], t [M, B] or [B] and (class-conditional
+        members) labels [M, B] or [B], pass by pass."""
+        outputs = [forward(x[cut], *(v[cut] if v.dim() == 2 else v for v in (t, labels) if v is not None))
+                   for cut, forward in self.passes()]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def forward_packed(self, x_packed: Tensor, t: int, layout) -> Tensor:
+    def forward_packed(self, x_packed: Tensor, t: int, layout, labels: Optional[Tensor] = None) -> Tensor:
         """``Ensemble.forward_packed`` pass by pass: member outputs for packed rows [P, ...]."""
         if not self.chunked:
-            return self.ensemble.forward_packed(x_packed, t, layout)
+            return self.ensemble.forward_packed(x_packed, t, layout, labels)
         padded = layout.pad(x_packed)
         steps = torch.full(padded.shape[:2], t, dtype=torch.long, device=x_packed.device)
-        return layout.unpad(self(padded, steps))
+        return layout.unpad(self(padded, steps, None if labels is None else layout.pad(labels)))
 
 
 def _balanced(M: int, K: int) -> List[range]:
@@ -167,8 +169,8 @@ def _balanced(M: int, K: int) -> List[range]:
 
 
 def _checkpointed(forward: Callable) -> Callable:
-    def run(x: Tensor, t: Tensor) -> Tensor:
+    def run(x: Tensor, t: Tensor, *labels: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
-            return forward(x, t)
-        return checkpoint(forward, x, t, use_reentrant=False)
+            return forward(x, t, *labels)
+        return checkpoint(forward, x, t, *labels, use_reentrant=False)
     return run

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 from ..errors import ArchitectureError, ConfigError
-from ..runtime.fields import Choice, FilePath, Int, Kind, Width, check_fields, option
+from ..runtime.fields import Choice, FilePath, Int, Kind, Switch, Width, check_fields, option
 from .base import Ensemble
 from .diffusers_unet import SEED_CIFAR10, diffusers_ensemble
 from .mlp import StackedMLP
@@ -70,6 +70,10 @@ ARCHITECTURES: Dict[str, Architecture] = {
 }
 
 
+#: the architectures that take class labels (``--conditional``)
+CONDITIONAL = ("mlp",)
+
+
 class _ArchitectureName(Kind):
     """A name in :data:`ARCHITECTURES` (read when parsed: plugins may add their own)."""
 
@@ -106,6 +110,9 @@ class MemberOptions:
     width: int = option(32, Width(), "channels of the built-in UNet members")
     unet_config: Optional[dict] = option(None, FilePath(), "diffusers: JSON file of UNet2DModel arguments",
                                          convert=_unet_config)  # the arguments (shape from the data)
+    conditional: bool = option(False, Switch(), "class-conditional members (mlp) on the data's labels, each also "
+                                                "its unconditional model (--cond-dropout): sample with --labels "
+                                                "and --guidance")
 
     def __post_init__(self):
         _architecture(self.arch)  # an unknown one is an ArchitectureError, as when a checkpoint names it
@@ -121,10 +128,19 @@ def _architecture(name) -> Architecture:
 
 
 def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[int], shared_init: bool,
-                  seed: int) -> Ensemble:
+                  seed: int, classes: int = 0) -> Ensemble:
     """A new ensemble of ``n_members`` members of ``options.arch`` for data of ``data_shape``
-    [C, H, W], sharing initial weights when ``shared_init`` (all drawn from ``seed``)."""
+    [C, H, W], sharing initial weights when ``shared_init`` (all drawn from ``seed``);
+    conditioned on ``classes`` labels where ``options.conditional``."""
     own = _architecture(options.arch).spec(options, data_shape)
+    if options.conditional:
+        if options.arch not in CONDITIONAL:
+            raise ArchitectureError(f"--conditional: class-conditional members are built for --arch "
+                                    f"{', '.join(CONDITIONAL)}, not {options.arch}")
+        if classes < 1:
+            raise ArchitectureError("--conditional needs class labels in the data (digits, an array's labels, "
+                                    "image folders by class)")
+        own["classes"] = classes
     return build_ensemble(dict(kind=options.arch, n_members=n_members, data_shape=list(data_shape), **own,
                                shared_init=shared_init, seed=seed))
 

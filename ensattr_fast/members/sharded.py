@@ -34,7 +34,7 @@ class ShardedEnsemble(Ensemble):
         if len(members) != shard.n_members or members.stop > n_members:
             raise ValueError(f"a shard of {shard.n_members} members cannot hold members {members} of {n_members}")
         self.shard, self.members, self.n_members = shard, members, n_members
-        self.data_shape = shard.data_shape
+        self.data_shape, self.classes = shard.data_shape, shard.classes
         self._passes = MemberPasses(shard, passes)
         self._layout: Optional[Tuple[PackedLayout, PackedLayout]] = None  # (whole, own) of this run
 
@@ -53,10 +53,12 @@ class ShardedEnsemble(Ensemble):
             self._layout = (layout, own)
         return self._layout[1]
 
-    def forward_packed(self, x_packed: Tensor, t: int, layout: PackedLayout) -> Tensor:
+    def forward_packed(self, x_packed: Tensor, t: int, layout: PackedLayout,
+                       labels: Optional[Tensor] = None) -> Tensor:
         counts = layout.counts
         start, stop = int(counts[: self.members.start].sum()), int(counts[: self.members.stop].sum())
-        own = self._passes.forward_packed(x_packed[start:stop], t, self._own(layout))
+        own = self._passes.forward_packed(x_packed[start:stop], t, self._own(layout),
+                                          None if labels is None else labels[start:stop])
         return distributed.gather_rows(own)
 
 

@@ -51,8 +51,9 @@ def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOpti
             config = dataclasses.replace(config, mode="independent")
     elif options.models != 1:
         raise ConfigError("--models counts the models of --all-units; a planned ensemble has the plan's members")
+    classes = int(data.labels.max()) + 1 if data.labels is not None and len(data.labels) else 0
     ensemble = build_members(options.architecture, code.shape[1], data.data_shape, config.mode != "independent",
-                             config.seed)
+                             config.seed, classes)
     if distributed.world().size > code.shape[1]:
         raise CodeError(f"{distributed.world().size} ranks for {code.shape[1]} members: "
                         "launch at most one rank per member")

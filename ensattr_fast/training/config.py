@@ -35,6 +35,8 @@ class TrainConfig:
                                         convert=_ema)
     seed: int = option(0, Int(0, SEED_LIMIT - 1), "seed of the initial weights and of every draw")
     hflip: bool = option(False, Switch(), "random horizontal flips of the training images")
+    cond_dropout: float = option(0.1, Float(0, 1), "class-conditional members: the share of examples trained "
+                                                   "without their label (the unconditional model guidance needs)")
     precision: str = option("fp32", Choice(*PRECISIONS),
                             "of the members: fp32; tf32 (CUDA matmuls and convolutions; the CPU stays fp32); bf16 or "
                             "fp16 autocast with float32 weights, Adam state and loss (fp16: loss scaling)")

@@ -85,6 +85,8 @@ class Trainer:
         self.schedule, self.config = schedule, config
         # data on disk (a Dataset not in memory) is read a step ahead by one background thread
         self.images = data.images.to(self.device) if data.in_memory else None
+        # class-conditional members: each example's label
+        self.labels = data.class_labels(ensemble.classes).to(self.device) if ensemble.classes else None
         self._reader = ThreadPoolExecutor(max_workers=1) if self.images is None else None
         self._pending: Optional[dict] = None
         self._state_before_pending: Optional[Tensor] = None
@@ -126,7 +128,11 @@ class Trainer:
             flip = torch.rand(index.shape[-1] if cfg.mode == "masked_batch" else (M_all, B), generator=g,
                               device=dev)
             flip = (flip if cfg.mode == "masked_batch" else flip[own]) < 0.5
-        return dict(index=index, t=t, eps=eps, flip=flip)
+        drop = None
+        if self.labels is not None:  # drawn last: an unconditional run's draws stay as they were
+            drop = torch.rand(index.shape[-1] if cfg.mode == "masked_batch" else (M_all, B), generator=g, device=dev)
+            drop = (drop if cfg.mode == "masked_batch" else drop[own]) < cfg.cond_dropout
+        return dict(index=index, t=t, eps=eps, flip=flip, drop=drop)
 
     def _examples(self, draw: dict) -> Tensor:
         """The clean examples x0 of a draw: from memory, or from disk (prefetched while the
@@ -136,6 +142,10 @@ class Trainer:
         future = draw.pop("x0", None)
         x0 = future.result() if future is not None else self.data.read(draw["index"].flatten().cpu())
         return x0.to(self.device, non_blocking=True).view(*draw["index"].shape, *self.ensemble.data_shape)
+
+    def _labels(self, draw: dict):
+        """The labels of a draw's examples, -1 where dropped (None: unconditional members)."""
+        return None if self.labels is None else torch.where(draw["drop"], -1, self.labels[draw["index"]])
 
     def _batch(self, draw: dict):
         """(x_t [M,B,...], t [M,B] or [B], eps [M,B,D] or [B,D], mask [M,B]) of a draw."""
@@ -168,12 +178,15 @@ class Trainer:
         """One optimisation step of every member; returns the per-member losses [M]."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate(self.step)
-        x_t, t, target, mask = self._batch(self._next_draw())
+        draw = self._next_draw()
+        x_t, t, target, mask = self._batch(draw)
+        labels = self._labels(draw)
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
         for cut, forward in self.passes.passes():  # members share no weights: one backward per pass
+            conditions = [v[cut] if v.dim() == 2 else v for v in (t, labels) if v is not None]
             with precision_scope(self.config.precision, self.device):
-                pred = forward(x_t[cut], t[cut] if t.dim() == 2 else t).flatten(2)
+                pred = forward(x_t[cut], *conditions).flatten(2)
             # the loss in float32 whatever the members' precision (as autocast's mse_loss): eps unrounded
             _, per_member = masked_member_mse(pred.to(torch.promote_types(pred.dtype, torch.float32)),
                                               target[cut] if target.dim() == 3 else target, mask[cut])
