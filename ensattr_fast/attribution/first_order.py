@@ -13,7 +13,7 @@ through d eps_m / dx and keeps only each member's output along the trajectory.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -51,12 +51,16 @@ def first_order_grams(
     sampler: Sampler,
     seeds: Sequence[int],
     chunk: int = 16,
+    labels: Optional[Tensor] = None,
 ) -> FirstOrderGrams:
     """Exact-Jacobian and direct Gram matrices [S, M, M] for the full-ensemble sample of each
-    seed, ``chunk`` samples at a time (memory grows with chunk * M * M * D)."""
+    seed (with its label, class-conditional members: each member's output is then its guided
+    one, (1 + w) eps_m(x, label) - w eps_m(x), whose mean the sampler took), ``chunk`` samples
+    at a time (memory grows with chunk * M * M * D)."""
     exact, direct, samples = [], [], []
     for start in range(0, len(seeds), chunk):
-        e, d, x = _grams_of_chunk(ensemble, schedule, sampler, list(seeds[start : start + chunk]))
+        e, d, x = _grams_of_chunk(ensemble, schedule, sampler, list(seeds[start : start + chunk]),
+                                  None if labels is None else labels[start : start + chunk])
         exact.append(e)
         direct.append(d)
         samples.append(x)
@@ -68,7 +72,7 @@ def first_order_grams(
     return FirstOrderGrams(torch.cat(exact), torch.cat(direct), torch.cat(samples))
 
 
-def _grams_of_chunk(ensemble, schedule, sampler, seeds):
+def _grams_of_chunk(ensemble, schedule, sampler, seeds, labels=None):
     device = next(ensemble.parameters()).device
     dtype = next(ensemble.parameters()).dtype
     M, shape, S = ensemble.n_members, ensemble.data_shape, len(seeds)
@@ -79,7 +83,14 @@ def _grams_of_chunk(ensemble, schedule, sampler, seeds):
         steps = torch.full((M, S), step.t, device=device)
 
         def members(x_flat):  # every member's output at x: [M, S, D]
-            return ensemble(x_flat.view(1, S, *shape).expand(M, S, *shape), steps).flatten(2)
+            x_in = x_flat.view(1, S, *shape).expand(M, S, *shape)
+            if labels is None:
+                return ensemble(x_in, steps).flatten(2)
+            out = ensemble(x_in, steps, labels.to(device))
+            if sampler.guidance:
+                unlabelled = ensemble(x_in, steps, torch.full_like(labels, -1).to(device))
+                out = (1 + sampler.guidance) * out - sampler.guidance * unlabelled
+            return out.flatten(2)
 
         eps, d_eps = vmap(lambda v: jvp(members, (x,), (v,)), out_dims=(None, 0))(tangent)
         eps_bar = eps.mean(0)

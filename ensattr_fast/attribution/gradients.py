@@ -97,11 +97,15 @@ def gradient_features(
     spec: FeatureSpec = FeatureSpec(),
     batch: Optional[int] = None,
     progress: bool = False,
+    labels: Optional[Tensor] = None,
 ) -> Tensor:
-    """Projected per-example gradient features [M, n, dim] of ``images`` [n, *data_shape]."""
+    """Projected per-example gradient features [M, n, dim] of ``images`` [n, *data_shape] (with
+    their ``labels`` [n], class-conditional members: the gradient of the conditional loss)."""
     check_images(images, "images for gradient features", shape=ensemble.data_shape, allow_empty=True)
     if isinstance(ensemble, StackedMLP):
-        return _mlp_features(ensemble, schedule, images, spec, batch or 128, progress)
+        return _mlp_features(ensemble, schedule, images, spec, batch or 128, progress, labels)
+    if labels is not None:
+        raise MethodError("gradient features with labels are built for the stacked MLP members only")
     return _generic_features(ensemble, schedule, images, spec, batch or 16, progress)
 
 
@@ -127,8 +131,10 @@ def linear_layers(ensemble: StackedMLP) -> List[_StackedLinear]:
     return [m for m in ensemble.modules() if isinstance(m, _StackedLinear)]
 
 
-def layer_rows(ensemble: StackedMLP, schedule, images: Tensor, spec: FeatureSpec) -> List[tuple]:
-    """One forward and backward pass over ``images`` [n, *shape] at the spec's K draws; per
+def layer_rows(ensemble: StackedMLP, schedule, images: Tensor, spec: FeatureSpec,
+               labels: Optional[Tensor] = None) -> List[tuple]:
+    """One forward and backward pass over ``images`` [n, *shape] (and ``labels`` [n]) at the
+    spec's K draws; per
     linear layer its inputs and output gradients (x [M, n K, fan_in], dy [M, n K, fan_out]),
     the per-example gradient of the layer being sum_k [x_k, 1] dy_k^T over the example's rows."""
     parameter = next(ensemble.parameters())
@@ -144,7 +150,10 @@ def layer_rows(ensemble: StackedMLP, schedule, images: Tensor, spec: FeatureSpec
         x_t, t, eps = _noised(images, spec, schedule, parameter.device, parameter.dtype)
         rows = x_t.reshape(len(x_t) * K, *shape)
         with torch.enable_grad():
-            out = ensemble(rows.expand(M, *rows.shape), t.repeat(len(x_t)))
+            conditions = [t.repeat(len(x_t))]
+            if labels is not None:  # each example's rows under its label
+                conditions.append(labels.to(rows.device).repeat_interleave(K))
+            out = ensemble(rows.expand(M, *rows.shape), *conditions)
             value = _value(out, eps.repeat(len(x_t), *([1] * len(shape))), spec.kind)
             ensemble.zero_grad(set_to_none=True)
             (value.sum() / K).backward()  # each row's share of its example's mean over K
@@ -155,7 +164,7 @@ def layer_rows(ensemble: StackedMLP, schedule, images: Tensor, spec: FeatureSpec
     return [tuple(seen[layer]) for layer in layers]
 
 
-def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress) -> Tensor:
+def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress, labels=None) -> Tensor:
     device = next(ensemble.parameters()).device
     M, K = ensemble.n_members, spec.timesteps
     shapes = [tuple(layer.weight.shape[1:]) for layer in linear_layers(ensemble)]
@@ -164,7 +173,8 @@ def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress)
     with Progress(len(images), f"{spec.kind} features", "examples", enabled=progress) as bar:
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
-            features[:, start : start + len(chunk)] = project(layer_rows(ensemble, schedule, chunk, spec),
+            chunk_labels = None if labels is None else labels[start : start + batch]
+            features[:, start : start + len(chunk)] = project(layer_rows(ensemble, schedule, chunk, spec, chunk_labels),
                                                               len(chunk), K).cpu()
             bar.update(len(chunk))
     return features
@@ -211,8 +221,13 @@ def per_example_gradients(ensemble: Ensemble, spec: FeatureSpec) -> tuple:
 def dataset_features(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: FeatureSpec = FeatureSpec(),
                      progress: bool = False) -> Tensor:
     """:func:`gradient_features` [M, n, dim] of every image of a :class:`~ensattr_fast.data.Dataset`,
-    read block by block (data on disk is never loaded whole)."""
-    blocks = [gradient_features(ensemble, schedule, block, spec, progress=progress) for block in data.blocks()]
+    read block by block (data on disk is never loaded whole); class-conditional members take
+    each image's label."""
+    blocks, start = [], 0
+    for block in data.blocks():
+        labels = data.labels[start:start + len(block)] if ensemble.classes else None
+        blocks.append(gradient_features(ensemble, schedule, block, spec, progress=progress, labels=labels))
+        start += len(block)
     return torch.cat(blocks, 1) if blocks else torch.zeros(ensemble.n_members, 0, spec.dim)
 
 

@@ -8,6 +8,8 @@ u makes q harder to denoise, i.e. u supports q.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -27,8 +29,10 @@ def member_losses(
     draws: int = 64,
     seed: int = 0,
     chunk: int = 64,
+    labels: Optional[Tensor] = None,
 ) -> Tensor:
-    """Each member's diffusion loss on each query image, L [Q, M].
+    """Each member's diffusion loss on each query image, L [Q, M] (conditioned on its label
+    [Q], class-conditional members).
 
     The same ``draws`` (t, eps) pairs serve every member and every query (common random
     numbers), so member differences are differences of their data, not of the draws.
@@ -46,7 +50,10 @@ def member_losses(
         x_t = abar.sqrt() * q[:, None] + (1 - abar).sqrt() * eps  # [Qc, K, ...]
         batch = x_t.reshape(-1, *shape).to(device)
         steps = t.repeat(len(q)).to(device)
-        pred = ensemble(batch[None].expand(M, *batch.shape), steps)
+        conditions = [steps]
+        if labels is not None:
+            conditions.append(labels[start : start + chunk].repeat_interleave(draws).to(device))
+        pred = ensemble(batch[None].expand(M, *batch.shape), *conditions)
         target = eps.repeat(len(q), *([1] * len(shape))).flatten(1).to(device)
         per_example, _ = masked_member_mse(pred.flatten(2), target)
         out.append(per_example.view(M, len(q), draws).mean(-1).T.cpu())

@@ -61,6 +61,7 @@ class Rows:
     #: the training examples' features and Grams under a spec; None: computed here, in memory
     train_features: Optional[Callable[[FeatureSpec], TrainFeatures]] = None
     progress: bool = False
+    labels: Optional[Tensor] = None  # [S], class-conditional members: the label each row was drawn with
     _memo: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def features_of_training(self, spec: FeatureSpec) -> TrainFeatures:
@@ -112,6 +113,9 @@ class GradientScorer(Scorer):
     def scores(self, method: "Method", rows: Rows) -> Tensor:
         spec = dataclasses.replace(rows.features, kind=method.feature_kind)
         if spec.exact:  # no features to keep: the Grams of the full gradients, then the kernel
+            if rows.labels is not None:
+                raise MethodError("--exact-kernel takes no labels yet: score class-conditional samples with the "
+                                  "projected features (the default)")
             per_member = rows.once(("exact", spec.kind), lambda: exact_member_scores(
                 rows.ensemble, rows.schedule, rows.data(), rows.images, spec, rows.unit_of, len(rows.code)))
             return combine(per_member, rows.code, method.combination)
@@ -125,21 +129,22 @@ class GradientScorer(Scorer):
         over those that did not."""
         train = rows.features_of_training(spec)
         queries = rows.keep(f"features_{spec.kind}{spec.tag}",
-                            lambda: gradient_features(rows.ensemble, rows.schedule, rows.images, spec))
+                            lambda: gradient_features(rows.ensemble, rows.schedule, rows.images, spec,
+                                                      labels=rows.labels))
         return unit_sums(train, queries, rows.unit_of, rows.code)
 
 
 def _grams(rows: Rows):
     # both Grams come from one pass through the sampler
     return rows.once("grams", lambda: first_order_grams(rows.ensemble, rows.schedule, rows.sampler, rows.seeds,
-                                                        chunk=rows.chunk))
+                                                        chunk=rows.chunk, labels=rows.labels))
 
 
 FIRST_ORDER = CodeScorer("first_order", "gram", {"gram_exact": lambda rows: _grams(rows).exact,
                                                   "gram_direct": lambda rows: _grams(rows).direct},
                          predicts_distance=True)
 LOSS = CodeScorer("loss", "losses", {"losses": lambda rows: member_losses(rows.ensemble, rows.schedule, rows.images,
-                                                                          rows.draws)})
+                                                                          rows.draws, labels=rows.labels)})
 GRADIENT = GradientScorer()
 SCORERS: Dict[str, Scorer] = {s.name: s for s in (FIRST_ORDER, LOSS, GRADIENT)}
 

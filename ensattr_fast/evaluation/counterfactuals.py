@@ -10,7 +10,7 @@ phantoms' (:func:`~ensattr_fast.evaluation.floors.floor_arrays`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -57,9 +57,10 @@ class Counterfactuals:
 def exact_counterfactuals(ensemble: Ensemble, schedule: NoiseSchedule, sampler: Sampler, code: Tensor,
                           seeds: List[int], images: Tensor, units: Tensor, floor: NoiseFloor = NoiseFloor(),
                           passes: Passes = Passes(), max_trajectories: int = 4096, label: str = "ablate",
-                          progress: bool = True) -> Counterfactuals:
-    """Counterfactuals of the samples ``images`` [S, ...] drawn from ``seeds`` by ``sampler``,
-    without ``units`` [S, K] each, beside ``floor.phantoms`` phantom ablations per sample.
+                          progress: bool = True, labels: Optional[Tensor] = None) -> Counterfactuals:
+    """Counterfactuals of the samples ``images`` [S, ...] drawn from ``seeds`` (and ``labels``,
+    class-conditional members) by ``sampler``, without ``units`` [S, K] each, beside
+    ``floor.phantoms`` phantom ablations per sample.
 
     Distributed, every rank holds all members and replays its share of the samples (gathered
     on every rank); a :class:`ShardedEnsemble` holds this rank's members and replays every
@@ -75,7 +76,8 @@ def exact_counterfactuals(ensemble: Ensemble, schedule: NoiseSchedule, sampler: 
     share = len(units) / max(len(mine), 1)  # rank 0 counts every rank's samples by its own
     with Progress(len(units), label, "samples", enabled=progress and distributed.world().main) as bar:
         result = replay(ensemble, schedule, sampler, seeds[mine.start : mine.stop], weights[mine.start : mine.stop],
-                        max_trajectories, passes, progress=lambda n: bar.update(n * share))
+                        max_trajectories, passes, progress=lambda n: bar.update(n * share),
+                        labels=None if labels is None else labels[mine.start : mine.stop])
     gather: Callable[[Tensor], Tensor] = (lambda x: x) if sharded else distributed.gather_rows
     replayed = gather(result.images).cpu()
     evaluations = int(gather(torch.tensor([result.member_evaluations])).sum())

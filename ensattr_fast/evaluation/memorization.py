@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -151,11 +151,12 @@ def _proof_weights(sets: Dict[int, List[int]], generator: Tensor, gen: Model, en
 
 
 def _replay(model: Model, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequence[int], weights: Tensor,
-            max_trajectories: int) -> Tensor:
-    """Images [S, K, C, H, W] of each seed under its K weightings; NaN rows (no phantom) give NaN."""
+            max_trajectories: int, labels: Optional[Tensor] = None) -> Tensor:
+    """Images [S, K, C, H, W] of each seed (and label) under its K weightings; NaN rows (no
+    phantom) give NaN."""
     missing = torch.isnan(weights).any(-1)
     filled = torch.where(missing[..., None], weights[:, :1].expand_as(weights), weights)
-    images = replay(model.ensemble, schedule, sampler, seeds, filled, max_trajectories).images.cpu()
+    images = replay(model.ensemble, schedule, sampler, seeds, filled, max_trajectories, labels=labels).images.cpu()
     images[missing] = math.nan
     return images
 
@@ -163,7 +164,8 @@ def _replay(model: Model, schedule: NoiseSchedule, sampler: Sampler, seeds: Sequ
 def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest, schedule: NoiseSchedule,
                    sampler: Sampler, seeds: Sequence[int], phantoms: int = 64, alpha: float = 0.05, seed: int = 0,
                    max_trajectories: int = 4096, statistic: str = "trend",
-                   null_check: bool = False, null_target: str = "nearest") -> Dict[str, np.ndarray]:
+                   null_check: bool = False, null_target: str = "nearest",
+                   labels: Optional[Tensor] = None) -> Dict[str, np.ndarray]:
     """Sample ``seeds`` from ``generator`` (members of ``gen``), find the units each sample copies
     (``test``) and prove each copy by an exact counterfactual without all of them, against its
     phantom replays (module doc): by the row-permutation trend test over every replay
@@ -174,6 +176,8 @@ def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest,
     (``"planted"``: the image plus noise of norm threshold/4, so the unit tested is chosen apart
     from the sample); ``false_flag`` marks those that would pass (Benjamini-Hochberg over them
     alone), the rate of false flags, and ``null_units`` [S] the unit each was tested against.
+    ``labels`` [S]: class-conditional members sample each seed under its label (and the
+    sampler's guidance), and every proof replays it so (stored as ``label``).
 
     Returns the arrays of ``/memorization`` (docs: :func:`ensattr_fast.store.write_memorization`):
     seed [S], images [S, C, H, W], nearest_unit [S], nearest_distance [S], is_copy [S],
@@ -189,7 +193,8 @@ def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest,
     seeds = [int(s) for s in seeds]
     S = len(seeds)
     weights = generator.weights(gen.code.shape[1])
-    images = _replay(gen, schedule, sampler, seeds, weights[None, None].expand(S, 1, -1), max_trajectories)[:, 0]
+    images = _replay(gen, schedule, sampler, seeds, weights[None, None].expand(S, 1, -1), max_trajectories,
+                     labels)[:, 0]
     units, distance, copied = test.copied(images)
     is_copy = torch.tensor([bool(c) for c in copied]).numpy()
     targets = [c if c or not null_check else [int(units[s])] for s, c in enumerate(copied)]
@@ -204,7 +209,8 @@ def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest,
     members = torch.zeros(S, P + 1, max(gen.code.shape[1], ens.code.shape[1]), dtype=torch.bool)
     for place, (rows, w) in proofs.items():
         model = gen if place == "generator" else ens
-        replayed = _replay(model, schedule, sampler, [seeds[s] for s in rows], w, max_trajectories)
+        replayed = _replay(model, schedule, sampler, [seeds[s] for s in rows], w, max_trajectories,
+                           None if labels is None else labels[torch.tensor(rows, dtype=torch.long)])
         rows_t = torch.tensor(rows, dtype=torch.long)
         away = test.distance_to_units(replayed.nan_to_num(0.0), [targets[s] for s in rows])  # [S_c, 1 + P]
         away[torch.isnan(replayed.flatten(2)).any(-1)] = math.nan
@@ -237,7 +243,9 @@ def find_and_prove(ens: Model, gen: Model, generator: Generator, test: CopyTest,
     for s, c in enumerate(copied):
         copied_units[s, :len(c)] = c
     f32 = lambda x: np.asarray(x, dtype=np.float32)
-    return dict(seed=np.asarray(seeds, np.int64), images=f32(images), nearest_unit=units.numpy().astype(np.int64),
+    labelled = {} if labels is None else dict(label=labels.numpy().astype(np.int64))
+    return dict(labelled, seed=np.asarray(seeds, np.int64), images=f32(images),
+                nearest_unit=units.numpy().astype(np.int64),
                 nearest_distance=f32(distance), is_copy=is_copy.astype(np.uint8), copied_units=copied_units,
                 proof_images=f32(proof_images), proof_distance=f32(proof_distance), moved=f32(moved),
                 shift=f32(shift), floor=f32(floor), pvalue=f32(pvalue), pvalue_floor=f32(p_floor),

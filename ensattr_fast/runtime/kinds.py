@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
 __all__ = ["BIG", "SEED_LIMIT", "Kind", "Int", "Float", "Choice", "Switch", "Text", "FilePath", "Seeds", "Device",
-           "Units", "UnitKind", "Width", "Maybe"]
+           "Units", "Labels", "UnitKind", "Width", "Maybe"]
 
 #: counts no run of this package comes near; anything larger is a typo
 BIG = 10**9
@@ -178,6 +178,19 @@ class Units(Kind):
             return tuple(unit.parse(v) for v in parts)
         except ValueError as error:
             raise ValueError(f"unit ids are comma-separated integers, e.g. 3,17,250: {error}") from None
+
+
+class Labels(Kind):
+    """Class labels, comma-separated (``3`` for every sample, ``0,1,2,...`` one per sample), -1
+    for none; whether the members know them is the sampler's to say."""
+
+    def parse(self, value: Any) -> Tuple[int, ...]:
+        label = Int(-1, 2**31)
+        parts = value if isinstance(value, (list, tuple, range)) else _text(value).split(",")
+        try:
+            return tuple(label.parse(v) for v in parts)
+        except ValueError as error:
+            raise ValueError(f"labels are comma-separated integers >= -1, e.g. 3 or 0,1,2: {error}") from None
 
 
 class UnitKind(Kind):

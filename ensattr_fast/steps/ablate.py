@@ -83,7 +83,7 @@ def _ablate(session: Session, options: AblateOptions, units, written_by: str, pr
     codes.check_unit_ids(units, len(code), "units to ablate", allow_none=True)
     ensemble, passes = place_members(session.ensemble(options.device), options.passes, options.device)
     found = exact_counterfactuals(ensemble, checkpoint.schedule, session.sampler(), code, seeds, images, units, floor,
-                                  passes, max_trajectories, label=written_by)
+                                  passes, max_trajectories, label=written_by, labels=session.labels(len(units)))
     distributed.barrier()  # every rank has read the samples: the writer finds no reader
     if distributed.world().main:
         with ResultsWriter(session.results, "a") as writer:

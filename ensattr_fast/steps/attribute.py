@@ -132,7 +132,8 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
         if options.keep_features and world.main:
             keep_features(found, results, spec)  # the results file itself, not a rank's part
     if len(mine):
-        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main, train)
+        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main, train,
+                    session.labels(mine.stop, mine.start))
     if world.distributed:
         distributed.barrier()  # every part is complete
         if world.main:
@@ -164,7 +165,8 @@ def _expected_bytes(session: Session, options: AttributeOptions, methods: List[M
 
 
 def _score_rows(session: Session, options: AttributeOptions, methods: List[Method], seeds: List[int],
-                samples: torch.Tensor, target: Path, groups: Optional[dict], progress: bool, train) -> None:
+                samples: torch.Tensor, target: Path, groups: Optional[dict], progress: bool, train,
+                labels: Optional[torch.Tensor] = None) -> None:
     """The statistics of the rows (kept in ``target`` for resumes) and every method's matrix."""
     checkpoint = session.checkpoint
     rows = Rows(session.ensemble(options.device), checkpoint.schedule, session.sampler(), seeds, samples,
@@ -173,7 +175,7 @@ def _score_rows(session: Session, options: AttributeOptions, methods: List[Metho
                 chunk=math.gcd(options.block_rows, 16),
                 features=FeatureSpec(dim=options.projection_dim, exact=options.exact_kernel),
                 keep=lambda name, compute: cached_statistic(target, name, compute), train_features=train,
-                progress=progress)
+                progress=progress, labels=labels)
     by_code = {m.name: (m.scorer.name, m.scorer.statistic(m, rows)) for m in methods if m.scorer.by_code}
     spec = dict(rows="samples", sampler=dataclasses.asdict(rows.sampler), draws=options.draws,
                 checkpoint_hash=checkpoint.file_hash)
@@ -213,7 +215,7 @@ def _every_row(session: Session, options: AttributeOptions, rows: int):
     ensemble, passes = place_members(session.ensemble(options.device), Passes(), options.device)
     found = exact_counterfactuals(ensemble, session.checkpoint.schedule, session.sampler(), code, seeds, images,
                                   first.expand(len(seeds), -1).clone(), NoiseFloor(phantoms=0), passes,
-                                  label="certify")
+                                  label="certify", labels=session.labels(rows))
     return found.distances.numpy(), first.numpy()
 
 

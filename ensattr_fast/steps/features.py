@@ -43,12 +43,21 @@ def training_features(session: Session, device: str, progress: bool = False,
         world = distributed.world()
         opened[spec] = stored_features(
             session.checkpoint_path, checkpoint.file_hash, dict(dataclasses.asdict(spec), tag=spec.tag), shape,
-            lambda images: gradient_features(ensemble, checkpoint.schedule, images, spec),
+            lambda images, start: gradient_features(ensemble, checkpoint.schedule, images, spec,
+                                                    labels=_labels(session, start, len(images))),
             lambda rows: session.data().blocks(rows), rows or block_rows(shape[0], spec.dim), progress and world.main,
             world.rank, world.size, distributed.all_reduce_sum, distributed.barrier)
         return opened[spec]
 
     return features
+
+
+def _labels(session: Session, start: int, count: int):
+    """The labels of training examples ``start`` to ``start + count`` (class-conditional members;
+    else None)."""
+    if not session.checkpoint.spec.get("classes"):
+        return None
+    return session.data().labels[start:start + count]
 
 
 def keep_features(features: TrainFeatures, results, spec: FeatureSpec) -> None:

@@ -100,7 +100,7 @@ def _example_scores(session: Session, rows: int, method, device: str) -> torch.T
     _, queries = session.samples(rows)
     spec = FeatureSpec(kind=method.feature_kind)
     train = training_features(session, device)(spec)
-    query = gradient_features(ensemble, schedule, queries, spec)
+    query = gradient_features(ensemble, schedule, queries, spec, labels=session.labels(rows))
     n = train.n
     code = checkpoint.code[checkpoint.unit_of]  # each example under its unit's code row
     return combined(*unit_sums(train, query, torch.arange(n), code), code, method.combination)

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from ..diffusion.sampling import check_labels, per_seed_labels
 from ..errors import CheckpointError, DataError
 from ..evaluation.memorization import REASONS, CopyTest, Model, find_and_prove, parse_generator
 from ..runtime.files import atomic_output, check_output, check_space, writing
@@ -71,12 +72,13 @@ def memorization(session: Session, out: os.PathLike, options: MemorizationOption
     if data.fingerprint() != checkpoint.data_fingerprint:
         raise DataError(f"the training data of {session.checkpoint_path} has changed since it was trained")
     device, floor, sampler = options.device, options.floor, options.sampler
+    labels = check_labels(other.spec.get("classes", 0), per_seed_labels(options.labels, S), S, sampler.guidance)
     ens = Model(session.ensemble(device), checkpoint.code)
     gen = ens if other is checkpoint else Model(other.build().to(device), other.code)
     test = CopyTest(data, checkpoint.unit_of, options.threshold, load_embedding(options.embed))
     arrays = find_and_prove(ens, gen, spec, test, checkpoint.schedule, sampler, list(options.seeds),
                             floor.phantoms, floor.alpha, floor.seed, max_trajectories, options.statistic,
-                            options.null_check, options.null_target)
+                            options.null_check, options.null_target, labels)
     described = dict(spec=spec.name, members=None if spec.members is None else list(spec.members),
                      checkpoint=str(options.generator_checkpoint or session.checkpoint_path))
     with writing(out, "memorization file"), atomic_output(out) as tmp:
@@ -86,7 +88,7 @@ def memorization(session: Session, out: os.PathLike, options: MemorizationOption
                            reasons=list(REASONS), phantoms=floor.phantoms,
                            alpha=floor.alpha, seed=floor.seed,
                            sampler=dict(kind=sampler.kind, steps=sampler.steps, eta=sampler.eta,
-                                        clip=list(sampler.clip) if sampler.clip else None),
+                                        clip=list(sampler.clip) if sampler.clip else None, guidance=sampler.guidance),
                            ensemble=str(session.checkpoint_path), unit_names=[str(n) for n in checkpoint.unit_names])
     return Copies(arrays, options.threshold)
 

@@ -116,7 +116,7 @@ def _metrics(session: Session, samples: int, device: str, seed: int) -> dict:
     ensemble = session.ensemble(device)
     sets = [[[int(a)], [int(b)]] for a, b in zip(nearest, random_units)]
     result = ablate(ensemble, checkpoint.schedule, session.sampler(), checkpoint.code,
-                    seeds, sets, per_sample=True)
+                    seeds, sets, per_sample=True, labels=session.labels(len(seeds)))
     after = result.images.cpu()
     still_nearest = torch.stack([nearest_units(after[:, j], data, unit_of, 1)[:, 0] for j in range(2)], 1)
     found["false_attribution"] = {

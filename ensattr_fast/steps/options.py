@@ -23,8 +23,8 @@ from ..evaluation.floors import NoiseFloor
 from ..members import MemberOptions
 from ..members.passes import Passes
 from ..runtime.fields import check_fields, nested, option
-from ..runtime.kinds import (SEED_LIMIT, Choice, Device, FilePath, Float, Int, Maybe, Seeds, Switch, Text, UnitKind,
-                             Units)
+from ..runtime.kinds import (SEED_LIMIT, Choice, Device, FilePath, Float, Int, Labels, Maybe, Seeds, Switch, Text,
+                             UnitKind, Units)
 from ..training import TrainConfig
 from .kinds import GeneratorName, GradientMethod, MethodList, MethodName, UnitSets, read_groups
 
@@ -60,10 +60,9 @@ class PlanOptions:
     memory_budget: float = option(2.0, Float(0, 2**20, low_open=True), "HDF5: GiB of images held; past it on disk")
     no_scale: bool = option(False, Switch(), "arrays and HDF5: take values as they are (latents) instead of "
                                              "checking [-1, 1]")
-    duplicates: str = option("group", Choice(*DUPLICATE_MODES),
-                             "exact and near duplicate images: group each set into one unit (so that some members "
-                             "exclude every copy), keep them where the units put them, refuse the data, or off: "
-                             "no search (quadratic in the images: minutes at 10^5, hours at 10^6)")
+    duplicates: str = option("group", Choice(*DUPLICATE_MODES), "exact and near duplicate images: group each set into "
+                             "one unit (so that some members exclude every copy), keep them where the units put them, "
+                             "refuse the data, or off: no search (quadratic: minutes at 10^5 images, hours at 10^6)")
     duplicate_radius: float = option(1.0, Float(0, 1e6),
                                      "distance at or under which two images are duplicates: pixel L2 on the data "
                                      "scale [-1, 1] (memorization's --threshold scale), or embedding L2")
@@ -112,6 +111,8 @@ class SampleOptions:
 
     step = "sample"
     seeds: Tuple[int, ...] = option(tuple(range(64)), Seeds(), "N, A:B or a,b,c")
+    labels: Optional[Tuple[int, ...]] = option(None, Maybe(Labels()), "class-conditional members: the label of "
+                                               "every seed, or one per seed (-1: none); replays keep them")
     sampler: Sampler = nested(Sampler)
     passes: Passes = nested(Passes, skip=("checkpoint_activations",))
     chunk: int = option(256, Int(1), "samples written (and flagged done) at a time")
@@ -154,8 +155,7 @@ class AttributeOptions:
     projection_dim: int = option(1024, Int(1, 2**20), "numbers each gradient is projected to (dtrak/trak methods)")
     keep_features: bool = option(False, Switch(), "copy <checkpoint>.features.h5's training features in as well")
     feature_rows: int = option(0, Int(0, 2**24), "training examples per block of features (0: 256 MiB's worth)")
-    exact_kernel: bool = option(False, Switch(), "dtrak/trak methods on the full gradients, no projection (small "
-                                                 "training sets only)")
+    exact_kernel: bool = option(False, Switch(), "dtrak/trak on the full gradients, no projection (small data only)")
     check: int = option(8, Int(0, 4096), "exact ablation of each sample's top units (0: none)")
     check_by: Optional[str] = option(None, Maybe(MethodName()), "method whose top units are checked (default: "
                                                              "first_order when computed)")
@@ -204,22 +204,22 @@ class MemorizationOptions:
         None, Maybe(FilePath()), "sample from this model's members instead (same data and units, e.g. one model "
                                  "trained on everything); copies are proven by the ensemble's excluders")
     seeds: Tuple[int, ...] = option(tuple(range(512)), Seeds(), "N, A:B or a,b,c")
+    labels: Optional[Tuple[int, ...]] = option(None, Maybe(Labels()), "class-conditional members: the label of "
+                                               "every seed, or one per seed (-1: none); proofs replay them")
     threshold: float = option(1.0, Float(0, 1e6, low_open=True),
                               "distance under which a sample copies a training image: pixel L2 (data scale [-1, 1]), "
                               "or embedding L2 with --embed")
-    embed: Optional[str] = option(None, Maybe(Text()),
-                                  "module:function mapping images [B, C, H, W] in [-1, 1] to embeddings [B, k]: the "
-                                  "copy test measures L2 there instead of on pixels (pixel L2 means little past small "
-                                  "images)")
+    embed: Optional[str] = option(None, Maybe(Text()), "module:function mapping images [B, C, H, W] in [-1, 1] to "
+                                  "embeddings [B, k]: the copy test measures L2 there, not on pixels (pixel L2 means "
+                                  "little past small images)")
     statistic: str = option("trend", Choice("trend", "floor"),
                             "the proof's test: trend (do replays keeping more of the copied units' includers stay "
                             "nearer to them, beyond phantom rows?) or floor (the counterfactual's move against the "
                             "phantoms' alone)")
-    null_check: bool = option(False, Switch(), "also prove every sample that is not a copy against its nearest unit "
-                                               "as if it copied it: the share that passes (false flags) should stay "
-                                               "<= --alpha")
-    null_target: str = option("nearest", Choice("nearest", "planted"), "--null-check against each non-copy's "
-                              "nearest unit, or a planted near-copy of a random training image's units")
+    null_check: bool = option(False, Switch(), "also prove every non-copy against its nearest unit as if it copied "
+                                               "it: the share that passes (false flags) should stay <= --alpha")
+    null_target: str = option("nearest", Choice("nearest", "planted"), "--null-check: each non-copy's nearest unit, "
+                              "or a planted near-copy of a random training image's units")
     sampler: Sampler = nested(Sampler, skip=("precision",))
     # a phantom beyond a copy's effect still leaves p = 2/65 < 0.05
     floor: NoiseFloor = nested(NoiseFloor, phantoms=64)

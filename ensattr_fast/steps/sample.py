@@ -52,6 +52,8 @@ def sample(session: Session, out: os.PathLike, options: SampleOptions = SampleOp
                                    resume=options.resume))
     checkpoint = session.checkpoint
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
+    labels = sampling.per_seed_labels(options.labels, len(seeds))
+    labels = sampling.check_labels(checkpoint.spec.get("classes", 0), labels, len(seeds), sampler.guidance)
     size = len(seeds) * math.prod(checkpoint.spec["data_shape"]) * 4 + (1 << 20)
     on_writer(lambda: check_space(Path(out).absolute().parent, size, f"--out {out}"))
     ensemble, passes = place_members(session.ensemble(options.device), options.passes, options.device)
@@ -60,15 +62,17 @@ def sample(session: Session, out: os.PathLike, options: SampleOptions = SampleOp
         sampler = dataclasses.replace(sampler, precision=checkpoint.config["train"].get("precision", "fp32"))
     spec = dict(checkpoint_hash=checkpoint.file_hash, seeds=seeds, chunk=options.chunk,
                 sampler=dataclasses.asdict(sampler))  # compared in canonical JSON by SampleStream
+    if labels is not None:
+        spec["labels"] = labels.tolist()
     with writer_lock(out, "results file"):
-        _sample_into(out, checkpoint, ensemble, seeds, sampler, options.resume, options.chunk, spec, passes,
+        _sample_into(out, checkpoint, ensemble, seeds, labels, sampler, options.resume, options.chunk, spec, passes,
                      progress, sharded)
     session.results_path = Path(out)
     session.forget_samples()
     return Samples(*session.samples(), sampler)
 
 
-def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, spec, passes, progress,
+def _sample_into(results, checkpoint, ensemble, seeds, labels, sampler, resume, chunk, spec, passes, progress,
                  sharded) -> None:
     stream, pending = None, None
     if distributed.world().main:
@@ -77,7 +81,7 @@ def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, s
             if fresh:
                 with ResultsWriter(results, "w") as writer:
                     writer.write_code(checkpoint.code, checkpoint.unit_of, checkpoint.unit_names)
-                    writer.write_seeds(seeds)
+                    writer.write_seeds(seeds, labels)
                     writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
                                      versions=versions(), checkpoint_hash=spec["checkpoint_hash"],
                                      data_fingerprint=checkpoint.data_fingerprint,
@@ -96,9 +100,10 @@ def _sample_into(results, checkpoint, ensemble, seeds, sampler, resume, chunk, s
             # every rank its share of the samples; or, members sharded, every sample (the same images)
             mine = range(stop - start) if sharded else distributed.shard(stop - start)
             share = (stop - start) / max(len(mine), 1)  # rank 0 counts every rank's samples by its own
-            images = sampling.sample(ensemble, checkpoint.schedule, sampler,
-                                     seeds[start + mine.start : start + mine.stop],
-                                     passes, lambda done: bar.update(done * share))
+            first, last = start + mine.start, start + mine.stop
+            images = sampling.sample(ensemble, checkpoint.schedule, sampler, seeds[first:last], passes,
+                                     lambda done: bar.update(done * share),
+                                     None if labels is None else labels[first:last])
             images = (images if sharded else distributed.gather_rows(images)).cpu()
             if stream is not None:
                 stream.write(range(start, stop), images.float().numpy())

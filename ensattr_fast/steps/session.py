@@ -18,7 +18,7 @@ from ..data import Dataset, load_data
 from ..diffusion.schedules import Sampler
 from ..errors import StoreError
 from ..members import Ensemble
-from ..store import check_results, read_hdf5, read_plan, read_sampler, read_samples
+from ..store import check_results, read_hdf5, read_labels, read_plan, read_sampler, read_samples
 from ..training.checkpoint import Checkpoint
 
 __all__ = ["Session", "data_files"]
@@ -116,6 +116,11 @@ class Session:
                                      against=str(self.checkpoint_path))
         self._samples = (start, seeds, images, stop is None or len(seeds) < stop - start)
         return seeds, images
+
+    def labels(self, stop: Optional[int] = None, start: int = 0) -> Optional[Tensor]:
+        """The labels [S] of samples ``start:stop`` (class-conditional members), which every
+        replay of them keeps; None where the samples have none."""
+        return read_labels(self.check_results(), stop, start)
 
     def inputs(self, reading: Tuple[str, ...] = ("plan", "checkpoint", "results"),
                **extra: Optional[os.PathLike]) -> Dict[str, Path]:

@@ -52,13 +52,14 @@ def group_name(spec: dict) -> str:
 
 
 def stored_features(checkpoint: os.PathLike, checkpoint_hash: str, spec: dict, shape: tuple,
-                    compute: Callable[[Tensor], Tensor], images: Callable[[int], Iterator[Tensor]],
+                    compute: Callable[[Tensor, int], Tensor], images: Callable[[int], Iterator[Tensor]],
                     block_rows: int, progress: bool = False, rank: int = 0, ranks: int = 1,
                     sum_over_ranks: Callable[[Tensor], Tensor] = lambda gram: gram,
                     barrier: Callable[[], None] = lambda: None) -> TrainFeatures:
     """The training features of ``spec`` (``shape`` = (M, n, d)) from the features file, the
     blocks not yet there computed first: ``images(block_rows)`` yields the training images in
-    order, ``block_rows`` at a time, and ``compute`` maps a block to its features [M, b, d].
+    order, ``block_rows`` at a time, and ``compute(block, start)`` maps a block and the index of
+    its first example to its features [M, b, d].
     With ``ranks`` > 1 every rank calls this, computes its share of the blocks into its part
     (``sum_over_ranks`` and ``barrier`` are the run's collectives), and rank 0 joins them."""
     path, name = features_path(checkpoint), group_name(spec)
@@ -85,7 +86,8 @@ def _sharded(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tup
     parts[rank].parent.mkdir(parents=True, exist_ok=True)
     with writing(parts[rank], "features part"):
         _replace_if_stale(parts[rank], checkpoint_hash)
-        gram = _fill(parts[rank], name, checkpoint_hash, spec, (M, len(rows), d), compute,
+        gram = _fill(parts[rank], name, checkpoint_hash, spec, (M, len(rows), d),
+                     lambda block, start: compute(block, start + rows.start),
                      lambda size: _share(images(size), first, last), block_rows, progress, with_gram)
     if with_gram:
         if gram is None:  # the part was whole: its Gram is there
@@ -173,7 +175,7 @@ def _fill(path: Path, name: str, checkpoint_hash: str, spec: dict, shape: tuple,
                 if done[b]:
                     phi = torch.from_numpy(features[:, start:start + len(block)])
                 else:
-                    phi = compute(block).float()
+                    phi = compute(block, start).float()
                     features[:, start:start + len(block)] = phi.numpy()
                     f.flush()
                     done[b] = 1

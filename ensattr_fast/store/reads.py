@@ -15,8 +15,8 @@ from ..diffusion.schedules import Sampler
 from ..errors import StoreError
 from .hdf5 import check_code, check_results, open_for_reading, parse_json, read_hdf5
 
-__all__ = ["read_plan", "read_samples", "read_unit_of", "count_samples", "counterfactuals_written_by", "read_sampler",
-           "read_dataset"]
+__all__ = ["read_plan", "read_samples", "read_labels", "read_unit_of", "count_samples", "counterfactuals_written_by",
+           "read_sampler", "read_dataset"]
 
 
 def read_plan(path: os.PathLike):
@@ -46,6 +46,13 @@ def read_samples(path: os.PathLike, stop: Optional[int] = None, start: int = 0, 
         seeds = f["samples/seed"][start:stop].tolist()
         samples = torch.from_numpy(f["samples/images"][start:stop])
     return seeds, samples
+
+
+def read_labels(path: os.PathLike, stop: Optional[int] = None, start: int = 0) -> Optional[Tensor]:
+    """The labels int64 [S] of samples ``start:stop`` of a results file (class-conditional
+    members; -1: none), or None where its samples have none."""
+    with read_hdf5(path) as f:
+        return torch.from_numpy(f["samples/label"][start:stop]) if "samples/label" in f else None
 
 
 def read_unit_of(path: os.PathLike) -> Tensor:
