@@ -19,7 +19,7 @@ from ..audit import Audit
 from ..errors import DiskError, EnsattrError
 from ..evaluation.floors import summary as significance_summary
 from ..runtime import distributed, memory
-from ..runtime.files import fault_line, quiet_hdf5_teardown
+from ..runtime.files import fault_line, quiet_hdf5_teardown, system_fault
 from ..steps import demo
 from ..steps.groups import describe as describe_audit
 from ..steps.plan import design_reason
@@ -46,8 +46,7 @@ def launch(device: str = "cpu") -> str:
 def _system_fault(error: RuntimeError) -> bool:
     """Whether a RuntimeError is HDF5's or torch's word for a fault of the system (a failed write
     or read, with its errno), not a fault of the package."""
-    text = str(error)
-    return "errno =" in text or "file write failed" in text or "PytorchStreamWriter failed" in text
+    return system_fault(error) or "PytorchStreamWriter failed" in str(error)
 
 
 def _error(command: str, error) -> int:
