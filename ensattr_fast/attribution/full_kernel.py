@@ -20,8 +20,7 @@ from torch import Tensor
 from ..diffusion.schedules import NoiseSchedule
 from ..errors import MethodError
 from ..members import Ensemble
-from ..members.mlp import StackedMLP
-from .gradients import FeatureSpec, _noised, layer_rows, linear_layers, per_example_gradients
+from .gradients import FeatureSpec, _noised, is_linear, layer_rows, layer_shapes, per_example_gradients
 
 __all__ = ["EXACT_BUDGET", "check_exact_budget", "exact_example_scores", "exact_member_scores"]
 
@@ -42,18 +41,18 @@ def check_exact_budget(n: int, queries: int, members: int, budget: int = EXACT_B
 
 def gradient_size(ensemble: Ensemble) -> int:
     """P: the numbers in one member's gradient that the features hold."""
-    if isinstance(ensemble, StackedMLP):
-        return sum((layer.weight.shape[1] + 1) * layer.weight.shape[2] for layer in linear_layers(ensemble))
+    if is_linear(ensemble):
+        return sum((fan_in + bias) * fan_out for fan_in, fan_out, bias in layer_shapes(ensemble))
     return sum(p[0].numel() for p in ensemble.parameters())
 
 
 def full_gradients(ensemble: Ensemble, schedule: NoiseSchedule, images: Tensor, spec: FeatureSpec) -> Tensor:
     """Each member's full per-example gradient, flattened: [M, n, P] float64 for ``images`` [n, *shape]."""
     M, n, K = ensemble.n_members, len(images), spec.timesteps
-    if isinstance(ensemble, StackedMLP):
+    if is_linear(ensemble):
         parts = []
-        for x, dy in layer_rows(ensemble, schedule, images, spec):
-            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1).double().view(M, n, K, -1)
+        for (x, dy), (_, _, bias) in zip(layer_rows(ensemble, schedule, images, spec), layer_shapes(ensemble)):
+            x = (torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1) if bias else x).double().view(M, n, K, -1)
             parts.append(torch.einsum("mnka,mnkb->mnab", x, dy.double().view(M, n, K, -1)).reshape(M, n, -1))
         return torch.cat(parts, -1)
     parameter = next(ensemble.parameters())

@@ -49,7 +49,7 @@ from torch.func import functional_call, grad, vmap
 from ..data import check_images
 from ..diffusion.schedules import NoiseSchedule
 from ..errors import ConfigError, MethodError
-from ..members import Ensemble
+from ..members import Ensemble, LoraEnsemble
 from ..members.mlp import StackedMLP, _StackedLinear
 from ..runtime.progress import Progress
 from .projection import CountSketch, RankOneProjection, member_seed
@@ -102,7 +102,7 @@ def gradient_features(
     """Projected per-example gradient features [M, n, dim] of ``images`` [n, *data_shape] (with
     their ``labels`` [n], class-conditional members: the gradient of the conditional loss)."""
     check_images(images, "images for gradient features", shape=ensemble.data_shape, allow_empty=True)
-    if isinstance(ensemble, StackedMLP):
+    if is_linear(ensemble):
         return _mlp_features(ensemble, schedule, images, spec, batch or 128, progress, labels)
     if labels is not None:
         raise MethodError("gradient features with labels are built for the stacked MLP members only")
@@ -126,17 +126,30 @@ def _noised(images: Tensor, spec: FeatureSpec, schedule: NoiseSchedule, device, 
     return abar.sqrt() * x + (1 - abar).sqrt() * eps, t, eps
 
 
-def linear_layers(ensemble: StackedMLP) -> List[_StackedLinear]:
-    """The layers whose gradients the MLP features hold (layer-norm gains are left out)."""
-    return [m for m in ensemble.modules() if isinstance(m, _StackedLinear)]
+def is_linear(ensemble: Ensemble) -> bool:
+    """Whether the ensemble's features come from its stacked linear layers (the MLP members and
+    adapters on an MLP base), projected rank-one, instead of a count sketch of every parameter."""
+    return isinstance(ensemble, (StackedMLP, LoraEnsemble))
 
 
-def layer_rows(ensemble: StackedMLP, schedule, images: Tensor, spec: FeatureSpec,
+def linear_layers(ensemble: Ensemble) -> List[_StackedLinear]:
+    """The trained layers whose gradients the features hold (layer-norm gains are left out;
+    adapters: each low-rank factor and the label embedding, the frozen base not)."""
+    return [m for m in ensemble.modules() if isinstance(m, _StackedLinear) and m.weight.requires_grad]
+
+
+def layer_shapes(ensemble: Ensemble) -> List[tuple]:
+    """(fan_in, fan_out, has a bias) of each of :func:`linear_layers`."""
+    return [(*layer.weight.shape[1:], layer.bias is not None) for layer in linear_layers(ensemble)]
+
+
+def layer_rows(ensemble: Ensemble, schedule, images: Tensor, spec: FeatureSpec,
                labels: Optional[Tensor] = None) -> List[tuple]:
     """One forward and backward pass over ``images`` [n, *shape] (and ``labels`` [n]) at the
     spec's K draws; per
     linear layer its inputs and output gradients (x [M, n K, fan_in], dy [M, n K, fan_out]),
-    the per-example gradient of the layer being sum_k [x_k, 1] dy_k^T over the example's rows."""
+    the per-example gradient of the layer being sum_k [x_k, 1] dy_k^T over the example's rows
+    (sum_k x_k dy_k^T for a layer without bias)."""
     parameter = next(ensemble.parameters())
     M, shape, K = ensemble.n_members, ensemble.data_shape, spec.timesteps
     layers, seen = linear_layers(ensemble), {}
@@ -164,10 +177,10 @@ def layer_rows(ensemble: StackedMLP, schedule, images: Tensor, spec: FeatureSpec
     return [tuple(seen[layer]) for layer in layers]
 
 
-def _mlp_features(ensemble: StackedMLP, schedule, images, spec, batch, progress, labels=None) -> Tensor:
+def _mlp_features(ensemble: Ensemble, schedule, images, spec, batch, progress, labels=None) -> Tensor:
     device = next(ensemble.parameters()).device
     M, K = ensemble.n_members, spec.timesteps
-    shapes = [tuple(layer.weight.shape[1:]) for layer in linear_layers(ensemble)]
+    shapes = layer_shapes(ensemble)
     project = RankOneProjection(shapes, M, spec.dim, spec.seed, spec.per_member_projection, device)
     features = torch.zeros(M, len(images), spec.dim)
     with Progress(len(images), f"{spec.kind} features", "examples", enabled=progress) as bar:

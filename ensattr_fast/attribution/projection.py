@@ -50,23 +50,26 @@ class CountSketch:
         return out
 
 
-def _draw(shapes: Sequence[Tuple[int, int]], dim: int, seed: int, device) -> List[Tuple[Tensor, Tensor]]:
-    """Per layer (fan_in, fan_out): u [fan_in + 1 (the bias), dim], v [fan_out, dim], drawn
-    layer by layer, u before v, from one generator."""
+def _draw(shapes: Sequence[tuple], dim: int, seed: int, device) -> List[Tuple[Tensor, Tensor]]:
+    """Per layer (fan_in, fan_out[, has a bias]): u [fan_in + 1 (the bias), dim], v [fan_out,
+    dim], drawn layer by layer, u before v, from one generator (the bias row of u is drawn
+    for every layer, and left unused by a layer without bias)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(fan_in + 1, dim, generator=g).to(device), torch.randn(fan_out, dim, generator=g).to(device))
-            for fan_in, fan_out in shapes]
+    return [(torch.randn(shape[0] + 1, dim, generator=g).to(device), torch.randn(shape[1], dim, generator=g).to(device))
+            for shape in shapes]
 
 
-def _project(x: Tensor, dy: Tensor, u: Tensor, v: Tensor, n: int, K: int) -> Tensor:
+def _project(x: Tensor, dy: Tensor, u: Tensor, v: Tensor, n: int, K: int, bias: bool = True) -> Tensor:
     """sum_k (x~_k . u_j)(dy_k . v_j) per example: x [M, n K, fan_in], dy [M, n K, fan_out],
-    u [fan_in + 1, dim], v [fan_out, dim] -> [M, n, dim], in column chunks for large dims."""
+    u [fan_in + 1, dim], v [fan_out, dim] -> [M, n, dim], in column chunks for large dims
+    (x~ = [x, 1], or x for a layer without bias)."""
     M, dim = len(x), u.shape[1]
     step = max(1, _CHUNK_NUMBERS // max(1, M * n * K))
     out = []
     for c in range(0, dim, step):
         uc, vc = u[:, c : c + step], v[:, c : c + step]
-        xu = torch.baddbmm(uc[-1].expand(M, 1, -1), x, uc[:-1].expand(M, *uc[:-1].shape))
+        weight = uc[:-1].expand(M, *uc[:-1].shape)
+        xu = torch.baddbmm(uc[-1].expand(M, 1, -1), x, weight) if bias else torch.bmm(x, weight)
         out.append((xu * (dy @ vc)).view(M, n, K, uc.shape[1]).sum(2))
     return out[0] if len(out) == 1 else torch.cat(out, -1)
 
@@ -76,11 +79,12 @@ class RankOneProjection:
     sum_k x~_k dy_k^T (x~ = [x, 1]): coordinate j of a layer is <u_j v_j^T, gradient>, summed
     over the layers; shared by the members or one per member."""
 
-    def __init__(self, shapes: Sequence[Tuple[int, int]], members: int, dim: int, seed: int,
-                 per_member: bool, device):
+    def __init__(self, shapes: Sequence[tuple], members: int, dim: int, seed: int, per_member: bool, device):
+        """``shapes``: per layer (fan_in, fan_out) or (fan_in, fan_out, has a bias)."""
         self.shapes, self.members, self.dim, self.seed, self.device = list(shapes), members, dim, seed, device
+        self.biases = [len(shape) < 3 or bool(shape[2]) for shape in self.shapes]
         self.per_member = per_member
-        size = members * dim * sum(a + 1 + b for a, b in self.shapes) * 4
+        size = members * dim * sum(shape[0] + 1 + shape[1] for shape in self.shapes) * 4
         if not per_member:
             self._drawn = [_draw(self.shapes, dim, seed + 1, device)]
         elif size <= _CACHE_BYTES:
@@ -99,11 +103,11 @@ class RankOneProjection:
         """Features [M, n, dim] from each layer's (x [M, n K, fan_in], dy [M, n K, fan_out])."""
         if not self.per_member:
             block = torch.zeros(self.members, n, self.dim, device=self.device)
-            for (x, dy), (u, v) in zip(rows, self._drawn[0]):
-                block += _project(x, dy, u, v, n, K)
+            for (x, dy), (u, v), bias in zip(rows, self._drawn[0], self.biases):
+                block += _project(x, dy, u, v, n, K, bias)
             return block
         block = torch.zeros(self.members, n, self.dim, device=self.device)
         for m in range(self.members):
-            for (x, dy), (u, v) in zip(rows, self.member(m)):
-                block[m : m + 1] += _project(x[m : m + 1], dy[m : m + 1], u, v, n, K)
+            for (x, dy), (u, v), bias in zip(rows, self.member(m), self.biases):
+                block[m : m + 1] += _project(x[m : m + 1], dy[m : m + 1], u, v, n, K, bias)
         return block

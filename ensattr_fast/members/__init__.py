@@ -14,7 +14,9 @@ noise predictions [M, B, *data_shape] with one call: member m sees only x[m]. Bu
   grouped convolutions (a quarter faster again);
 - diffusers' ``UNet2DModel`` (:func:`diffusers_ensemble`), folded; each member saved as a
   diffusers model folder (:func:`save_member`) and folders loaded back as an ensemble
-  (:func:`load_members`).
+  (:func:`load_members`);
+- :class:`LoraEnsemble`: M low-rank adapters on one frozen base model (a fine-tune), the base run
+  once over all members' rows.
 
 The three batched kinds store the same state (a VmapEnsemble's) and differ only in the forward.
 
@@ -23,6 +25,7 @@ then differ only by what they were trained on). The architectures are registered
 :data:`ARCHITECTURES` (see :mod:`ensattr_fast.members.registry`).
 """
 
+from .adapters import LoraEnsemble
 from .base import Ensemble, PackedLayout, timestep_embedding
 from .diffusers_unet import SEED_CIFAR10, DiffusersMember, diffusers_ensemble, load_members, member_unet, save_member
 from .folded import FoldedEnsemble
@@ -31,7 +34,7 @@ from .registry import ARCHITECTURES, Architecture, MemberOptions, build_ensemble
 from .unet import StackedUNet, UNetMember
 from .vmap import VmapEnsemble
 
-__all__ = ["Ensemble", "StackedMLP", "StackedUNet", "VmapEnsemble", "FoldedEnsemble", "UNetMember", "DiffusersMember",
-           "PackedLayout",
+__all__ = ["Ensemble", "StackedMLP", "LoraEnsemble", "StackedUNet", "VmapEnsemble", "FoldedEnsemble", "UNetMember",
+           "DiffusersMember", "PackedLayout",
            "build_ensemble", "diffusers_ensemble", "save_member", "load_members", "member_unet", "SEED_CIFAR10",
            "build_members", "MemberOptions", "Architecture", "ARCHITECTURES", "timestep_embedding"]

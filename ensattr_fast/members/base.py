@@ -86,11 +86,22 @@ class Ensemble(nn.Module):
         return part
 
 
+def shared_buffers(module: nn.Module) -> set:
+    """The names of ``module``'s buffers that every member shares (a frozen base's weights under
+    adapter members): those not saved in its state. Every other parameter and buffer of an
+    ensemble is stacked over its members along dim 0."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, part in module.named_modules() for name in part._non_persistent_buffers_set}
+
+
 def _select_module(module: nn.Module, members: range) -> nn.Module:
-    """A copy of ``module`` whose member-stacked parameters and buffers keep ``members``."""
+    """A copy of ``module`` whose member-stacked parameters and buffers keep ``members`` (the
+    shared buffers stay as they are, shared)."""
     part = copy.copy(module)
     part._modules = {k: _select_module(v, members) for k, v in module._modules.items()}
-    part._parameters = {k: nn.Parameter(v.detach()[members.start : members.stop].clone(), v.requires_grad)
+    part._parameters = {k: None if v is None else
+                        nn.Parameter(v.detach()[members.start : members.stop].clone(), v.requires_grad)
                         for k, v in module._parameters.items()}
-    part._buffers = {k: v[members.start : members.stop].clone() for k, v in module._buffers.items()}
+    part._buffers = {k: v if k in module._non_persistent_buffers_set else v[members.start : members.stop].clone()
+                     for k, v in module._buffers.items()}
     return part

@@ -15,22 +15,25 @@ from .base import Ensemble, timestep_embedding
 
 
 class _StackedLinear(nn.Module):
-    """M independent linear maps: y[m] = x[m] @ W[m] + b[m]."""
+    """M independent linear maps: y[m] = x[m] @ W[m] + b[m] (no b where ``bias`` is False)."""
 
-    def __init__(self, members: int, fan_in: int, fan_out: int, init_scale: float = 1.0):
+    def __init__(self, members: int, fan_in: int, fan_out: int, init_scale: float = 1.0, bias: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(members, fan_in, fan_out))
-        self.bias = nn.Parameter(torch.empty(members, 1, fan_out))
+        self.bias = nn.Parameter(torch.empty(members, 1, fan_out)) if bias else None
         self.init_scale = init_scale
 
     def reset(self, generator: torch.Generator, shared: bool) -> None:
         bound = self.init_scale / math.sqrt(self.weight.shape[1])
         with torch.no_grad():
             for p in (self.weight, self.bias):
-                draw = torch.empty_like(p[:1] if shared else p).uniform_(-bound, bound, generator=generator)
-                p.copy_(draw.expand_as(p))
+                if p is not None:
+                    draw = torch.empty_like(p[:1] if shared else p).uniform_(-bound, bound, generator=generator)
+                    p.copy_(draw.expand_as(p))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.bias is None:
+            return torch.bmm(x, self.weight)
         return torch.baddbmm(self.bias, x, self.weight)
 
 

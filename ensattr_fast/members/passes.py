@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from ..runtime.fields import Int, Maybe, Switch, check_fields, option
+from .base import shared_buffers
 
 __all__ = ["PRECISIONS", "Passes", "MemberPasses", "precision_scope", "check_precision"]
 
@@ -126,11 +127,12 @@ class MemberPasses:
 
     def _part_forward(self, part, members: range) -> Callable:
         ensemble, cut = self.ensemble, slice(members.start, members.stop)
+        shared = shared_buffers(ensemble)
 
         def forward(x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
             part.train(ensemble.training)
             state = {name: v[cut] for name, v in ensemble.named_parameters()}
-            state.update({name: v[cut] for name, v in ensemble.named_buffers()})
+            state.update({name: v if name in shared else v[cut] for name, v in ensemble.named_buffers()})
             return functional_call(part, state, (x, t) if labels is None else (x, t, labels))
         return forward
 

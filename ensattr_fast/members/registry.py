@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from ..errors import ArchitectureError, ConfigError
 from ..runtime.fields import Choice, FilePath, Int, Kind, Switch, Width, check_fields, option
+from .adapters import LoraEnsemble
 from .base import Ensemble
 from .diffusers_unet import SEED_CIFAR10, diffusers_ensemble
 from .mlp import StackedMLP
@@ -113,6 +114,9 @@ class MemberOptions:
     conditional: bool = option(False, Switch(), "class-conditional members (mlp) on the data's labels, each also "
                                                 "its unconditional model (--cond-dropout): sample with --labels "
                                                 "and --guidance")
+    base: Optional[str] = option(None, FilePath(), "fine-tune: the members are LoRA adapters on this frozen base "
+                                                   "(a checkpoint of one mlp model: train --all-units --models 1)")
+    rank: int = option(8, Int(1, 4096), "with --base: the rank of each member's adapters")
 
     def __post_init__(self):
         _architecture(self.arch)  # an unknown one is an ArchitectureError, as when a checkpoint names it
@@ -128,10 +132,20 @@ def _architecture(name) -> Architecture:
 
 
 def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[int], shared_init: bool,
-                  seed: int, classes: int = 0) -> Ensemble:
+                  seed: int, classes: int = 0, base: Optional[Ensemble] = None, base_ref: Optional[dict] = None
+                  ) -> Ensemble:
     """A new ensemble of ``n_members`` members of ``options.arch`` for data of ``data_shape``
     [C, H, W], sharing initial weights when ``shared_init`` (all drawn from ``seed``);
-    conditioned on ``classes`` labels where ``options.conditional``."""
+    conditioned on ``classes`` labels where ``options.conditional``. With ``base`` (loaded from
+    ``options.base``, described by ``base_ref``): adapters of ``options.rank`` on it."""
+    if base is not None:
+        if tuple(base.data_shape) != tuple(data_shape):
+            raise ArchitectureError(f"--base {options.base} models data of shape {tuple(base.data_shape)}, "
+                                    f"not the data's {tuple(data_shape)}")
+        if options.conditional and classes < 1:
+            raise ArchitectureError("--conditional needs class labels in the data")
+        return LoraEnsemble(base, n_members, options.rank, seed=seed, shared_init=shared_init,
+                            classes=classes if options.conditional or base.classes else 0, base_ref=base_ref)
     own = _architecture(options.arch).spec(options, data_shape)
     if options.conditional:
         if options.arch not in CONDITIONAL:
@@ -145,6 +159,11 @@ def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[i
                                shared_init=shared_init, seed=seed))
 
 
-def build_ensemble(spec: dict) -> Ensemble:
-    """Rebuild an ensemble of a built-in architecture from :meth:`Ensemble.spec`."""
+def build_ensemble(spec: dict, base: Optional[Ensemble] = None) -> Ensemble:
+    """Rebuild an ensemble of a built-in architecture from :meth:`Ensemble.spec` (adapter
+    members: on their ``base``, which the caller loads from the spec's ``base`` entry)."""
+    if spec.get("kind") == "lora":
+        if base is None:
+            raise ArchitectureError("adapter members are rebuilt on their base: load them from their checkpoint")
+        return LoraEnsemble.rebuild(spec, base)
     return _architecture(spec.get("kind")).rebuild(spec)

@@ -20,7 +20,7 @@ from ..runtime.files import check_output, check_space
 from ..runtime.progress import note
 from ..store import read_plan
 from ..training import Trainer
-from ..training.checkpoint import Checkpoint
+from ..training.checkpoint import Checkpoint, load_base
 from ._rules import on_writer, writer_lock
 from .options import TrainOptions
 from .session import data_files
@@ -36,7 +36,8 @@ def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOpti
     replace it only when told to ``overwrite``. ``record``: the options as the run was
     asked for, kept in the checkpoint. Distributed, each rank trains its share of the members.
     Returns each member's loss at the last step [M] (this rank's members)."""
-    inputs = {"--plan": plan, **data_files(read_plan(plan)[0] if Path(plan).is_file() else None)}
+    inputs = {"--plan": plan, **data_files(read_plan(plan)[0] if Path(plan).is_file() else None),
+              **({"--base": options.architecture.base} if options.architecture.base else {})}
     on_writer(lambda: check_output(out, "--out", options.overwrite, inputs=inputs, resume=options.resume))
     dataset, code, units = read_plan(plan)
     data = load_data(dataset)
@@ -52,8 +53,9 @@ def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOpti
     elif options.models != 1:
         raise ConfigError("--models counts the models of --all-units; a planned ensemble has the plan's members")
     classes = int(data.labels.max()) + 1 if data.labels is not None and len(data.labels) else 0
+    base = load_base(options.architecture.base) if options.architecture.base else (None, None)
     ensemble = build_members(options.architecture, code.shape[1], data.data_shape, config.mode != "independent",
-                             config.seed, classes)
+                             config.seed, classes, *base)
     if distributed.world().size > code.shape[1]:
         raise CodeError(f"{distributed.world().size} ranks for {code.shape[1]} members: "
                         "launch at most one rank per member")

@@ -28,7 +28,7 @@ from ..errors import CheckpointError, DiskError
 from ..members import Ensemble, VmapEnsemble, build_ensemble
 from ..runtime.files import fault_line
 
-__all__ = ["Checkpoint", "CheckpointError"]
+__all__ = ["Checkpoint", "CheckpointError", "load_base"]
 
 FORMAT = "ensattr_fast.checkpoint/1"
 
@@ -117,8 +117,9 @@ class Checkpoint:
             args = {k: self.spec[k] for k in ("n_members", "data_shape")}
             ensemble = VmapEnsemble(factory, **args, spec=self.spec)
         else:
+            base = _base_of(self.spec["base"]) if self.spec.get("base") else None
             try:
-                ensemble = build_ensemble(self.spec)
+                ensemble = build_ensemble(self.spec, base)
             except (KeyError, TypeError, ValueError) as error:
                 raise CheckpointError(f"the checkpoint's architecture {self.spec} cannot be built "
                                       f"({type(error).__name__}: {error})") from None
@@ -220,3 +221,35 @@ def _write_fault(path: Path, error: RuntimeError) -> str:
 def _identity(path: Path) -> tuple:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def load_base(path: os.PathLike) -> Tuple[Ensemble, dict]:
+    """The base model a fine-tune's adapter members train on (``--base``): the one model of the
+    checkpoint ``path`` (its EMA weights where it has them), frozen, and where it came from
+    ({"path", "sha256"}: what the adapters' checkpoint keeps, to find and check it again)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--base {path}: no such file (a base is a checkpoint of one model: "
+                              "train --all-units --models 1)")
+    checkpoint = Checkpoint.load(path)
+    if checkpoint.spec.get("base"):
+        raise CheckpointError(f"--base {path} holds adapter members; a base is one model of its own")
+    if checkpoint.spec.get("n_members") != 1:
+        raise CheckpointError(f"--base {path} holds {checkpoint.spec.get('n_members')} models; a base is one model "
+                              "(train --all-units --models 1)")
+    return checkpoint.build().requires_grad_(False), dict(path=str(path.resolve()), sha256=checkpoint.file_hash)
+
+
+def _base_of(ref: dict) -> Ensemble:
+    """The base that adapter members were trained on, found where ``ref`` says and refused when
+    it is missing or is no longer the same file."""
+    path = Path(ref["path"])
+    if not path.is_file():
+        raise CheckpointError(f"the members' base {path} is missing: adapter members run only on the base they "
+                              "were trained on")
+    base, now = load_base(path)
+    if now["sha256"] != ref["sha256"]:
+        raise CheckpointError(f"the members' base {path} has changed since they were trained on it (SHA-256 "
+                              f"{ref['sha256'][:12]}... then, {now['sha256'][:12]}... now): adapters on another base "
+                              "are other models")
+    return base
