@@ -27,7 +27,7 @@ from ..diffusion.schedules import NoiseSchedule
 from ..members import build_ensemble
 from ..store import open_results
 from ..training import TrainConfig, Trainer
-from ..training.checkpoint import Checkpoint
+from ..training.checkpoint import Checkpoint, base_of
 from .metrics import lds
 
 __all__ = ["reference_subsets", "train_references", "train_full_model", "dtrak_baseline", "lds_table"]
@@ -64,7 +64,7 @@ def _train_independent(path: os.PathLike, data: Dataset, unit_of: Tensor, code: 
     on the units of ``code[:, m]``, trained in ``path`` (or loaded from it when that run is
     finished)."""
     path = Path(path)
-    ensemble = build_ensemble(dict(spec, n_members=code.shape[1], shared_init=False, seed=init_seed))
+    ensemble = build_ensemble(dict(spec, n_members=code.shape[1], shared_init=False, seed=init_seed), base_of(spec))
     config = TrainConfig(**{**config.__dict__, "mode": "independent"})
     trainer = Trainer(ensemble, data, code, unit_of, [str(i) for i in range(len(code))],
                       NoiseSchedule.linear(), config, device, require_exact_ablation=False)

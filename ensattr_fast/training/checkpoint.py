@@ -28,7 +28,7 @@ from ..errors import CheckpointError, DiskError
 from ..members import Ensemble, VmapEnsemble, build_ensemble
 from ..runtime.files import fault_line
 
-__all__ = ["Checkpoint", "CheckpointError", "load_base"]
+__all__ = ["Checkpoint", "CheckpointError", "load_base", "base_of"]
 
 FORMAT = "ensattr_fast.checkpoint/1"
 
@@ -117,7 +117,7 @@ class Checkpoint:
             args = {k: self.spec[k] for k in ("n_members", "data_shape")}
             ensemble = VmapEnsemble(factory, **args, spec=self.spec)
         else:
-            base = _base_of(self.spec["base"]) if self.spec.get("base") else None
+            base = base_of(self.spec)
             try:
                 ensemble = build_ensemble(self.spec, base)
             except (KeyError, TypeError, ValueError) as error:
@@ -240,9 +240,12 @@ def load_base(path: os.PathLike) -> Tuple[Ensemble, dict]:
     return checkpoint.build().requires_grad_(False), dict(path=str(path.resolve()), sha256=checkpoint.file_hash)
 
 
-def _base_of(ref: dict) -> Ensemble:
-    """The base that adapter members were trained on, found where ``ref`` says and refused when
-    it is missing or is no longer the same file."""
+def base_of(spec: dict) -> Optional[Ensemble]:
+    """The base that the adapter members of ``spec`` were trained on (None for members of their
+    own), found where the spec says, and refused when it is missing or no longer the same file."""
+    if not spec.get("base"):
+        return None
+    ref = spec["base"]
     path = Path(ref["path"])
     if not path.is_file():
         raise CheckpointError(f"the members' base {path} is missing: adapter members run only on the base they "

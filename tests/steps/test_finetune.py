@@ -1,0 +1,152 @@
+"""Auditing a fine-tune on the command line (issue 21, items 2 and 4): a class-conditional base
+trained on the digits 0-4 (``train --all-units``), adapter members fine-tuned on the digits 5-9
+over it (``train --base``), then sampling the new classes with guidance, attribution, the exact
+check, and LDS with reference adapters on the same base. A base that is missing, changed, of
+another shape or not one model is refused in one line before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import ensattr_fast as ef
+from ensattr_fast.cli.main import main
+from ensattr_fast.diffusion.sampling import sample
+from ensattr_fast.members import LoraEnsemble
+from ensattr_fast.store import read_sampler
+from ensattr_fast.training import Checkpoint
+
+TRAIN = ["--steps", "30", "--hidden", "32", "--blocks", "1", "--batch-size", "16"]
+LABELS = [5, 6, 7, 8, 9, -1]
+
+
+def ensattr(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def finetune(tmp_path_factory):
+    d = tmp_path_factory.mktemp("finetune")
+    digits = ef.load_digits()
+    images, labels = digits.images.numpy(), digits.labels.numpy()
+    np.savez(d / "old.npz", images=images[labels < 5][:150], labels=labels[labels < 5][:150])
+    np.savez(d / "new.npz", images=images[labels >= 5][:60], labels=labels[labels >= 5][:60])
+    assert ensattr("plan", "--data", d / "old.npz", "--out", d / "base_plan.h5") == 0
+    assert ensattr("train", "--plan", d / "base_plan.h5", "--out", d / "base.pt", "--all-units", "--conditional",
+                   *TRAIN) == 0
+    assert ensattr("plan", "--data", d / "new.npz", "--members", "8", "--out", d / "plan.h5") == 0
+    assert ensattr("train", "--plan", d / "plan.h5", "--out", d / "adapters.pt", "--base", d / "base.pt",
+                   "--conditional", "--rank", "4", *TRAIN) == 0
+    assert ensattr("sample", "--checkpoint", d / "adapters.pt", "--out", d / "results.h5", "--seeds", "6",
+                   "--labels", ",".join(map(str, LABELS)), "--guidance", "2", "--sampling-steps", "6") == 0
+    return d
+
+
+def test_the_checkpoint_holds_the_adapters_and_names_its_base(finetune):
+    checkpoint = Checkpoint.load(finetune / "adapters.pt")
+    base = Checkpoint.load(finetune / "base.pt")
+    assert checkpoint.spec["kind"] == "lora" and checkpoint.spec["rank"] == 4
+    assert checkpoint.spec["base"] == {"path": str((finetune / "base.pt").resolve()), "sha256": base.file_hash}
+    assert checkpoint.spec["classes"] == 10 and base.spec["classes"] == 5  # the new classes 5-9 join the base's
+    assert all(k.endswith(("down.weight", "up.weight")) or ".label." in k for k in checkpoint.ensemble)
+    ensemble = checkpoint.build()
+    assert isinstance(ensemble, LoraEnsemble) and ensemble.n_members == 8
+    frozen = base.build()  # the base as trained, untouched by the fine-tune
+    assert torch.equal(ensemble.net.inp.base.weight, frozen.inp.weight[0])
+
+
+def test_the_samples_replay_on_the_rebuilt_adapters(finetune):
+    checkpoint = Checkpoint.load(finetune / "adapters.pt")
+    with h5py.File(finetune / "results.h5", "r") as f:
+        stored, seeds = f["samples/images"][()], f["samples/seed"][()]
+    again = sample(checkpoint.build(), checkpoint.schedule, read_sampler(finetune / "results.h5"), list(seeds),
+                   labels=torch.tensor(LABELS))
+    assert np.array_equal(again.numpy(), stored)
+
+
+def test_attribution_and_the_exact_check_run_on_adapters(finetune, tmp_path):
+    results = tmp_path / "results.h5"
+    shutil.copy(finetune / "results.h5", results)
+    assert ensattr("attribute", "--checkpoint", finetune / "adapters.pt", "--results", results,
+                   "--method", "dtrak") == 0
+    with h5py.File(results, "r") as f:
+        scores = f["influence/dtrak"][()] if "influence/dtrak" in f else f["influence/scores"][()]
+    assert scores.shape[0] == 6 and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    assert ensattr("ablate", "--checkpoint", finetune / "adapters.pt", "--results", results, "--overwrite") == 0
+
+
+def test_lds_trains_reference_adapters_on_the_same_base(finetune, tmp_path):
+    results = tmp_path / "results.h5"
+    shutil.copy(finetune / "results.h5", results)
+    assert ensattr("attribute", "--checkpoint", finetune / "adapters.pt", "--results", results) == 0
+    assert ensattr("lds", "--checkpoint", finetune / "adapters.pt", "--results", results, "--references",
+                   tmp_path / "refs.pt", "--halves", "2", "--seeds", "1", "--steps", "10", "--draws", "8",
+                   "--json", tmp_path / "lds.json") == 0
+    base = Checkpoint.load(finetune / "adapters.pt").spec["base"]
+    for name in ("refs.pt", "refs.full.pt", "refs.full.x8.pt"):  # the references, one and M full-data adapters
+        reference = Checkpoint.load(tmp_path / name)
+        assert reference.spec["kind"] == "lora" and reference.spec["base"] == base, name
+    table = json.loads((tmp_path / "lds.json").read_text())
+    assert {"dtrak", "loss", "dtrak_one_model"} <= set(table)
+    assert all(row["n"] >= 4 and row["mean"] is not None for row in table.values()), table
+
+
+def _refused(capsys, argv, message):
+    capsys.readouterr()
+    assert ensattr(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_changed_or_missing_base_is_refused(finetune, tmp_path, capsys):
+    base = tmp_path / "base.pt"
+    shutil.copy(finetune / "base.pt", base)
+    out = tmp_path / "adapters.pt"
+    assert ensattr("train", "--plan", finetune / "plan.h5", "--out", out, "--base", base, "--conditional",
+                   "--rank", "2", "--steps", "5", "--batch-size", "16") == 0
+    changed = Checkpoint.load(base)
+    changed.step += 1  # another file: the same weights, saved again with another step
+    changed.save(base)
+    argv = ["sample", "--checkpoint", out, "--out", tmp_path / "r.h5", "--seeds", "2"]
+    _refused(capsys, argv, "has changed since they were trained on it")
+    base.unlink()
+    _refused(capsys, argv, "is missing")
+    assert not (tmp_path / "r.h5").exists()
+
+
+@pytest.mark.parametrize("make_base, message", [
+    ("adapters", "holds adapter members"),
+    ("two models", "holds 2 models; a base is one model"),
+    ("other shape", "models data of shape"),
+    ("none", "no such file"),
+])
+def test_a_base_that_does_not_fit_is_refused_before_anything_is_written(finetune, tmp_path, capsys, make_base,
+                                                                        message):
+    base = {"adapters": finetune / "adapters.pt", "none": tmp_path / "nothing.pt"}.get(make_base)
+    if make_base == "two models":
+        base = tmp_path / "two.pt"
+        assert ensattr("train", "--plan", finetune / "base_plan.h5", "--out", base, "--all-units", "--models", "2",
+                       "--steps", "2", "--hidden", "8", "--blocks", "1", "--batch-size", "4") == 0
+    elif make_base == "other shape":
+        np.savez(tmp_path / "small.npz", images=np.random.default_rng(0).uniform(-1, 1, (40, 1, 4, 4)).astype(np.float32))
+        assert ensattr("plan", "--data", tmp_path / "small.npz", "--out", tmp_path / "small_plan.h5") == 0
+        base = tmp_path / "small.pt"
+        assert ensattr("train", "--plan", tmp_path / "small_plan.h5", "--out", base, "--all-units", "--steps", "2",
+                       "--hidden", "8", "--blocks", "1", "--batch-size", "4") == 0
+    out = tmp_path / "adapters.pt"
+    _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", out, "--base", base, "--steps", "2"], message)
+    assert not out.exists()
+
+
+def test_a_rank_of_zero_and_the_base_as_output_are_refused(finetune, capsys):
+    _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", finetune / "x.pt", "--base",
+                      finetune / "base.pt", "--rank", "0"], "--rank")
+    before = (finetune / "base.pt").read_bytes()
+    _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", finetune / "base.pt", "--base",
+                      finetune / "base.pt", "--overwrite"], "--base")
+    assert (finetune / "base.pt").read_bytes() == before
