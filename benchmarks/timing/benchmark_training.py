@@ -1,46 +1,22 @@
 """Batched training of all members against the seed's way (one model after another), and the
 trainer's useful FLOP rate against a large matmul, side by side in one run."""
 
-import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ensattr_fast import codes
 from ensattr_fast.data import load_digits
 from ensattr_fast.diffusion.schedules import NoiseSchedule
-from ensattr_fast.members import StackedMLP, timestep_embedding
+from ensattr_fast.members import PlainMLP, StackedMLP
 from ensattr_fast.training import TrainConfig, Trainer
 
 from .._common import Record, Suite
 
 
-class PlainMLP(nn.Module):
-    """One member of StackedMLP as an ordinary module, for the per-model baseline."""
-
-    def __init__(self, dim, hidden=256, blocks=3, time_dim=128):
-        super().__init__()
-        self.time_dim = time_dim
-        self.time = nn.Linear(time_dim, time_dim)
-        self.inp = nn.Linear(dim, hidden)
-        self.norms = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(blocks)])
-        self.lin1 = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(blocks)])
-        self.temb = nn.ModuleList([nn.Linear(time_dim, hidden) for _ in range(blocks)])
-        self.lin2 = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(blocks)])
-        self.out_norm, self.out = nn.LayerNorm(hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x, t):
-        e = F.silu(self.time(timestep_embedding(t, self.time_dim)))
-        h = self.inp(x.flatten(1))
-        for norm, lin1, temb, lin2 in zip(self.norms, self.lin1, self.temb, self.lin2):
-            h = h + lin2(F.silu(lin1(F.silu(norm(h))) + temb(e)))
-        return self.out(F.silu(self.out_norm(h))).view(x.shape)
-
-
 def _seed_way(data, code, unit_of, members, batch, schedule, steps):
     """Each member its own module, optimiser and loop, trained one after another."""
-    models = [PlainMLP(math.prod(data.data_shape)) for _ in range(members)]
+    models = [PlainMLP(data.data_shape) for _ in range(members)]
     optims = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
     pools = [torch.nonzero(code[unit_of, m]).flatten() for m in range(members)]
     abar = schedule.alphas_cumprod.float()

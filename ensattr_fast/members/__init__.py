@@ -16,7 +16,8 @@ noise predictions [M, B, *data_shape] with one call: member m sees only x[m]. Bu
   diffusers model folder (:func:`save_member`) and folders loaded back as an ensemble
   (:func:`load_members`);
 - :class:`LoraEnsemble`: M low-rank adapters on one frozen base model (a fine-tune), the base run
-  once over all members' rows.
+  once over all members' rows; each member exports as a peft adapter (:func:`export_adapter`)
+  onto the base as a plain module (:class:`PlainMLP`, :func:`plain_member`).
 
 The three batched kinds store the same state (a VmapEnsemble's) and differ only in the forward.
 
@@ -28,8 +29,10 @@ then differ only by what they were trained on). The architectures are registered
 from .adapters import LoraEnsemble
 from .base import Ensemble, PackedLayout, timestep_embedding
 from .diffusers_unet import SEED_CIFAR10, DiffusersMember, diffusers_ensemble, load_members, member_unet, save_member
+from .export import export_adapter
 from .folded import FoldedEnsemble
 from .mlp import StackedMLP
+from .plain import PlainMLP, plain_member
 from .registry import ARCHITECTURES, Architecture, MemberOptions, build_ensemble, build_members
 from .unet import StackedUNet, UNetMember
 from .vmap import VmapEnsemble
@@ -37,4 +40,5 @@ from .vmap import VmapEnsemble
 __all__ = ["Ensemble", "StackedMLP", "LoraEnsemble", "StackedUNet", "VmapEnsemble", "FoldedEnsemble", "UNetMember",
            "DiffusersMember", "PackedLayout",
            "build_ensemble", "diffusers_ensemble", "save_member", "load_members", "member_unet", "SEED_CIFAR10",
-           "build_members", "MemberOptions", "Architecture", "ARCHITECTURES", "timestep_embedding"]
+           "build_members", "MemberOptions", "Architecture", "ARCHITECTURES", "timestep_embedding", "export_adapter",
+           "PlainMLP", "plain_member"]

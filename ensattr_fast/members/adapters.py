@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..errors import ArchitectureError
 from .base import Ensemble
 from .mlp import StackedMLP, _StackedLayerNorm, _StackedLinear
+from .plain import PlainMLP, plain_member
 
 __all__ = ["LoraEnsemble", "ADAPTED_LAYERS"]
 
@@ -104,6 +105,11 @@ class LoraEnsemble(Ensemble):
         net.out_norm = _frozen_norm(net.out_norm)
         net.label = _label_embedding(base, n_members, classes) if classes else None
         self.net = net
+        start = _label_embedding(base, 1, classes) if classes else None  # the base's, kept for plain_base
+        self.register_buffer("base_label_weight", start.weight.detach()[0] if start else torch.zeros(0),
+                             persistent=False)
+        self.register_buffer("base_label_bias", start.bias.detach()[0, 0] if start else torch.zeros(0),
+                             persistent=False)
 
     @classmethod
     def rebuild(cls, spec: dict, base: Ensemble) -> "LoraEnsemble":
@@ -118,6 +124,23 @@ class LoraEnsemble(Ensemble):
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """As :meth:`StackedMLP.forward`: eps [M, B, ...] for x [M, B, ...] and t [M, B] or [B]."""
         return self.net(x, t, labels)
+
+    def plain_base(self) -> PlainMLP:
+        """The frozen base as a plain module in the members' label layout (their classes, the
+        empty label last; new classes as the base's empty label): what peft loads an exported
+        member (:func:`~.export.export_adapter`) onto."""
+        base = StackedMLP(1, self.data_shape, self.net.hidden, self.net.blocks, self.net.time_dim,
+                          classes=self.classes)
+        with torch.no_grad():
+            for name, target in base.named_modules():
+                if isinstance(target, (_StackedLinear, _StackedLayerNorm)):
+                    source = self.net.get_submodule(name)
+                    frozen = source.base if isinstance(source, _LoraLinear) else source
+                    weight, bias = (self.base_label_weight, self.base_label_bias) if name == "label" else \
+                        (frozen.weight, frozen.bias)
+                    target.weight.copy_(weight.reshape(target.weight.shape))
+                    target.bias.copy_(bias.reshape(target.bias.shape))
+        return plain_member(base.to(self.base_label_weight.device))
 
     def merged(self) -> StackedMLP:
         """The members as full MLPs, each layer W + s A_m B_m (peft's ``merge_and_unload``): the

@@ -25,6 +25,7 @@ from ..runtime.files import check_output
 from ..store import ResultsWriter, read_plan
 from .ablate import ablate
 from .attribute import attribute
+from .finetune_demo import finetune_demo
 from .options import (AblateOptions, AttributeOptions, DemoOptions, PlanOptions, ReportOptions, SampleOptions,
                       TrainOptions)
 from .plan import plan
@@ -45,7 +46,10 @@ def _step(name: str, start: float) -> float:
 def demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     """Every step on the digits under ``out``; returns the sample-quality figures (and, for
     class units, how often each ablated ensemble still draws its removed class). Files of an
-    earlier demo in ``out`` are replaced only with ``overwrite``."""
+    earlier demo in ``out`` are replaced only with ``overwrite``. ``finetune``: the fine-tune demo
+    (:func:`~ensattr_fast.steps.finetune_demo.finetune_demo`)."""
+    if options.finetune:
+        return finetune_demo(out, options)
     start = time.perf_counter()
     out = Path(out)
     by_class = options.units == "class"

@@ -1,14 +1,12 @@
-"""The options of every step, one typed dataclass each: what an audit step does, never where
-its files are (those are the :class:`~ensattr_fast.Audit`'s, or the command line's
-``--out``/``--results``...). Each field's metadata holds its flag, help and range
-(:mod:`ensattr_fast.runtime.fields`); the command line is generated from them, config files are
-read into them, and Python passes them (or keyword overrides) to :class:`~ensattr_fast.Audit`.
-
-Parts that lower layers own are nested: :class:`TrainConfig` (how members train),
-:class:`MemberOptions` (their architecture), :class:`Sampler`, :class:`Passes` (how members
-run), :class:`NoiseFloor` (what exact answers are judged against).
+"""The options of every step, one typed dataclass each: what an audit step does, never where its files
+are (those are the :class:`~ensattr_fast.Audit`'s, or the command line's ``--out``/``--results``...).
+Each field's metadata holds its flag, help and range (:mod:`ensattr_fast.runtime.fields`); the
+command line is generated from them, config files are read into them, and Python passes them (or
+keyword overrides) to :class:`~ensattr_fast.Audit`. Parts that lower layers own are nested:
+:class:`TrainConfig` (how members train), :class:`MemberOptions` (their architecture),
+:class:`Sampler`, :class:`Passes` (how members run), :class:`NoiseFloor` (what exact answers are
+judged against).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -281,6 +279,8 @@ class DemoOptions:
 
     step = "demo"
     units: str = option("example", Choice("example", "class"), "one unit per digit image, or per class")
+    finetune: bool = option(False, Switch(), "the fine-tune: a conditional base on the digits 0-4, adapter members "
+                                             "(--rank) on 5-9, guided samples of 5-9 (--guidance, default 2)")
     members: Optional[int] = option(None, Maybe(Int(2, 4096)), "16 (example units), 20 (class)")
     samples: int = option(256, Int(1), "full-ensemble samples")
     attribute: int = option(32, Int(1), "samples whose influence rows and exact checks are computed (example units)")

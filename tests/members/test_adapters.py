@@ -194,3 +194,28 @@ def test_adapters_need_one_mlp_model_and_a_rank():
         LoraEnsemble(StackedMLP(2, SHAPE, hidden=8, blocks=1), 4)
     with pytest.raises(ArchitectureError, match="--rank"):
         LoraEnsemble(StackedMLP(1, SHAPE, hidden=8, blocks=1), 4, rank=0)
+
+
+def test_a_plain_member_is_the_stacked_member():
+    from ensattr_fast.members.plain import plain_member
+
+    ensemble = StackedMLP(3, SHAPE, hidden=16, blocks=2, time_dim=8, seed=3, classes=4)
+    x, t, labels = torch.randn(6, *SHAPE), torch.randint(0, 100, (6,)), torch.tensor([0, 1, 2, 3, -1, 1])
+    together = ensemble(x.expand(3, *x.shape), t, labels)
+    for m in range(3):
+        assert torch.allclose(plain_member(ensemble, m)(x, t, labels), together[m], atol=1e-6)
+
+
+def test_each_exported_member_is_that_member_when_peft_loads_it_onto_the_plain_base(adapters, tmp_path):
+    peft = pytest.importorskip("peft")
+    from ensattr_fast.members.export import export_adapter
+
+    x, t, labels = torch.randn(6, *SHAPE), torch.randint(0, 100, (6,)), torch.tensor([0, 1, 3, 4, -1, 2])
+    together = adapters(x.expand(4, *x.shape), t, labels)
+    for m in (0, 3):
+        folder = export_adapter(adapters, m, tmp_path / f"member{m}")
+        model = peft.PeftModel.from_pretrained(adapters.plain_base(), folder).eval()
+        assert torch.allclose(model(x, t, labels), together[m], atol=1e-5)
+    base = StackedMLP(1, SHAPE, hidden=16, blocks=2, time_dim=8, seed=1, classes=3).eval()  # the fixture's base
+    known = labels.clamp(max=2)  # the plain base alone is the base, on the base's classes
+    assert torch.allclose(adapters.plain_base()(x, t, known), base(x[None], t, known)[0], atol=1e-6)

@@ -133,7 +133,8 @@ def test_a_base_that_does_not_fit_is_refused_before_anything_is_written(finetune
         assert ensattr("train", "--plan", finetune / "base_plan.h5", "--out", base, "--all-units", "--models", "2",
                        "--steps", "2", "--hidden", "8", "--blocks", "1", "--batch-size", "4") == 0
     elif make_base == "other shape":
-        np.savez(tmp_path / "small.npz", images=np.random.default_rng(0).uniform(-1, 1, (40, 1, 4, 4)).astype(np.float32))
+        images = np.random.default_rng(0).uniform(-1, 1, (40, 1, 4, 4)).astype(np.float32)
+        np.savez(tmp_path / "small.npz", images=images)
         assert ensattr("plan", "--data", tmp_path / "small.npz", "--out", tmp_path / "small_plan.h5") == 0
         base = tmp_path / "small.pt"
         assert ensattr("train", "--plan", tmp_path / "small_plan.h5", "--out", base, "--all-units", "--steps", "2",
@@ -150,3 +151,21 @@ def test_a_rank_of_zero_and_the_base_as_output_are_refused(finetune, capsys):
     _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", finetune / "base.pt", "--base",
                       finetune / "base.pt", "--overwrite"], "--base")
     assert (finetune / "base.pt").read_bytes() == before
+
+
+def test_the_finetune_demo_runs_end_to_end(tmp_path, capsys):
+    """``demo --finetune`` in CI size: the base on 0-4, adapters on 5-9, guided samples of the new
+    classes, attribution with its exact check, the report."""
+    assert ensattr("demo", "--finetune", "--out", tmp_path, "--steps", "20", "--samples", "10", "--attribute", "2",
+                   "--per-sample", "2", "--sampling-steps", "5", "--hidden", "32", "--blocks", "1", "--rank", "2",
+                   "--batch-size", "32") == 0
+    assert "each new class drawn (confidently) when asked for" in capsys.readouterr().out
+    checkpoint = Checkpoint.load(tmp_path / "ensemble.pt")
+    assert checkpoint.spec["kind"] == "lora" and checkpoint.spec["rank"] == 2 and checkpoint.code.shape[1] == 16
+    assert len(checkpoint.unit_of) == int((ef.load_digits().labels >= 5).sum())  # the digits 5-9 are the fine-tune
+    with h5py.File(tmp_path / "results.h5", "r") as f:
+        assert f["samples/label"][()].tolist() == [5, 6, 7, 8, 9] * 2
+        quality = json.loads(f.attrs["quality"])
+        assert set(quality["drawn_as_asked"]) == {"5", "6", "7", "8", "9"}
+    for name in ("base.pt", "report.png", "report.html"):
+        assert (tmp_path / name).is_file()
