@@ -35,7 +35,7 @@ COMMANDS = {
                "--hidden": NUMBERS, "--blocks": NUMBERS, "--checkpoint-every": NUMBERS, "--out": PATHS,
                "--plan": PATHS, "--mode": ["solo", "masked_batch", "1"], "--precision": PRECISIONS,
                "--members-per-pass": NUMBERS, "--models": NUMBERS, "--warmup": NUMBERS,
-               "--lr-final-fraction": NUMBERS}),
+               "--lr-final-fraction": NUMBERS, "--base": PATHS, "--rank": NUMBERS}),
     "sample": (["--checkpoint", "{checkpoint}", "--out", "{dir}/s.h5", "--seeds", "2", "--sampling-steps", "2"],
                {"--seeds": NUMBERS + ["0:3", "2**63", "5,1,5"], "--sampling-steps": NUMBERS, "--eta": NUMBERS,
                 "--chunk": NUMBERS, "--out": PATHS, "--checkpoint": PATHS, "--precision": PRECISIONS,
