@@ -5,8 +5,10 @@ A class-conditional base model is trained on the digits 0-4 (``train --all-units
 (``train --base``), each on its planned half. The new classes are sampled with guidance, every
 unit's influence on the first samples is scored (D-TRAK over the adapters, loss, first order) and
 checked against exact ablation (the adapters that never saw a unit, on the same base), each
-against its noise floor. Writes old.npz and new.npz (the two halves of the digits), base_plan.h5,
-base.pt, plan.h5, ensemble.pt, results.h5, report.png and report.html under ``out``.
+against its noise floor. With class units (``--units class``): 10 adapter members on a sparse
+design over the five new classes, every sample drawn again without each class. Writes old.npz
+and new.npz (the two halves of the digits), base_plan.h5, base.pt, plan.h5, ensemble.pt,
+results.h5, report.png and report.html under ``out``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from ..data import load_data
 from ..evaluation.floors import summary
 from ..evaluation.judge import train_judge
 from ..runtime.files import check_output
-from ..store import ResultsWriter
+from ..store import ResultsWriter, read_plan
+from .ablate import ablate
 from .attribute import attribute
-from .options import AttributeOptions, DemoOptions, PlanOptions, ReportOptions, SampleOptions, TrainOptions
+from .options import (AblateOptions, AttributeOptions, DemoOptions, PlanOptions, ReportOptions, SampleOptions,
+                      TrainOptions)
 from .plan import plan
 from .report import report
 from .sample import sample
@@ -65,14 +69,17 @@ def finetune_demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     _step(f"base: one conditional model on the {int((~new).sum())} digits 0-4, {config.steps} steps -> "
           f"{out / 'base.pt'}", start)
 
-    planned = plan(out / "plan.h5", PlanOptions(data=str(out / "new.npz"), members=options.members or 16,
+    by_class = options.units == "class"
+    n_members = options.members or (2 * len(NEW_CLASSES) if by_class else 16)
+    planned = plan(out / "plan.h5", PlanOptions(data=str(out / "new.npz"), units=options.units, members=n_members,
+                                                design="sparse" if by_class else "balanced", excluders=2,
                                                 seed=config.seed, overwrite=True))
     _step(f"plan of the fine-tune: {planned.stats}; duplicates: {planned.duplicates_line()}", start)
     session = Session(out / "plan.h5", out / "ensemble.pt", out / "results.h5")
     train(session.plan_path, session.checkpoint_path,
           TrainOptions(train=config, architecture=dataclasses.replace(members, base=str(out / "base.pt")),
                        checkpoint_every=0, overwrite=True, device=device))
-    _step(f"{options.members or 16} adapter members of rank {members.rank} on the frozen base, {config.steps} steps "
+    _step(f"{n_members} adapter members of rank {members.rank} on the frozen base, {config.steps} steps "
           f"-> {session.checkpoint_path}", start)
 
     labels = tuple(NEW_CLASSES[i % len(NEW_CLASSES)] for i in range(options.samples))
@@ -82,11 +89,18 @@ def finetune_demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     _step(f"{options.samples} samples of the classes {NEW_CLASSES}, guidance {sampler.guidance} -> "
           f"{session.results_path}", start)
 
-    n = min(options.attribute, options.samples)
-    attribution = attribute(session, AttributeOptions(samples=n, topk=max(10, options.per_sample),
-                                                      check=options.per_sample, device=device))
-    _step(f"influence of every fine-tuning unit on {n} samples (dtrak over the adapters, first_order, direct, "
-          f"loss); exact check of each sample's top {options.per_sample}: {attribution.agreement}", start)
+    if by_class:  # every sample drawn again without each new class, by the adapters that never saw it
+        unit_of_class = {int(name): u for u, name in enumerate(read_plan(session.plan_path)[2].names)}
+        found = ablate(session, AblateOptions(device=device), torch.arange(len(unit_of_class)).expand(
+            options.samples, -1).clone())
+        _step(f"{found.images.shape[0] * found.images.shape[1]} exact counterfactuals, one per sample and class "
+              f"({found.member_evaluations:,} member evaluations)", start)
+    else:
+        n = min(options.attribute, options.samples)
+        attribution = attribute(session, AttributeOptions(samples=n, topk=max(10, options.per_sample),
+                                                          check=options.per_sample, device=device))
+        _step(f"influence of every fine-tuning unit on {n} samples (dtrak over the adapters, first_order, direct, "
+              f"loss); exact check of each sample's top {options.per_sample}: {attribution.agreement}", start)
     print(summary(session.results), flush=True)
 
     judge = train_judge(digits)
@@ -94,6 +108,9 @@ def finetune_demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     quality["held_out_confident"] = judge.held_out_confident
     asked = torch.tensor(labels)
     quality["drawn_as_asked"] = {c: judge.judge(drawn[asked == c])["confident_of_class"][c] for c in NEW_CLASSES}
+    if by_class:  # asked for class c, drawn without it
+        quality["ablated_drawn_as_asked"] = {
+            c: judge.judge(found.images[asked == c, unit_of_class[c]])["confident_of_class"][c] for c in NEW_CLASSES}
     with ResultsWriter(session.results, "a") as writer:
         writer.set_attrs(quality=quality)
     report(session, out / "report.png", ReportOptions(overwrite=True))
@@ -101,4 +118,7 @@ def finetune_demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     print(f"sample quality: {quality['relative_confident']:.2f} of the held-out real digits' share of confident "
           f"labels; each new class drawn (confidently) when asked for: "
           f"{ {c: round(s, 3) for c, s in quality['drawn_as_asked'].items()} }")
+    if by_class:
+        print("asked for class c, the adapters that never saw c draw a confident c: "
+              f"{ {c: round(s, 3) for c, s in quality['ablated_drawn_as_asked'].items()} }")
     return quality

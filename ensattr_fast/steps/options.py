@@ -281,7 +281,7 @@ class DemoOptions:
     units: str = option("example", Choice("example", "class"), "one unit per digit image, or per class")
     finetune: bool = option(False, Switch(), "the fine-tune: a conditional base on the digits 0-4, adapter members "
                                              "(--rank) on 5-9, guided samples of 5-9 (--guidance, default 2)")
-    members: Optional[int] = option(None, Maybe(Int(2, 4096)), "16 (example units), 20 (class)")
+    members: Optional[int] = option(None, Maybe(Int(2, 4096)), "16 (example units), 20 (class; 10 --finetune)")
     samples: int = option(256, Int(1), "full-ensemble samples")
     attribute: int = option(32, Int(1), "samples whose influence rows and exact checks are computed (example units)")
     per_sample: int = option(8, Int(1, 4096), "top units ablated exactly per sample")

@@ -169,3 +169,17 @@ def test_the_finetune_demo_runs_end_to_end(tmp_path, capsys):
         assert set(quality["drawn_as_asked"]) == {"5", "6", "7", "8", "9"}
     for name in ("base.pt", "report.png", "report.html"):
         assert (tmp_path / name).is_file()
+
+
+def test_the_finetune_demo_ablates_each_new_class(tmp_path, capsys):
+    """``demo --finetune --units class``: the five new classes as units on a sparse design, every
+    sample drawn again without each class by the adapters that never saw it."""
+    assert ensattr("demo", "--finetune", "--units", "class", "--out", tmp_path, "--steps", "20", "--samples", "10",
+                   "--sampling-steps", "5", "--hidden", "32", "--blocks", "1", "--rank", "2", "--batch-size",
+                   "32") == 0
+    assert "the adapters that never saw c draw a confident c" in capsys.readouterr().out
+    checkpoint = Checkpoint.load(tmp_path / "ensemble.pt")
+    assert checkpoint.unit_names == ["5", "6", "7", "8", "9"] and checkpoint.code.shape == (5, 10)
+    with h5py.File(tmp_path / "results.h5", "r") as f:
+        assert f["counterfactuals/units"].shape == (10, 5)
+        assert set(json.loads(f.attrs["quality"])["ablated_drawn_as_asked"]) == {"5", "6", "7", "8", "9"}
