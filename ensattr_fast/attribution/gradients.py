@@ -104,9 +104,7 @@ def gradient_features(
     check_images(images, "images for gradient features", shape=ensemble.data_shape, allow_empty=True)
     if is_linear(ensemble):
         return _mlp_features(ensemble, schedule, images, spec, batch or 128, progress, labels)
-    if labels is not None:
-        raise MethodError("gradient features with labels are built for the stacked MLP members only")
-    return _generic_features(ensemble, schedule, images, spec, batch or 16, progress)
+    return _generic_features(ensemble, schedule, images, spec, batch or 16, progress, labels)
 
 
 def _value(out: Tensor, eps: Tensor, kind: str) -> Tensor:
@@ -193,10 +191,10 @@ def _mlp_features(ensemble: Ensemble, schedule, images, spec, batch, progress, l
     return features
 
 
-def _generic_features(ensemble, schedule, images, spec, batch, progress) -> Tensor:
+def _generic_features(ensemble, schedule, images, spec, batch, progress, labels=None) -> Tensor:
     device = next(ensemble.parameters()).device
     M = ensemble.n_members
-    per_example, names, params = per_example_gradients(ensemble, spec)
+    per_example, names, params = per_example_gradients(ensemble, spec, labelled=labels is not None)
     # every parameter is stacked over members: [M, ...] -> M rows of its per-member size
     sizes = [params[k][0].numel() for k in names]
     seeds = [member_seed(spec.seed, m) for m in range(M)] if spec.per_member_projection else [spec.seed + 1]
@@ -205,7 +203,8 @@ def _generic_features(ensemble, schedule, images, spec, batch, progress) -> Tens
     with Progress(len(images), f"{spec.kind} features", "examples", enabled=progress) as bar:
         for start in range(0, len(images), batch):
             x_t, t, eps = _noised(images[start : start + batch], spec, schedule, device)
-            grads = per_example(params, x_t, t, eps)  # name -> [b, M, ...]
+            conditions = () if labels is None else (labels[start : start + batch].to(device),)
+            grads = per_example(params, x_t, t, eps, *conditions)  # name -> [b, M, ...]
             if len(sketches) == 1:
                 parts = [grads[k].reshape(len(x_t) * M, -1) for k in names]
                 block = sketches[0](parts).view(len(x_t), M, -1).transpose(0, 1)
@@ -217,18 +216,20 @@ def _generic_features(ensemble, schedule, images, spec, batch, progress) -> Tens
     return features
 
 
-def per_example_gradients(ensemble: Ensemble, spec: FeatureSpec) -> tuple:
+def per_example_gradients(ensemble: Ensemble, spec: FeatureSpec, labelled: bool = False) -> tuple:
     """(f, parameter names, parameters): ``f(params, x_t [b, K, *shape], t, eps)`` gives each
-    example's gradient {name: [b, M, ...]} of the sum over members of each member's function."""
+    example's gradient {name: [b, M, ...]} of the sum over members of each member's function
+    (``labelled``: ``f(..., labels [b])``, each example's rows under its label)."""
     M = ensemble.n_members
     params = {k: v.detach() for k, v in ensemble.named_parameters()}
     buffers = {k: v.detach() for k, v in ensemble.named_buffers()}
 
-    def f(params, x_t, t, eps):  # x_t [K, *shape] -> the sum over members of each member's f
-        out = functional_call(ensemble, (params, buffers), (x_t.expand(M, *x_t.shape), t))
+    def f(params, x_t, t, eps, *label):  # x_t [K, *shape] -> the sum over members of each member's f
+        conditions = (t, label[0].expand(len(t))) if label else (t,)
+        out = functional_call(ensemble, (params, buffers), (x_t.expand(M, *x_t.shape), *conditions))
         return _value(out, eps, spec.kind).mean(-1).sum()
 
-    return vmap(grad(f), in_dims=(None, 0, None, None)), list(params), params
+    return vmap(grad(f), in_dims=(None, 0, None, None) + ((0,) if labelled else ())), list(params), params
 
 
 def dataset_features(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: FeatureSpec = FeatureSpec(),

@@ -12,11 +12,12 @@ derivative, which first-order Jacobians need. Both compute the same up to float 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArchitectureError
 from .folded import FoldedEnsemble
 
 #: The seed paper's CIFAR-10 UNet: the DDPM model of Ho et al. (2020) as diffusers ports it
@@ -40,19 +41,29 @@ def _unet2d():
 
 class DiffusersMember(nn.Module):
     """A diffusers ``UNet2DModel`` built from its config, as a member: ``forward(x, t)``
-    returns the predicted noise; its attention in plain matmuls (see the module's docstring)."""
+    returns the predicted noise; its attention in plain matmuls (see the module's docstring).
+
+    Class-conditional where the config has ``num_class_embeds`` = classes + 1 (diffusers' class
+    embedding, added to the time embedding): ``forward(x, t, labels)``, label -1 (or no labels)
+    the empty condition, the last embedding."""
 
     def __init__(self, config: dict):
         super().__init__()
         from diffusers.models.attention_processor import Attention, AttnProcessor
 
         self.unet = _unet2d()(**config)
+        self.classes = max(0, (config.get("num_class_embeds") or 0) - 1)
         for module in self.unet.modules():
             if isinstance(module, Attention):
                 module.set_processor(AttnProcessor())
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.unet(x, t).sample
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        if not self.classes:
+            if labels is not None:
+                raise ArchitectureError("these members are unconditional: they take no labels")
+            return self.unet(x, t).sample
+        labels = torch.full_like(t, -1) if labels is None else labels.expand_as(t)
+        return self.unet(x, t, class_labels=torch.where(labels < 0, self.classes, labels)).sample
 
 
 def _shape(config: dict) -> tuple:
@@ -62,10 +73,14 @@ def _shape(config: dict) -> tuple:
 
 
 def diffusers_ensemble(config: dict, n_members: int, shared_init: bool = False, seed: int = 0) -> FoldedEnsemble:
-    """M ``UNet2DModel`` members of one config, batched, their parameters stacked [M, ...]."""
+    """M ``UNet2DModel`` members of one config, batched, their parameters stacked [M, ...]
+    (class-conditional on ``num_class_embeds`` - 1 classes where the config has them)."""
+    classes = max(0, (config.get("num_class_embeds") or 0) - 1)
     spec = dict(kind="diffusers", config=config, n_members=n_members, data_shape=list(_shape(config)),
-                shared_init=shared_init, seed=seed)
-    return FoldedEnsemble(lambda: DiffusersMember(config), n_members, _shape(config), shared_init, seed, spec)
+                shared_init=shared_init, seed=seed, **({"classes": classes} if classes else {}))
+    ensemble = FoldedEnsemble(lambda: DiffusersMember(config), n_members, _shape(config), shared_init, seed, spec)
+    ensemble.classes = classes
+    return ensemble
 
 
 def member_unet(ensemble: FoldedEnsemble, m: int):

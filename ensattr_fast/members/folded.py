@@ -21,7 +21,7 @@ by one took 292 ms and 1,205 ms.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,21 @@ class _Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-_FOLDED = {nn.Conv2d: _Conv, nn.ConvTranspose2d: _Conv, nn.GroupNorm: _GroupNorm, nn.Linear: _Linear}
+class _Embedding(nn.Module):
+    """M ``nn.Embedding`` tables: row i of member m's rows looks up member m's table."""
+
+    def __init__(self, embedding: nn.Embedding, members: int):
+        super().__init__()
+        self.weight = _stacked(members, embedding.weight)
+
+    def forward(self, index: Tensor) -> Tensor:
+        M = self.weight.shape[0]
+        member = torch.arange(M, device=index.device).repeat_interleave(index.shape[0] // M)
+        return self.weight[member, index]
+
+
+_FOLDED = {nn.Conv2d: _Conv, nn.ConvTranspose2d: _Conv, nn.GroupNorm: _GroupNorm, nn.Linear: _Linear,
+           nn.Embedding: _Embedding}
 
 
 def _fold_layers(module: nn.Module, members: int) -> None:
@@ -120,7 +134,7 @@ class FoldedEnsemble(VmapEnsemble):
             _fold_layers(folded, n_members)
         self._folded = [folded]  # a skeleton: the weights come from the stacked state
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         M, B = x.shape[:2]
-        t = t.expand(M, B) if t.dim() == 1 else t
-        return self._on_stacked(self._folded[0], x.flatten(0, 1), t.flatten()).unflatten(0, (M, B))
+        conditions = [c.expand(M, B).flatten() for c in (t, labels) if c is not None]
+        return self._on_stacked(self._folded[0], x.flatten(0, 1), *conditions).unflatten(0, (M, B))

@@ -71,8 +71,8 @@ ARCHITECTURES: Dict[str, Architecture] = {
 }
 
 
-#: the architectures that take class labels (``--conditional``)
-CONDITIONAL = ("mlp",)
+#: the architectures that take class labels (``--conditional``); diffusers' through its class embedding
+CONDITIONAL = ("mlp", "diffusers", "seed-cifar10")
 
 
 class _ArchitectureName(Kind):
@@ -111,9 +111,9 @@ class MemberOptions:
     width: int = option(32, Width(), "channels of the built-in UNet members")
     unet_config: Optional[dict] = option(None, FilePath(), "diffusers: JSON file of UNet2DModel arguments",
                                          convert=_unet_config)  # the arguments (shape from the data)
-    conditional: bool = option(False, Switch(), "class-conditional members (mlp) on the data's labels, each also "
-                                                "its unconditional model (--cond-dropout): sample with --labels "
-                                                "and --guidance")
+    conditional: bool = option(False, Switch(), "class-conditional members (mlp, diffusers) on the data's labels, "
+                                                "each also its unconditional model (--cond-dropout): sample with "
+                                                "--labels and --guidance")
     base: Optional[str] = option(None, FilePath(), "fine-tune: the members are LoRA adapters on this frozen base "
                                                    "(a checkpoint of one mlp model: train --all-units --models 1)")
     rank: int = option(8, Int(1, 4096), "with --base: the rank of each member's adapters")
@@ -154,6 +154,8 @@ def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[i
         if classes < 1:
             raise ArchitectureError("--conditional needs class labels in the data (digits, an array's labels, "
                                     "image folders by class)")
+        if "config" in own:  # a diffusers UNet2DModel: one class embedding per class and the empty label
+            own["config"] = dict(own["config"], num_class_embeds=classes + 1)
         own["classes"] = classes
     return build_ensemble(dict(kind=options.arch, n_members=n_members, data_shape=list(data_shape), **own,
                                shared_init=shared_init, seed=seed))

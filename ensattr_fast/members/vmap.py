@@ -5,7 +5,7 @@ that of the ensembles that run the same members another way (:mod:`.folded`, :mo
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -87,22 +87,25 @@ class VmapEnsemble(Ensemble):
             module.train(self.training)
         return functional_call(module, self._stacked(), args)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """Member outputs [M, B, ...] for x [M, B, ...], t [M, B] or [B] and, for members whose
+        forward takes them, ``labels`` [M, B] or [B]."""
         base = self._base[0]
         if base.training != self.training:
             base.train(self.training)
+        conditions = (t,) if labels is None else (t, labels)
 
-        def call(params, buffers, x_m, t_m):
-            return functional_call(base, (params, buffers), (x_m, t_m))
+        def call(params, buffers, x_m, *conditions_m):
+            return functional_call(base, (params, buffers), (x_m, *conditions_m))
 
         params, buffers = self._stacked()
-        t_dim = 0 if t.dim() == 2 else None
+        dims = [0 if c.dim() == 2 else None for c in conditions]
         if self.vectorize:
             # randomness: each member draws its own dropout masks, as when called one by one
-            return vmap(call, in_dims=(0, 0, 0, t_dim), randomness="different")(params, buffers, x, t)
+            return vmap(call, in_dims=(0, 0, 0, *dims), randomness="different")(params, buffers, x, *conditions)
         return torch.stack([
             call({k: v[m] for k, v in params.items()}, {k: v[m] for k, v in buffers.items()}, x[m],
-                 t[m] if t_dim == 0 else t)
+                 *(c[m] if d == 0 else c for c, d in zip(conditions, dims)))
             for m in range(self.n_members)
         ])
 

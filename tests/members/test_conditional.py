@@ -176,7 +176,7 @@ def test_labels_are_the_examples_dropped_at_the_asked_rate(mode, dropout):
 def test_conditional_members_need_labels_and_an_architecture_that_takes_them():
     with pytest.raises(ArchitectureError, match="--conditional needs class labels"):
         build_members(MemberOptions(conditional=True), 2, SHAPE, True, 0, classes=0)
-    with pytest.raises(ArchitectureError, match="built for --arch mlp, not unet"):
+    with pytest.raises(ArchitectureError, match="built for --arch mlp, diffusers, seed-cifar10, not unet"):
         build_members(MemberOptions(arch="unet", conditional=True), 2, (1, 8, 8), True, 0, classes=2)
     ensemble = build_members(MemberOptions(hidden=8, blocks=1, conditional=True), 2, SHAPE, True, 0, classes=2)
     unlabelled = Dataset(torch.zeros(4, *SHAPE), None, name="unlabelled")

@@ -147,3 +147,72 @@ def test_presets_unet_small_and_the_seed_papers_cifar10_unet():
     assert build_ensemble(json.loads(json.dumps(seed.spec()))).parameters_per_member() == 35_746_307
     tuned = build_members(MemberOptions(arch="seed-cifar10", unet_config={"dropout": 0.0}), 1, (1, 16, 16), True, 0)
     assert tuned.spec()["config"]["dropout"] == 0.0 and tuned.data_shape == (1, 16, 16)
+
+
+def test_conditional_diffusers_members_are_each_member_alone_with_its_label():
+    """``--conditional`` diffusers members: UNet2DModel's class embedding over the classes and the
+    empty label (-1), folded over members; each member equals its plain UNet2DModel given the
+    label, and guided ablated sampling equals the members evaluated one by one."""
+    from ensattr_fast.diffusion.sampling import ablation_weights, run_trajectories
+
+    ensemble = build_members(MemberOptions(arch="diffusers", unet_config=UNET, conditional=True), 4, (1, 8, 8),
+                             False, 0, classes=3).eval()
+    assert ensemble.classes == 3 and ensemble.spec()["classes"] == 3
+    assert ensemble.spec()["config"]["num_class_embeds"] == 4
+    x, t = torch.randn(4, 5, 1, 8, 8), torch.randint(0, 1000, (4, 5))
+    labels = torch.tensor([0, 1, 2, -1, 1])
+    together = ensemble(x, t, labels)
+    for m in range(4):
+        unet = member_unet(ensemble, m).eval()
+        alone = unet(x[m], t[m], class_labels=torch.where(labels < 0, 3, labels)).sample
+        assert torch.allclose(together[m], alone, atol=1e-5)
+    assert (together - ensemble(x, t)).abs().amax() > 1e-4  # the labels are heard
+    rebuilt = build_ensemble(ensemble.spec())
+    rebuilt.load_state_dict(ensemble.state_dict())
+    assert torch.equal(rebuilt.eval()(x, t, labels), together)
+
+    code = codes.balanced_constant_weight(6, 4, seed=0)
+    sampler, seeds, schedule = Sampler("ddim", steps=3, eta=1.0, guidance=2.0), [1, 2], NoiseSchedule.linear()
+    weights = ablation_weights(code, [[], [2]])
+    every, sample_of = weights[None].expand(2, -1, -1).reshape(4, -1).float(), torch.arange(2).repeat_interleave(2)
+    fused = run_trajectories(ensemble, schedule, sampler, seeds, every, sample_of, labels=torch.tensor([2, -1]))
+    one_by_one = run_trajectories(_OneByOne(ensemble), schedule, sampler, seeds, every, sample_of,
+                                  labels=torch.tensor([2, -1]))
+    assert torch.allclose(fused.images, one_by_one.images, atol=1e-4)
+
+
+class _OneByOne(torch.nn.Module):
+    """The members of a folded ensemble called one after another as plain UNet2DModels."""
+
+    def __init__(self, ensemble):
+        super().__init__()
+        self.n_members, self.data_shape, self.classes = ensemble.n_members, ensemble.data_shape, ensemble.classes
+        self.unets = torch.nn.ModuleList([member_unet(ensemble, m).eval() for m in range(ensemble.n_members)])
+
+    def forward_packed(self, x_packed, t, layout, labels=None):
+        out = torch.empty_like(x_packed)
+        for m, unet in enumerate(self.unets):
+            rows = layout.member == m
+            if rows.any():
+                index = torch.where(labels[rows] < 0, self.classes, labels[rows])
+                out[rows] = unet(x_packed[rows], torch.full((int(rows.sum()),), t), class_labels=index).sample
+        return out
+
+
+def test_conditional_diffusers_features_are_the_gradients_under_each_label():
+    """Gradient features of conditional generic members: each example's gradient of its loss
+    under its own label, the same as one example at a time."""
+    from ensattr_fast.attribution.gradients import FeatureSpec, gradient_features
+
+    ensemble = build_members(MemberOptions(arch="diffusers", unet_config=UNET, conditional=True), 2, (1, 8, 8),
+                             False, 0, classes=3).eval()
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([2, -1, 0])
+    spec, schedule = FeatureSpec(kind="trak", timesteps=2, dim=16, seed=1), NoiseSchedule.linear()
+    together = gradient_features(ensemble, schedule, images, spec, batch=3, labels=labels)
+    for i in range(3):
+        alone = gradient_features(ensemble, schedule, images[i:i + 1], spec, batch=1, labels=labels[i:i + 1])
+        assert torch.allclose(together[:, i:i + 1], alone, rtol=1e-4, atol=1e-6)
+    unlabelled = gradient_features(ensemble, schedule, images, spec, batch=3)
+    assert torch.allclose(unlabelled[:, 1], together[:, 1], rtol=1e-4, atol=1e-6)  # -1 is no label
+    assert (unlabelled[:, 0] - together[:, 0]).abs().amax() > 1e-6
