@@ -219,3 +219,28 @@ def test_each_exported_member_is_that_member_when_peft_loads_it_onto_the_plain_b
     base = StackedMLP(1, SHAPE, hidden=16, blocks=2, time_dim=8, seed=1, classes=3).eval()  # the fixture's base
     known = labels.clamp(max=2)  # the plain base alone is the base, on the base's classes
     assert torch.allclose(adapters.plain_base()(x, t, known), base(x[None], t, known)[0], atol=1e-6)
+
+
+def test_a_resumed_fine_tune_is_the_uninterrupted_one_bit_for_bit(tmp_path):
+    from ensattr_fast.training.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.rand(32, *SHAPE, generator=g) * 2 - 1, torch.arange(32) % 2, name="two")
+    base = StackedMLP(1, SHAPE, hidden=16, blocks=1, time_dim=8, seed=1, classes=2).eval()
+
+    def trainer():
+        return Trainer(LoraEnsemble(base, 4, rank=2, classes=2), data, codes.balanced_constant_weight(6, 4, seed=0),
+                       torch.arange(32) % 6, [str(i) for i in range(6)], SCHEDULE,
+                       TrainConfig(steps=12, batch_size=8, lr=1e-2), "cpu")
+
+    uninterrupted = trainer()
+    uninterrupted.train(progress=False)
+    first = trainer()
+    for _ in range(5):
+        first.train_step()
+    first.checkpoint().save(tmp_path / "ck.pt")
+    resumed = trainer()
+    resumed.restore(Checkpoint.load(tmp_path / "ck.pt"))
+    resumed.train(progress=False)
+    for key, value in uninterrupted.ensemble.state_dict().items():
+        assert torch.equal(value, resumed.ensemble.state_dict()[key]), key

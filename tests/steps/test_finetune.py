@@ -183,3 +183,30 @@ def test_the_finetune_demo_ablates_each_new_class(tmp_path, capsys):
     with h5py.File(tmp_path / "results.h5", "r") as f:
         assert f["counterfactuals/units"].shape == (10, 5)
         assert set(json.loads(f.attrs["quality"])["ablated_drawn_as_asked"]) == {"5", "6", "7", "8", "9"}
+
+
+def test_adapters_sharded_over_ranks_sample_and_ablate_like_one_process(finetune, tmp_path):
+    """``--shard-members`` under torchrun: each rank holds its share of the adapters (and the one
+    base); the files equal one process's bit for bit."""
+    from test_distributed import ensattr as launch
+
+    for ranks, flags in ((1, []), (2, ["--shard-members"])):
+        results = str(tmp_path / f"results{ranks}.h5")
+        launch(ranks, "sample", "--checkpoint", str(finetune / "adapters.pt"), "--out", results, "--seeds", "4",
+               "--labels", "5,6,7,-1", "--guidance", "2", "--sampling-steps", "4", *flags)
+        launch(ranks, "ablate", "--checkpoint", str(finetune / "adapters.pt"), "--results", results, "--nearest",
+               "2", "--phantoms", "4", *flags)
+    with h5py.File(tmp_path / "results1.h5", "r") as one, h5py.File(tmp_path / "results2.h5", "r") as two:
+        for name in ("samples/images", "counterfactuals/images", "counterfactuals/pvalue"):
+            assert np.array_equal(one[name][()], two[name][()], equal_nan=True), name
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_adapters_train_and_sample_in_half_precision(finetune, tmp_path, precision):
+    out = tmp_path / "adapters.pt"
+    assert ensattr("train", "--plan", finetune / "plan.h5", "--out", out, "--base", finetune / "base.pt",
+                   "--conditional", "--rank", "2", "--steps", "5", "--batch-size", "16", "--precision", precision) == 0
+    assert ensattr("sample", "--checkpoint", out, "--out", tmp_path / "r.h5", "--seeds", "3", "--labels", "5",
+                   "--sampling-steps", "3", "--precision", precision) == 0
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert np.isfinite(f["samples/images"][()]).all()
