@@ -72,7 +72,7 @@ ARCHITECTURES: Dict[str, Architecture] = {
 
 
 #: the architectures that take class labels (``--conditional``); diffusers' through its class embedding
-CONDITIONAL = ("mlp", "diffusers", "seed-cifar10")
+CONDITIONAL = ("mlp", "unet", "unet-small", "diffusers", "seed-cifar10")
 
 
 class _ArchitectureName(Kind):
@@ -111,9 +111,9 @@ class MemberOptions:
     width: int = option(32, Width(), "channels of the built-in UNet members")
     unet_config: Optional[dict] = option(None, FilePath(), "diffusers: JSON file of UNet2DModel arguments",
                                          convert=_unet_config)  # the arguments (shape from the data)
-    conditional: bool = option(False, Switch(), "class-conditional members (mlp, diffusers) on the data's labels, "
-                                                "each also its unconditional model (--cond-dropout): sample with "
-                                                "--labels and --guidance")
+    conditional: bool = option(False, Switch(), "class-conditional members (mlp, unet, diffusers) on the data's "
+                                                "labels, each also its unconditional model (--cond-dropout): sample "
+                                                "with --labels and --guidance")
     base: Optional[str] = option(None, FilePath(), "fine-tune: the members are LoRA adapters on this frozen base "
                                                    "(a checkpoint of one mlp model: train --all-units --models 1)")
     rank: int = option(8, Int(1, 4096), "with --base: the rank of each member's adapters")

@@ -16,12 +16,13 @@ was the faster, 1.3x to 2.9x, because its fewer, larger operations wait less on 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ArchitectureError
 from .base import timestep_embedding
 from .grouped import (GroupedConv2d, GroupedConvTranspose2d, GroupedGroupNorm, StackedLinear, add_per_channel,
                       cat_channels, fold, unfold)
@@ -41,11 +42,22 @@ class _ResBlock(nn.Module):
         return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
+def label_rows(labels: Optional[Tensor], shape, classes: int, dtype) -> Tensor:
+    """One-hot rows [*shape, classes + 1] of ``labels`` (-1 or None: the empty label, the last);
+    by comparison, not ``F.one_hot``, whose range check cannot run under vmap (per-example
+    gradients)."""
+    index = torch.full(shape, classes) if labels is None else labels.expand(shape)
+    index = torch.where(index < 0, classes, index)
+    return (index[..., None] == torch.arange(classes + 1, device=index.device)).to(dtype)
+
+
 class UNetMember(nn.Module):
     """A small UNet denoiser for images of 8x8 to 32x32: two resolutions, residual blocks
-    with a time embedding, skip connections. ``forward(x [B, C, H, W], t [B])``."""
+    with a time embedding, skip connections. ``forward(x [B, C, H, W], t [B])``; with
+    ``classes``, ``forward(x, t, labels [B])``: a label embedding (built last, so unconditional
+    members draw their weights as before it) added to the time embedding, -1 the empty label."""
 
-    def __init__(self, channels: int = 1, width: int = 32, time_dim: int = 64):
+    def __init__(self, channels: int = 1, width: int = 32, time_dim: int = 64, classes: int = 0):
         super().__init__()
         self.time_dim = time_dim
         self.time = nn.Sequential(nn.Linear(time_dim, time_dim), nn.SiLU())
@@ -56,9 +68,15 @@ class UNetMember(nn.Module):
         self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
         self.dec = _ResBlock(2 * width, width, time_dim)
         self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
+        self.classes = classes
+        self.label = nn.Linear(classes + 1, time_dim) if classes else None
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         e = self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
+        if self.label is not None:
+            e = e + self.label(label_rows(labels, t.shape, self.classes, x.dtype).to(x.device))
+        elif labels is not None:
+            raise ArchitectureError("these members are unconditional: they take no labels")
         h0 = self.down(self.inp(x), e)
         h = self.up(self.mid(self.pool(h0), e))
         return self.out(self.dec(torch.cat([h, h0], 1), e))
@@ -84,9 +102,9 @@ class _GroupedResBlock(nn.Module):
 class _FoldedUNet(nn.Module):
     """M :class:`UNetMember` on member-folded activations, under ``UNetMember``'s names."""
 
-    def __init__(self, members: int, channels: int, width: int, time_dim: int):
+    def __init__(self, members: int, channels: int, width: int, time_dim: int, classes: int = 0):
         super().__init__()
-        self.time_dim = time_dim
+        self.time_dim, self.classes = time_dim, classes
         self.time = nn.Sequential(StackedLinear(members, time_dim, time_dim), nn.SiLU())
         self.inp = GroupedConv2d(members, channels, width, 3, padding=1)
         self.down = _GroupedResBlock(members, width, width, time_dim)
@@ -96,11 +114,16 @@ class _FoldedUNet(nn.Module):
         self.dec = _GroupedResBlock(members, 2 * width, width, time_dim)
         self.out = nn.Sequential(GroupedGroupNorm(members, 8, width), nn.SiLU(),
                                  GroupedConv2d(members, width, channels, 3, padding=1))
+        self.label = StackedLinear(members, classes + 1, time_dim) if classes else None
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         M, B = x.shape[:2]
         e = timestep_embedding(t, self.time_dim).to(x.dtype)
         e = self.time(e.expand(M, B, self.time_dim) if e.dim() == 2 else e)
+        if self.label is not None:
+            e = e + self.label(label_rows(labels, (M, B), self.classes, x.dtype).to(x.device))
+        elif labels is not None:
+            raise ArchitectureError("these members are unconditional: they take no labels")
         h0 = self.down(self.inp(fold(x)), e)
         h = self.up(self.mid(self.pool(h0), e))
         return unfold(self.out(self.dec(cat_channels(h, h0, M), e)), M)
@@ -115,15 +138,15 @@ class StackedUNet(VmapEnsemble):
     """
 
     def __init__(self, n_members: int, data_shape: Sequence[int], width: int = 32, time_dim: int = 64,
-                 shared_init: bool = False, seed: int = 0):
+                 shared_init: bool = False, seed: int = 0, classes: int = 0):
         channels = data_shape[0]
         spec = dict(kind="unet", n_members=n_members, data_shape=list(data_shape), width=width, time_dim=time_dim,
-                    shared_init=shared_init, seed=seed)
-        super().__init__(lambda: UNetMember(channels, width, time_dim), n_members, data_shape, shared_init, seed,
-                         spec)
-        self.width, self.time_dim = width, time_dim
-        with torch.device("meta"):
-            self._folded = [_FoldedUNet(n_members, channels, width, time_dim)]  # the weights: the stacked state
+                    shared_init=shared_init, seed=seed, **({"classes": classes} if classes else {}))
+        super().__init__(lambda: UNetMember(channels, width, time_dim, classes), n_members, data_shape, shared_init,
+                         seed, spec)
+        self.width, self.time_dim, self.classes = width, time_dim, classes
+        with torch.device("meta"):  # the weights: the stacked state
+            self._folded = [_FoldedUNet(n_members, channels, width, time_dim, classes)]
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self._on_stacked(self._folded[0], x, t)
+    def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return self._on_stacked(self._folded[0], x, t, *(() if labels is None else (labels,)))

@@ -173,13 +173,58 @@ def test_labels_are_the_examples_dropped_at_the_asked_rate(mode, dropout):
     assert trainer.train_step().isfinite().all()
 
 
-def test_conditional_members_need_labels_and_an_architecture_that_takes_them():
+def test_conditional_members_need_labels_and_an_architecture_that_takes_them(monkeypatch):
+    from ensattr_fast.members import ARCHITECTURES
+
     with pytest.raises(ArchitectureError, match="--conditional needs class labels"):
         build_members(MemberOptions(conditional=True), 2, SHAPE, True, 0, classes=0)
-    with pytest.raises(ArchitectureError, match="built for --arch mlp, diffusers, seed-cifar10, not unet"):
-        build_members(MemberOptions(arch="unet", conditional=True), 2, (1, 8, 8), True, 0, classes=2)
+    monkeypatch.setitem(ARCHITECTURES, "plugin", ARCHITECTURES["unet"])  # an architecture without labels
+    with pytest.raises(ArchitectureError, match="built for --arch mlp, unet, unet-small, diffusers, seed-cifar10, "
+                                                "not plugin"):
+        build_members(MemberOptions(arch="plugin", conditional=True), 2, (1, 8, 8), True, 0, classes=2)
     ensemble = build_members(MemberOptions(hidden=8, blocks=1, conditional=True), 2, SHAPE, True, 0, classes=2)
     unlabelled = Dataset(torch.zeros(4, *SHAPE), None, name="unlabelled")
     with pytest.raises(DataError, match="class-conditional but unlabelled has no labels"):
         Trainer(ensemble, unlabelled, codes.balanced_constant_weight(2, 2, seed=0), torch.tensor([0, 1, 0, 1]),
                 list("abcd"), SCHEDULE, TrainConfig(steps=1))
+
+
+def test_conditional_unet_members_are_each_member_alone_with_its_label():
+    """The built-in UNet with a label embedding: the grouped-convolution ensemble equals each
+    member as a plain UNetMember given its labels, and unconditional members are as before."""
+    from ensattr_fast.members import StackedUNet
+
+    ensemble = build_members(MemberOptions(arch="unet", width=8, conditional=True), 3, (1, 8, 8), False, 0,
+                             classes=4).eval()
+    assert isinstance(ensemble, StackedUNet) and ensemble.spec()["classes"] == 4
+    with torch.no_grad():
+        ensemble.params["label__weight"].mul_(20)
+    x, t = torch.randn(3, 5, 1, 8, 8), torch.randint(0, 1000, (3, 5))
+    labels = torch.tensor([0, 3, -1, 2, 1])
+    together = ensemble(x, t, labels)
+    for m in range(3):
+        assert torch.allclose(ensemble.member(m).eval()(x[m], t[m], labels), together[m], atol=1e-5)
+    assert torch.allclose(ensemble(x, t), ensemble(x, t, torch.full((5,), -1)))
+    assert (together - ensemble(x, t)).abs().amax() > 1e-3
+    # the label layer is drawn last: with shared initial weights (the shared-noise and masked
+    # modes) every other weight is as for unconditional members
+    plain = StackedUNet(2, (1, 8, 8), width=8, seed=5, shared_init=True)
+    theirs = dict(StackedUNet(2, (1, 8, 8), width=8, seed=5, shared_init=True, classes=3).named_parameters())
+    assert all(torch.equal(v, theirs[k]) for k, v in plain.named_parameters())
+
+
+def test_conditional_unet_features_are_the_gradients_under_each_label():
+    from ensattr_fast.attribution.gradients import FeatureSpec, gradient_features
+
+    ensemble = build_members(MemberOptions(arch="unet", width=8, conditional=True), 2, (1, 8, 8), False, 0,
+                             classes=3).eval()
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    labels = torch.tensor([2, -1, 0])
+    spec = FeatureSpec(kind="dtrak", timesteps=2, dim=16, seed=1)
+    together = gradient_features(ensemble, SCHEDULE, images, spec, batch=3, labels=labels)
+    for i in range(3):
+        alone = gradient_features(ensemble, SCHEDULE, images[i:i + 1], spec, batch=1, labels=labels[i:i + 1])
+        assert torch.allclose(together[:, i:i + 1], alone, rtol=1e-4, atol=1e-6)
+    unlabelled = gradient_features(ensemble, SCHEDULE, images, spec, batch=3)
+    assert torch.allclose(unlabelled[:, 1], together[:, 1], rtol=1e-4, atol=1e-6)
+    assert (unlabelled[:, 0] - together[:, 0]).abs().amax() > 1e-6
