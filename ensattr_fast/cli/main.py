@@ -24,6 +24,7 @@ from ..steps import demo
 from ..steps.groups import describe as describe_audit
 from ..steps.plan import design_reason
 from ..store import dump_json
+from ..store.hdf5 import exit_after_faults
 from .parser import Command, parse
 
 __all__ = ["main", "launch"]
@@ -66,6 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     own = argv is None
     _STARTED = _clock()
     quiet_hdf5_teardown()  # after a fault of the system, its one line and no echo from every freed handle
+    if own:  # a fault of the system ends this process at once (_stop): nothing given up need be closed
+        exit_after_faults()
     try:
         command = parse(argv)
     except EnsattrError as error:
@@ -84,6 +87,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(command.step, f"an input HDF5 file is damaged ({error.args[0]}): restore it from a copy "
                                     "and run this again")
     except RuntimeError as error:
+        if _hdf5_damage(error):  # h5py's word for a group whose links a damaged file garbles
+            return _error(command.step, f"an input HDF5 file is damaged ({error}): restore it from a copy and run "
+                                        "this again")
         if not _system_fault(error):
             raise
         return _stop(command.step, fault_line(error), own)
@@ -92,12 +98,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             dist.destroy_process_group()
 
 
-def _hdf5_damage(error: KeyError) -> bool:
+def _hdf5_damage(error: Exception) -> bool:
     """Whether h5py raised ``error`` on reading a damaged object (a checksum or a header that
-    does not hold), rather than on a name that is missing."""
+    does not hold: "Unable to ..." as a KeyError, "Link iteration failed ..." as a RuntimeError),
+    rather than on a name that is missing or a fault of the package."""
     text = str(error.args[0]) if error.args else ""
-    return text.startswith("Unable to") and any(w in text for w in ("checksum", "metadata", "header", "decode",
-                                                                     "bad", "corrupt", "truncated"))
+    return (text.startswith("Unable to") or "iteration failed" in text) and any(
+        w in text for w in ("checksum", "metadata", "header", "decode", "bad", "corrupt", "truncated"))
 
 
 def _stop(command: str, error, own: bool) -> int:

@@ -25,10 +25,21 @@ from ..runtime.files import quiet_hdf5_teardown, system_fault
 from .recovery import unreadable
 
 __all__ = ["code_hash", "file_hash", "versions", "read_hdf5", "open_for_reading", "check_code", "check_results",
-           "parse_json", "dump_json", "damaged", "writable", "finish", "abandon"]
+           "parse_json", "dump_json", "damaged", "writable", "finish", "abandon", "exit_after_faults"]
 
 #: files HDF5 could not write, held open until the process ends (see :func:`abandon`)
 _ABANDONED: list = []
+#: whether :func:`abandon` closes the files it gives up (see :func:`exit_after_faults`)
+_CLOSE_ABANDONED = [True]
+
+
+def exit_after_faults() -> None:
+    """Declare that this process ends, without the interpreter's teardown, right after a fault
+    of the system (the command line's own process does): :func:`abandon` then leaves the files
+    it gives up open instead of closing them. HDF5 can crash in that close, its state broken by
+    the refused write (1 in 20 disks filled at random moments while sampling), and nothing after
+    the fault needs it."""
+    _CLOSE_ABANDONED[0] = False
 
 #: the longest attribute text a file may hold: hand-edited or hostile files stop here, not in memory
 MAX_ATTRIBUTE = 16 << 20
@@ -195,6 +206,9 @@ def abandon(file: h5py.File) -> None:
         finally:
             os.close(blank)
     except (AttributeError, OSError, RuntimeError, ValueError):
+        _ABANDONED.append(file)
+        return
+    if not _CLOSE_ABANDONED[0]:
         _ABANDONED.append(file)
         return
     with contextlib.suppress(Exception):  # HDF5 may still refuse, in memory now: nothing to add

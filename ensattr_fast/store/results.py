@@ -159,7 +159,9 @@ class Results:
         """The arrays under /counterfactuals for the first ``rows`` samples: ``units``,
         ``distance``, ``predicted_<method>`` and, with ``images``, ``images``."""
         group = self.counterfactuals
-        return {name: group[name][:rows] for name in group if images or name != "images"}
+        arrays = {name: group[name][:rows] for name in group if images or name != "images"}
+        _check_units(arrays.get("units"), len(self.code), f"{self.file.filename}: /counterfactuals/units")
+        return arrays
 
     @property
     def methods(self):
@@ -189,6 +191,7 @@ class Results:
     def topk(self, method: str) -> Tuple[h5py.Dataset, h5py.Dataset]:
         """(unit index [K, k], score [K, k]) of the highest-scoring units per row."""
         group = self._get(f"topk/{method}")
+        _check_units(group["index"][()], len(self.code), f"{self.file.filename}: /topk/{method}/index")
         return group["index"], group["score"]
 
     def certificate(self) -> Optional[Dict[str, np.ndarray]]:
@@ -200,3 +203,10 @@ class Results:
         out = {name: group[name][()] for name in group if isinstance(group[name], h5py.Dataset)}
         out["meta"] = parse_json(group.attrs.get("certificate", "{}"))
         return out
+
+
+def _check_units(units: Optional[np.ndarray], n_units: int, where: str) -> None:
+    """Unit indices a reader will look up: each in [0, n_units), or -1 (none). Raw data carries
+    no checksum in HDF5, so a damaged file shows here, as one error, not as an index error later."""
+    if units is not None and units.size and (units.min() < -1 or units.max() >= n_units):
+        raise StoreError(f"{where} names units outside [0, {n_units}): the file is damaged; restore it from a copy")

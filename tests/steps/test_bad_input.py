@@ -436,3 +436,32 @@ def test_a_cpu_tensor_among_cuda_tensors_names_the_device(op):
                           coefficients=(1.0, 0.0, 1.0, 0.0, 0.0))
         else:
             code_scores(codes.balanced_constant_weight(6, 4).to(cuda), losses=torch.rand(3, 4))
+
+
+@pytest.mark.parametrize("where", ["counterfactuals/units"])
+def test_unit_indices_a_damaged_file_garbles_are_one_line(files, capsys, where):
+    """Raw data carries no checksum: a flipped bit in a unit index reads back as a number. The
+    reader that looks it up refuses the file in one line, not with an IndexError."""
+    with h5py.File(files / "results.h5", "a") as f:
+        units = f[where][()]
+        units.flat[0] = 1 << 20
+        f[where][...] = units
+    err = fails(capsys, ["report", "--results", files / "results.h5", "--out", files / "report.png"],
+                files / "results.h5")
+    assert "names units outside" in err and not (files / "report.png").exists()
+
+
+def test_a_group_whose_links_a_damaged_file_garbles_is_one_line(files, capsys, monkeypatch):
+    """h5py reports a damaged group's links as a RuntimeError ("Link iteration failed (incorrect
+    metadata checksum ...)"), met by the report of a results file with one bit flipped."""
+    import ensattr_fast.cli.main as cli_main
+
+    def damaged(audit, options, out):
+        raise RuntimeError("Link iteration failed (incorrect metadata checksum after all read attempts)")
+
+    monkeypatch.setitem(cli_main.COMMANDS, "report", damaged)
+    err = fails(capsys, ["report", "--results", files / "results.h5", "--out", files / "report.png"])
+    assert "an input HDF5 file is damaged (Link iteration failed" in err
+    monkeypatch.setitem(cli_main.COMMANDS, "report", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # a fault of the package is not hidden as damage
+        ensattr("report", "--results", files / "results.h5", "--out", files / "report.png")

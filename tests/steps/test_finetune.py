@@ -210,3 +210,18 @@ def test_adapters_train_and_sample_in_half_precision(finetune, tmp_path, precisi
                    "--sampling-steps", "3", "--precision", precision) == 0
     with h5py.File(tmp_path / "r.h5", "r") as f:
         assert np.isfinite(f["samples/images"][()]).all()
+
+
+def test_the_python_lifecycle_audits_a_fine_tune(finetune, tmp_path):
+    """``ef.Audit`` on the fine-tuning data: train adapters on the base, sample the new classes
+    guided, score them, ablate: the same objects as for members of their own."""
+    audit = ef.Audit.create(data=str(finetune / "new.npz"), members=8, workdir=tmp_path / "audit", progress=False)
+    audit.train(base=str(finetune / "base.pt"), rank=2, conditional=True, steps=10, batch_size=16, hidden=32,
+                blocks=1)
+    assert isinstance(audit.checkpoint.build(), LoraEnsemble)
+    samples = audit.sample(seeds="4", labels="5,6,7,8", guidance=2, sampling_steps=4)
+    assert tuple(samples.images.shape) == (4, 1, 8, 8)
+    attribution = audit.attribute(methods="loss", draws=2, samples=2, check=1)
+    assert attribution.agreement is not None
+    found = audit.ablate([0, 1], samples=2, overwrite=True)
+    assert tuple(found.images.shape[:2]) == (2, 2)
