@@ -12,7 +12,7 @@ numbers, so only small training sets are allowed (:data:`EXACT_BUDGET`).
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -46,19 +46,22 @@ def gradient_size(ensemble: Ensemble) -> int:
     return sum(p[0].numel() for p in ensemble.parameters())
 
 
-def full_gradients(ensemble: Ensemble, schedule: NoiseSchedule, images: Tensor, spec: FeatureSpec) -> Tensor:
-    """Each member's full per-example gradient, flattened: [M, n, P] float64 for ``images`` [n, *shape]."""
+def full_gradients(ensemble: Ensemble, schedule: NoiseSchedule, images: Tensor, spec: FeatureSpec,
+                   labels: Optional[Tensor] = None) -> Tensor:
+    """Each member's full per-example gradient, flattened: [M, n, P] float64 for ``images`` [n, *shape]
+    (under their ``labels`` [n], class-conditional members)."""
     M, n, K = ensemble.n_members, len(images), spec.timesteps
     if is_linear(ensemble):
         parts = []
-        for (x, dy), (_, _, bias) in zip(layer_rows(ensemble, schedule, images, spec), layer_shapes(ensemble)):
+        rows = layer_rows(ensemble, schedule, images, spec, labels)
+        for (x, dy), (_, _, bias) in zip(rows, layer_shapes(ensemble)):
             x = (torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1) if bias else x).double().view(M, n, K, -1)
             parts.append(torch.einsum("mnka,mnkb->mnab", x, dy.double().view(M, n, K, -1)).reshape(M, n, -1))
         return torch.cat(parts, -1)
     parameter = next(ensemble.parameters())
-    per_example, names, params = per_example_gradients(ensemble, spec)
+    per_example, names, params = per_example_gradients(ensemble, spec, labelled=labels is not None)
     x_t, t, eps = _noised(images, spec, schedule, parameter.device, parameter.dtype)
-    grads = per_example(params, x_t, t, eps)  # name -> [n, M, ...]
+    grads = per_example(params, x_t, t, eps, *(() if labels is None else (labels.to(x_t.device),)))
     return torch.cat([grads[k].reshape(n, M, -1).double() for k in names], -1).transpose(0, 1)
 
 
@@ -67,23 +70,29 @@ def _blocks(n: int, size: int) -> Iterable[slice]:
 
 
 def exact_grams(ensemble: Ensemble, schedule: NoiseSchedule, train: Tensor, queries: Tensor,
-                spec: FeatureSpec) -> tuple:
+                spec: FeatureSpec, labels: Optional[Tuple[Tensor, Tensor]] = None) -> tuple:
     """(Phi Phi^T [M, n, n], phi(q) Phi^T [M, Q, n], P), float64, from the full gradients of
-    ``train`` [n, *shape] and ``queries`` [Q, *shape], block by block (blocks recomputed
-    rather than kept: memory is one pair of blocks and the Grams)."""
+    ``train`` [n, *shape] and ``queries`` [Q, *shape] (under ``labels``, (train's [n],
+    queries' [Q]), class-conditional members), block by block (blocks recomputed rather than
+    kept: memory is one pair of blocks and the Grams)."""
     M, n = ensemble.n_members, len(train)
     P = gradient_size(ensemble)
     images = torch.cat([train, queries.to(train.dtype)])
+    every = None if labels is None else torch.cat([labels[0], labels[1]]).long()
+
+    def full_gradients_of(block: slice) -> Tensor:
+        return full_gradients(ensemble, schedule, images[block], spec, None if every is None else every[block])
+
     size = max(1, _BLOCK_BYTES // (M * P * 8))
     gram = torch.zeros(M, len(images), n, dtype=torch.float64)
     train_blocks = _blocks(n, size)
     query_blocks = [slice(n + b.start, n + b.stop) for b in _blocks(len(queries), size)]
     for rows in train_blocks + query_blocks:
-        gi = full_gradients(ensemble, schedule, images[rows], spec)
+        gi = full_gradients_of(rows)
         for cols in train_blocks:
             if rows.start < n and cols.start < rows.start:
                 continue  # train x train: each pair of blocks once, mirrored below
-            gj = gi if cols == rows else full_gradients(ensemble, schedule, images[cols], spec)
+            gj = gi if cols == rows else full_gradients_of(cols)
             gram[:, rows, cols] = (gi @ gj.transpose(1, 2)).cpu()
             if rows.start < n and cols != rows:
                 gram[:, cols, rows] = gram[:, rows, cols].transpose(1, 2)
@@ -103,15 +112,16 @@ def exact_example_scores(gram: Tensor, cross: Tensor, P: int, damping: float = 0
 
 def exact_member_scores(ensemble: Ensemble, schedule: NoiseSchedule, train: Union[Tensor, object], queries: Tensor,
                         spec: FeatureSpec, unit_of: Tensor, n_units: int, damping: float = 0.01,
-                        budget: int = EXACT_BUDGET) -> Tensor:
+                        budget: int = EXACT_BUDGET, labels: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """Each member's exact-kernel scores of ``queries`` against the units, [M, Q, N] float32, as
     :func:`~.gradients.member_scores` gives for projected features. ``train``: the training
-    images [n, *shape] or a :class:`~ensattr_fast.data.Dataset`."""
+    images [n, *shape] or a :class:`~ensattr_fast.data.Dataset`; ``labels``: (the training
+    examples', the queries') for class-conditional members."""
     if not isinstance(train, Tensor):
         blocks = list(train.blocks())
         train = torch.cat(blocks) if blocks else torch.zeros(0, *ensemble.data_shape)
     check_exact_budget(len(train), len(queries), ensemble.n_members, budget)
-    gram, cross, P = exact_grams(ensemble, schedule, train, queries, spec)
+    gram, cross, P = exact_grams(ensemble, schedule, train, queries, spec, labels)
     per_example = exact_example_scores(gram, cross, P, damping).float()
     out = torch.zeros(ensemble.n_members, len(queries), n_units)
     for m in range(ensemble.n_members):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
+import torch
 from torch import Tensor
 
 from ..diffusion.schedules import NoiseSchedule, Sampler
@@ -113,11 +114,12 @@ class GradientScorer(Scorer):
     def scores(self, method: "Method", rows: Rows) -> Tensor:
         spec = dataclasses.replace(rows.features, kind=method.feature_kind)
         if spec.exact:  # no features to keep: the Grams of the full gradients, then the kernel
-            if rows.labels is not None:
-                raise MethodError("--exact-kernel takes no labels yet: score class-conditional samples with the "
-                                  "projected features (the default)")
+            data, queries = rows.data(), rows.labels
+            if rows.ensemble.classes and queries is None:  # samples drawn without a label: the empty one
+                queries = torch.full((len(rows.images),), -1, dtype=torch.long)
+            labels = (data.labels, queries) if rows.ensemble.classes else None  # each example under its own
             per_member = rows.once(("exact", spec.kind), lambda: exact_member_scores(
-                rows.ensemble, rows.schedule, rows.data(), rows.images, spec, rows.unit_of, len(rows.code)))
+                rows.ensemble, rows.schedule, data, rows.images, spec, rows.unit_of, len(rows.code), labels=labels))
             return combine(per_member, rows.code, method.combination)
         sums = rows.once(("gradient", spec.kind), lambda: self.sums(spec, rows))
         return combined(*sums, rows.code, method.combination)

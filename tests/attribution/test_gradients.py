@@ -363,3 +363,38 @@ def test_attribute_takes_the_projection_dimension(tmp_path):
     with h5py.File(results, "r") as f:
         assert f["statistics/features_dtrak_d24_train"].shape == (16, 1797, 24)  # one row per image
         assert f["influence/dtrak"].shape == (2, DIGIT_UNITS)
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_the_exact_kernel_of_conditional_members_takes_each_example_under_its_label(adapters):
+    """Class-conditional members: every training example's gradient under its own label, every
+    query's under its own (-1: none), against torch.func one example at a time."""
+    from ensattr_fast.members import LoraEnsemble
+
+    base = StackedMLP(1 if adapters else 2, (1, 4, 4), hidden=8, blocks=1, time_dim=8, seed=3, classes=3)
+    ensemble = (LoraEnsemble(base, 2, rank=2, classes=3) if adapters else base).double()
+    with torch.no_grad():
+        for p in ensemble.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.3)
+    images = torch.rand(9, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 1, -1, 2])
+    spec = FeatureSpec(kind="dtrak", timesteps=3, exact=True)
+    t, eps = spec.draws(SCHEDULE, (1, 4, 4))
+    abar = SCHEDULE.alphas_cumprod[t].view(-1, 1, 1, 1)
+    params = {k: v.detach() for k, v in ensemble.named_parameters()}
+
+    def f(params, x, label):
+        x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps.double()
+        out = functional_call(ensemble, params, (x_t.expand(2, *x_t.shape), t, label.expand(len(t))))
+        return out.pow(2).flatten(2).sum(-1).mean(-1).sum()
+
+    each = [grad(f)(params, x, label) for x, label in zip(images, labels)]
+    layers = [name for name, module in ensemble.named_modules() if isinstance(module, _StackedLinear)]
+    flat = torch.stack([torch.cat([torch.cat([g[f"{n}.weight"], g[f"{n}.bias"]], 1).flatten(1)
+                                   if f"{n}.bias" in g else g[f"{n}.weight"].flatten(1) for n in layers], -1)
+                        for g in each], 1)  # [M, 9, P]
+    gram, cross, P = exact_module.exact_grams(ensemble, SCHEDULE, images[:6], images[6:], spec,
+                                              labels=(labels[:6], labels[6:]))
+    assert P == flat.shape[-1]
+    torch.testing.assert_close(gram, flat[:, :6] @ flat[:, :6].transpose(1, 2), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cross, flat[:, 6:] @ flat[:, :6].transpose(1, 2), rtol=1e-9, atol=1e-12)

@@ -5,6 +5,8 @@ do not fit are refused in one line before anything is written."""
 
 from __future__ import annotations
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -71,6 +73,22 @@ def test_every_method_scores_conditional_samples(audit):
     with ef.open_results(audit / "results.h5") as r:
         for method in ("first_order", "loss", "dtrak"):
             assert np.isfinite(r.influence(method)[:, :]).all(), method
+
+
+def test_the_exact_kernel_scores_conditional_samples(audit, tmp_path):
+    """``--exact-kernel`` under labels: the unprojected kernel, which the projected scores approach."""
+    results, wide = tmp_path / "results.h5", tmp_path / "wide.h5"
+    shutil.copy(audit / "results.h5", results)
+    shutil.copy(audit / "results.h5", wide)
+    assert ensattr("attribute", "--checkpoint", audit / "ensemble.pt", "--results", results, "--samples", "6",
+                   "--method", "dtrak", "--exact-kernel", "--check", "1", "--phantoms", "3", "--overwrite") == 0
+    assert ensattr("attribute", "--checkpoint", audit / "ensemble.pt", "--results", wide, "--samples", "6",
+                   "--method", "dtrak", "--projection-dim", "4096", "--check", "1", "--phantoms", "3",
+                   "--overwrite") == 0
+    with ef.open_results(results) as exact, ef.open_results(wide) as projected:
+        a, b = exact.influence("dtrak")[:, :], projected.influence("dtrak")[:, :]
+    assert np.isfinite(a).all()
+    assert np.mean([np.corrcoef(x, y)[0, 1] for x, y in zip(a, b)]) > 0.9
 
 
 def test_first_order_replays_the_guided_samples(audit):
