@@ -139,6 +139,9 @@ def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[i
     conditioned on ``classes`` labels where ``options.conditional``. With ``base`` (loaded from
     ``options.base``, described by ``base_ref``): adapters of ``options.rank`` on it."""
     if base is not None:
+        if options.arch != "mlp":
+            raise ArchitectureError(f"--base: the members are adapters on the base's own architecture (an mlp); "
+                                    f"--arch {options.arch} does not apply to them")
         if tuple(base.data_shape) != tuple(data_shape):
             raise ArchitectureError(f"--base {options.base} models data of shape {tuple(base.data_shape)}, "
                                     f"not the data's {tuple(data_shape)}")

@@ -147,6 +147,9 @@ def test_a_base_that_does_not_fit_is_refused_before_anything_is_written(finetune
 def test_a_rank_of_zero_and_the_base_as_output_are_refused(finetune, capsys):
     _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", finetune / "x.pt", "--base",
                       finetune / "base.pt", "--rank", "0"], "--rank")
+    _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", finetune / "x.pt", "--base",
+                      finetune / "base.pt", "--arch", "unet"], "--arch unet does not apply")
+    assert not (finetune / "x.pt").exists()
     before = (finetune / "base.pt").read_bytes()
     _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", finetune / "base.pt", "--base",
                       finetune / "base.pt", "--overwrite"], "--base")
