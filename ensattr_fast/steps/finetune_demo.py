@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data import load_data
+from ..errors import ConfigError
 from ..evaluation.floors import summary
 from ..evaluation.judge import train_judge
 from ..runtime.files import check_output
@@ -51,6 +52,9 @@ def finetune_demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     """The fine-tune demo under ``out``; returns the sample-quality figures, with the share of
     samples of each new class judged (confidently) as the class they were asked for."""
     start, out = time.perf_counter(), Path(out)
+    if options.architecture.base:
+        raise ConfigError("demo --finetune trains its own base on the digits 0-4: --base does not apply (run the "
+                          "steps of the README's fine-tune section to fine-tune yours)")
     names = ("old.npz", "new.npz", "base_plan.h5", "base.pt", "plan.h5", "ensemble.pt", "results.h5",
              "report.png", "report.html")
     for name in names:

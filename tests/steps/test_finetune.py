@@ -144,6 +144,11 @@ def test_a_base_that_does_not_fit_is_refused_before_anything_is_written(finetune
     assert not out.exists()
 
 
+def test_the_finetune_demo_refuses_a_base_of_the_users(finetune, tmp_path, capsys):
+    _refused(capsys, ["demo", "--finetune", "--out", tmp_path, "--base", finetune / "base.pt"], "trains its own base")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_rank_of_zero_and_the_base_as_output_are_refused(finetune, capsys):
     _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", finetune / "x.pt", "--base",
                       finetune / "base.pt", "--rank", "0"], "--rank")
