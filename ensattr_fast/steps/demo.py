@@ -19,28 +19,18 @@ from pathlib import Path
 import torch
 
 from ..data import load_data
-from ..evaluation.floors import summary
-from ..evaluation.judge import train_judge
 from ..runtime.files import check_output
-from ..store import ResultsWriter, read_plan
+from ..store import read_plan
+from ._demo_parts import attribute_first, judge_and_report, step
 from .ablate import ablate
-from .attribute import attribute
 from .finetune_demo import finetune_demo
-from .options import (AblateOptions, AttributeOptions, DemoOptions, PlanOptions, ReportOptions, SampleOptions,
-                      TrainOptions)
+from .options import AblateOptions, DemoOptions, PlanOptions, SampleOptions, TrainOptions
 from .plan import plan
-from .report import report
 from .sample import sample
 from .session import Session
 from .train import train
 
 __all__ = ["demo"]
-
-
-def _step(name: str, start: float) -> float:
-    now = time.perf_counter()
-    print(f"[{now - start:6.1f} s] {name}", flush=True)
-    return now
 
 
 def demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
@@ -63,44 +53,32 @@ def demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     planned = plan(session.plan_path, PlanOptions(data="digits", units=options.units, members=n_members,
                                                   design="sparse" if by_class else "balanced", excluders=2,
                                                   seed=config.seed, overwrite=True))
-    _step(f"plan: {planned.stats}; duplicates: {planned.duplicates_line()}", start)
+    step(f"plan: {planned.stats}; duplicates: {planned.duplicates_line()}", start)
     train(session.plan_path, session.checkpoint_path,
           TrainOptions(train=config, architecture=options.architecture, checkpoint_every=0, overwrite=True,
                        device=device))
-    _step(f"trained {n_members} members for {config.steps} steps -> {session.checkpoint_path}", start)
+    step(f"trained {n_members} members for {config.steps} steps -> {session.checkpoint_path}", start)
     drawn = sample(session, session.results_path, SampleOptions(seeds=range(options.samples), sampler=options.sampler,
                                                                 overwrite=True, device=device)).images
     samples = options.samples
-    _step(f"{samples} samples -> {session.results_path}", start)
+    step(f"{samples} samples -> {session.results_path}", start)
 
     data = load_data("digits")
     _, _, units = read_plan(session.plan_path)
     if by_class:
         ablated = torch.arange(units.n_units).expand(samples, -1).clone()
         found = ablate(session, AblateOptions(device=device), ablated)
-        _step(f"{ablated.numel()} exact counterfactuals ({found.member_evaluations:,} member evaluations), "
-              f"mean distance {found.distances.mean():.3f}", start)
+        step(f"{ablated.numel()} exact counterfactuals ({found.member_evaluations:,} member evaluations), "
+             f"mean distance {found.distances.mean():.3f}", start)
     else:
-        n = min(options.attribute, samples)
-        attribution = attribute(session, AttributeOptions(samples=n, topk=max(10, options.per_sample),
-                                                          check=options.per_sample, device=device))
-        _step(f"influence of all {units.n_units} units on {n} samples (dtrak, first_order, direct, loss); "
-              f"exact check of each sample's top {options.per_sample}: {attribution.agreement}", start)
+        attribute_first(session, options, f"all {units.n_units} units (dtrak, first_order, direct, loss)", start)
 
-    print(summary(session.results), flush=True)
-
-    judge = train_judge(data)
-    quality = judge.judge(drawn)
-    quality["held_out_confident"] = judge.held_out_confident
-    if by_class:
-        # share of the class-c ablation's samples confidently labelled c, for every class c
+    def removed_classes(judge, quality):  # share of the class-c ablation's samples confidently labelled c
         quality["ablated_confident_as_removed_class"] = [
-            judge.judge(found.images[:, c])["confident_of_class"][c] for c in range(units.n_units)
-        ]
-    with ResultsWriter(session.results, "a") as writer:
-        writer.set_attrs(quality=quality)
-    report(session, out / "report.png", ReportOptions(overwrite=True))
-    _step(f"report -> {out / 'report.png'}, {out / 'report.html'}", start)
+            judge.judge(found.images[:, c])["confident_of_class"][c] for c in range(units.n_units)]
+
+    quality = judge_and_report(session, out, data, drawn, start, removed_classes if by_class else
+                               (lambda judge, quality: None))
     print(f"sample quality: {quality['relative_confident']:.2f} of the held-out real digits' share "
           f"of confident labels; class shares {[round(s, 3) for s in quality['class_shares']]}")
     if by_class:

@@ -22,16 +22,12 @@ import torch
 
 from ..data import load_data
 from ..errors import ConfigError
-from ..evaluation.floors import summary
-from ..evaluation.judge import train_judge
 from ..runtime.files import check_output
-from ..store import ResultsWriter, read_plan
+from ..store import read_plan
+from ._demo_parts import attribute_first, judge_and_report, step
 from .ablate import ablate
-from .attribute import attribute
-from .options import (AblateOptions, AttributeOptions, DemoOptions, PlanOptions, ReportOptions, SampleOptions,
-                      TrainOptions)
+from .options import AblateOptions, DemoOptions, PlanOptions, SampleOptions, TrainOptions
 from .plan import plan
-from .report import report
 from .sample import sample
 from .session import Session
 from .train import train
@@ -42,10 +38,6 @@ __all__ = ["finetune_demo", "NEW_CLASSES", "GUIDANCE"]
 NEW_CLASSES = (5, 6, 7, 8, 9)
 #: the guidance the demo samples with unless --guidance says otherwise
 GUIDANCE = 2.0
-
-
-def _step(name: str, start: float) -> None:
-    print(f"[{time.perf_counter() - start:6.1f} s] {name}", flush=True)
 
 
 def finetune_demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
@@ -70,55 +62,47 @@ def finetune_demo(out: Path, options: DemoOptions = DemoOptions()) -> dict:
     plan(out / "base_plan.h5", PlanOptions(data=str(out / "old.npz"), seed=config.seed, overwrite=True))
     train(out / "base_plan.h5", out / "base.pt", TrainOptions(train=config, architecture=members, all_units=True,
                                                               checkpoint_every=0, overwrite=True, device=device))
-    _step(f"base: one conditional model on the {int((~new).sum())} digits 0-4, {config.steps} steps -> "
-          f"{out / 'base.pt'}", start)
+    step(f"base: one conditional model on the {int((~new).sum())} digits 0-4, {config.steps} steps -> "
+         f"{out / 'base.pt'}", start)
 
     by_class = options.units == "class"
     n_members = options.members or (2 * len(NEW_CLASSES) if by_class else 16)
     planned = plan(out / "plan.h5", PlanOptions(data=str(out / "new.npz"), units=options.units, members=n_members,
                                                 design="sparse" if by_class else "balanced", excluders=2,
                                                 seed=config.seed, overwrite=True))
-    _step(f"plan of the fine-tune: {planned.stats}; duplicates: {planned.duplicates_line()}", start)
+    step(f"plan of the fine-tune: {planned.stats}; duplicates: {planned.duplicates_line()}", start)
     session = Session(out / "plan.h5", out / "ensemble.pt", out / "results.h5")
     train(session.plan_path, session.checkpoint_path,
           TrainOptions(train=config, architecture=dataclasses.replace(members, base=str(out / "base.pt")),
                        checkpoint_every=0, overwrite=True, device=device))
-    _step(f"{n_members} adapter members of rank {members.rank} on the frozen base, {config.steps} steps "
-          f"-> {session.checkpoint_path}", start)
+    step(f"{n_members} adapter members of rank {members.rank} on the frozen base, {config.steps} steps "
+         f"-> {session.checkpoint_path}", start)
 
     labels = tuple(NEW_CLASSES[i % len(NEW_CLASSES)] for i in range(options.samples))
     sampler = options.sampler if options.sampler.guidance else dataclasses.replace(options.sampler, guidance=GUIDANCE)
     drawn = sample(session, session.results_path, SampleOptions(seeds=range(options.samples), labels=labels,
                                                                 sampler=sampler, overwrite=True, device=device)).images
-    _step(f"{options.samples} samples of the classes {NEW_CLASSES}, guidance {sampler.guidance} -> "
-          f"{session.results_path}", start)
+    step(f"{options.samples} samples of the classes {NEW_CLASSES}, guidance {sampler.guidance} -> "
+         f"{session.results_path}", start)
 
     if by_class:  # every sample drawn again without each new class, by the adapters that never saw it
         unit_of_class = {int(name): u for u, name in enumerate(read_plan(session.plan_path)[2].names)}
         found = ablate(session, AblateOptions(device=device), torch.arange(len(unit_of_class)).expand(
             options.samples, -1).clone())
-        _step(f"{found.images.shape[0] * found.images.shape[1]} exact counterfactuals, one per sample and class "
-              f"({found.member_evaluations:,} member evaluations)", start)
+        step(f"{found.images.shape[0] * found.images.shape[1]} exact counterfactuals, one per sample and class "
+             f"({found.member_evaluations:,} member evaluations)", start)
     else:
-        n = min(options.attribute, options.samples)
-        attribution = attribute(session, AttributeOptions(samples=n, topk=max(10, options.per_sample),
-                                                          check=options.per_sample, device=device))
-        _step(f"influence of every fine-tuning unit on {n} samples (dtrak over the adapters, first_order, direct, "
-              f"loss); exact check of each sample's top {options.per_sample}: {attribution.agreement}", start)
-    print(summary(session.results), flush=True)
-
-    judge = train_judge(digits)
-    quality = judge.judge(drawn)
-    quality["held_out_confident"] = judge.held_out_confident
+        attribute_first(session, options, "every fine-tuning unit (dtrak over the adapters, first_order, direct, "
+                                          "loss)", start)
     asked = torch.tensor(labels)
-    quality["drawn_as_asked"] = {c: judge.judge(drawn[asked == c])["confident_of_class"][c] for c in NEW_CLASSES}
-    if by_class:  # asked for class c, drawn without it
-        quality["ablated_drawn_as_asked"] = {
-            c: judge.judge(found.images[asked == c, unit_of_class[c]])["confident_of_class"][c] for c in NEW_CLASSES}
-    with ResultsWriter(session.results, "a") as writer:
-        writer.set_attrs(quality=quality)
-    report(session, out / "report.png", ReportOptions(overwrite=True))
-    _step(f"report -> {out / 'report.png'}, {out / 'report.html'}", start)
+
+    def as_asked(judge, quality):  # asked for class c: drawn as c by the full ensemble, and without c
+        quality["drawn_as_asked"] = {c: judge.judge(drawn[asked == c])["confident_of_class"][c] for c in NEW_CLASSES}
+        if by_class:
+            quality["ablated_drawn_as_asked"] = {c: judge.judge(found.images[asked == c, unit_of_class[c]])[
+                "confident_of_class"][c] for c in NEW_CLASSES}
+
+    quality = judge_and_report(session, out, digits, drawn, start, as_asked)
     print(f"sample quality: {quality['relative_confident']:.2f} of the held-out real digits' share of confident "
           f"labels; each new class drawn (confidently) when asked for: "
           f"{ {c: round(s, 3) for c, s in quality['drawn_as_asked'].items()} }")
