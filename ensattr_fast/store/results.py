@@ -160,8 +160,13 @@ class Results:
         ``distance``, ``predicted_<method>`` and, with ``images``, ``images``."""
         group = self.counterfactuals
         arrays = {name: group[name][:rows] for name in group if images or name != "images"}
-        _check_units(arrays.get("units"), len(self.code), f"{self.file.filename}: /counterfactuals/units")
+        _check_units(arrays.get("units"), self._n_units(), f"{self.file.filename}: /counterfactuals/units")
         return arrays
+
+    def _n_units(self) -> Optional[int]:
+        """N, from the code where the file holds one (a file of scores alone may not)."""
+        code = self.file.get("code")
+        return None if code is None else len(code)
 
     @property
     def methods(self):
@@ -191,7 +196,7 @@ class Results:
     def topk(self, method: str) -> Tuple[h5py.Dataset, h5py.Dataset]:
         """(unit index [K, k], score [K, k]) of the highest-scoring units per row."""
         group = self._get(f"topk/{method}")
-        _check_units(group["index"][()], len(self.code), f"{self.file.filename}: /topk/{method}/index")
+        _check_units(group["index"][()], self._n_units(), f"{self.file.filename}: /topk/{method}/index")
         return group["index"], group["score"]
 
     def certificate(self) -> Optional[Dict[str, np.ndarray]]:
@@ -205,8 +210,9 @@ class Results:
         return out
 
 
-def _check_units(units: Optional[np.ndarray], n_units: int, where: str) -> None:
+def _check_units(units: Optional[np.ndarray], n_units: Optional[int], where: str) -> None:
     """Unit indices a reader will look up: each in [0, n_units), or -1 (none). Raw data carries
-    no checksum in HDF5, so a damaged file shows here, as one error, not as an index error later."""
-    if units is not None and units.size and (units.min() < -1 or units.max() >= n_units):
+    no checksum in HDF5, so a damaged file shows here, as one error, not as an index error later
+    (unchecked where the file holds no code to count the units)."""
+    if n_units is not None and units is not None and units.size and (units.min() < -1 or units.max() >= n_units):
         raise StoreError(f"{where} names units outside [0, {n_units}): the file is damaged; restore it from a copy")
