@@ -19,6 +19,15 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], -1)
 
 
+def label_rows(labels: Optional[Tensor], shape, classes: int, like: Tensor) -> Tensor:
+    """One-hot rows [*shape, classes + 1] of ``labels`` (broadcast to ``shape``; -1 or None: the
+    empty label, the last), in ``like``'s dtype and device. By comparison, not ``F.one_hot``,
+    whose range check cannot run under vmap (per-example gradients)."""
+    index = torch.full(shape, classes, device=like.device) if labels is None else labels.to(like.device).expand(shape)
+    index = torch.where(index < 0, classes, index)
+    return (index[..., None] == torch.arange(classes + 1, device=like.device)).to(like.dtype)
+
+
 class PackedLayout:
     """Where each packed row [P] sits in a padded member batch [M, n_max].
 

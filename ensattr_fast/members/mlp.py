@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArchitectureError
-from .base import Ensemble, timestep_embedding
+from .base import Ensemble, label_rows, timestep_embedding
 
 
 class _StackedLinear(nn.Module):
@@ -101,8 +101,7 @@ class StackedMLP(Ensemble):
             e = e.expand(M, B, self.time_dim)
         e = self.time(e)
         if self.label is not None:
-            index = torch.full((M, B), self.classes, device=x.device) if labels is None else labels.expand(M, B)
-            e = e + self.label(F.one_hot(torch.where(index < 0, self.classes, index), self.classes + 1).to(x.dtype))
+            e = e + self.label(label_rows(labels, (M, B), self.classes, x))
         elif labels is not None:
             raise ArchitectureError("these members are unconditional: they take no labels")
         e = F.silu(e)

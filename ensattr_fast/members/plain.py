@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import timestep_embedding
+from .base import label_rows, timestep_embedding
 from .mlp import StackedMLP
 
 __all__ = ["PlainMLP", "plain_member"]
@@ -38,8 +38,7 @@ class PlainMLP(nn.Module):
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         e = self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.label is not None:
-            index = torch.full(t.shape, self.classes, device=x.device) if labels is None else labels
-            e = e + self.label(F.one_hot(torch.where(index < 0, self.classes, index), self.classes + 1).to(x.dtype))
+            e = e + self.label(label_rows(labels, t.shape, self.classes, x))
         e = F.silu(e)
         h = self.inp(x.flatten(1))
         for norm, lin1, temb, lin2 in zip(self.norms, self.lin1, self.temb, self.lin2):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArchitectureError
-from .base import timestep_embedding
+from .base import label_rows, timestep_embedding
 from .grouped import (GroupedConv2d, GroupedConvTranspose2d, GroupedGroupNorm, StackedLinear, add_per_channel,
                       cat_channels, fold, unfold)
 from .vmap import VmapEnsemble
@@ -40,15 +40,6 @@ class _ResBlock(nn.Module):
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x))) + self.temb(e)[:, :, None, None]
         return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
-
-
-def label_rows(labels: Optional[Tensor], shape, classes: int, dtype) -> Tensor:
-    """One-hot rows [*shape, classes + 1] of ``labels`` (-1 or None: the empty label, the last);
-    by comparison, not ``F.one_hot``, whose range check cannot run under vmap (per-example
-    gradients)."""
-    index = torch.full(shape, classes) if labels is None else labels.expand(shape)
-    index = torch.where(index < 0, classes, index)
-    return (index[..., None] == torch.arange(classes + 1, device=index.device)).to(dtype)
 
 
 class UNetMember(nn.Module):
@@ -74,7 +65,7 @@ class UNetMember(nn.Module):
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         e = self.time(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.label is not None:
-            e = e + self.label(label_rows(labels, t.shape, self.classes, x.dtype).to(x.device))
+            e = e + self.label(label_rows(labels, t.shape, self.classes, x))
         elif labels is not None:
             raise ArchitectureError("these members are unconditional: they take no labels")
         h0 = self.down(self.inp(x), e)
@@ -121,7 +112,7 @@ class _FoldedUNet(nn.Module):
         e = timestep_embedding(t, self.time_dim).to(x.dtype)
         e = self.time(e.expand(M, B, self.time_dim) if e.dim() == 2 else e)
         if self.label is not None:
-            e = e + self.label(label_rows(labels, (M, B), self.classes, x.dtype).to(x.device))
+            e = e + self.label(label_rows(labels, (M, B), self.classes, x))
         elif labels is not None:
             raise ArchitectureError("these members are unconditional: they take no labels")
         h0 = self.down(self.inp(fold(x)), e)
