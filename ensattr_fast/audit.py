@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
@@ -32,7 +32,8 @@ from .evaluation.counterfactuals import Counterfactuals
 from .runtime import distributed
 from .runtime.fields import as_record, update
 from .runtime.memory import set_budget
-from .steps import (AblateOptions, AttributeOptions, Attribution, Copies, GroupAudit, GroupAuditOptions, LdsOptions,
+from .steps import (AblateOptions, AttributeOptions, Attribution, Copies, ExportOptions, GroupAudit, GroupAuditOptions,
+                    LdsOptions,
                     MemorizationOptions, MetricsOptions, Plan, PlanOptions, ReportOptions, SampleOptions, Samples,
                     Session, TrainOptions)
 from .steps.config_file import Config, load_config
@@ -199,6 +200,14 @@ class Audit:
         and the HTML page beside it; returns both paths."""
         options = self._options(ReportOptions, options, overrides)
         return steps.report(self.session, self._output(out, "report.png"), options, decode=decode, html=html)
+
+    def export(self, out: Optional[os.PathLike] = None, options: Optional[ExportOptions] = None,
+               **overrides) -> List[Path]:
+        """``ensattr export``: members as folders other tools load (adapters in peft's format,
+        diffusers members as ``save_pretrained`` folders) under ``out`` (default ``members`` in
+        the work folder); returns the member folders."""
+        options = self._options(ExportOptions, options, overrides)
+        return steps.export(self.session, self._output(out, "members"), options)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -222,9 +222,14 @@ def _report(audit: Audit, options, out) -> None:
     print(f"report written to {picture} and {page}")
 
 
+def _export(audit: Audit, options, out) -> None:
+    folders = audit.export(out, options)
+    print(f"{len(folders)} members written to {out}: {', '.join(f.name for f in folders)}")
+
+
 COMMANDS: Dict[str, Callable] = {"plan": _plan, "train": _train, "sample": _sample, "ablate": _ablate,
                                  "audit": _audit, "attribute": _attribute, "metrics": _metrics, "lds": _lds,
-                                 "memorization": _memorization, "report": _report}
+                                 "memorization": _memorization, "report": _report, "export": _export}
 
 
 if __name__ == "__main__":

@@ -4,19 +4,21 @@ audit's files and what was read from them, once) and its typed options
 :mod:`ensattr_fast.store`. :class:`ensattr_fast.Audit` and the command line call them.
 
 plan -> train -> sample -> attribute / ablate / audit -> metrics, lds, report; memorization
-beside them; ``demo`` chains them.
+beside them; ``export`` hands members on; ``demo`` chains them.
 """
 
 from .ablate import ablate
 from .attribute import Attribution, attribute, exact_check
 from .demo import demo
+from .export import export
 from .groups import GroupAudit, audit_groups
 from .lds import lds
 from .memorization import Copies, memorization
 from .metrics import metrics
-from .options import (STEP_OPTIONS, AblateOptions, AttributeOptions, DemoOptions, GroupAuditOptions, LdsOptions,
-                      MemorizationOptions, MetricsOptions, PlanOptions, ReportOptions, SampleOptions, TrainOptions,
-                      read_groups)
+from .kinds import read_groups
+from .options import (STEP_OPTIONS, AblateOptions, AttributeOptions, DemoOptions, ExportOptions, GroupAuditOptions,
+                      LdsOptions, MemorizationOptions, MetricsOptions, PlanOptions, ReportOptions, SampleOptions,
+                      TrainOptions)
 from .plan import Plan, plan
 from .report import report
 from .sample import Samples, sample
@@ -24,7 +26,7 @@ from .session import Session
 from .train import train
 
 __all__ = ["Session", "plan", "train", "sample", "ablate", "attribute", "exact_check", "audit_groups", "memorization",
-           "metrics", "lds", "report", "demo", "Plan", "Samples", "Attribution", "GroupAudit", "Copies",
+           "metrics", "lds", "report", "export", "demo", "Plan", "Samples", "Attribution", "GroupAudit", "Copies",
            "STEP_OPTIONS", "PlanOptions", "TrainOptions", "SampleOptions", "AblateOptions", "AttributeOptions",
-           "GroupAuditOptions", "MemorizationOptions", "MetricsOptions", "LdsOptions", "ReportOptions", "DemoOptions",
-           "read_groups"]
+           "GroupAuditOptions", "MemorizationOptions", "MetricsOptions", "LdsOptions", "ReportOptions", "ExportOptions",
+           "DemoOptions", "read_groups"]

@@ -29,7 +29,8 @@ from ..store import (ResultsWriter, cached_statistic, code_hash, count_samples, 
                      stitch_parts, write_scores)
 from ._rules import existing, on_writer, recovered, writer_lock
 from .ablate import ablate
-from .options import AblateOptions, AttributeOptions, read_groups
+from .kinds import read_groups
+from .options import AblateOptions, AttributeOptions
 from .features import keep_features, training_features
 from .scoring import stream_influence
 from .session import Session

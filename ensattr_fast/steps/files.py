@@ -39,4 +39,6 @@ STEP_FILES: Dict[str, Tuple[FileRole, ...]] = {
     "memorization": (FileRole("checkpoint", True, "the encoded ensemble"),
                      FileRole("out", True, "new HDF5 file (/memorization)")),
     "report": (FileRole("results", True, "results file"), FileRole("out", True, "the report's picture (.png)")),
+    "export": (FileRole("checkpoint", True, "checkpoint"),
+               FileRole("out", True, "folder of the member folders (member-00, member-01, ...)")),
 }

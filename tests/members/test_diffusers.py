@@ -216,3 +216,24 @@ def test_conditional_diffusers_features_are_the_gradients_under_each_label():
     unlabelled = gradient_features(ensemble, schedule, images, spec, batch=3)
     assert torch.allclose(unlabelled[:, 1], together[:, 1], rtol=1e-4, atol=1e-6)  # -1 is no label
     assert (unlabelled[:, 0] - together[:, 0]).abs().amax() > 1e-6
+
+
+def test_export_writes_diffusers_members_that_from_pretrained_runs(tmp_path):
+    from ensattr_fast.cli.main import main
+
+    import numpy as np
+
+    images = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.save(tmp_path / "toy.npy", images.numpy())
+    (tmp_path / "unet.json").write_text(json.dumps(UNET))
+    argv = [["plan", "--data", tmp_path / "toy.npy", "--members", 8, "--out", tmp_path / "plan.h5"],
+            ["train", "--plan", tmp_path / "plan.h5", "--out", tmp_path / "ens.pt", "--arch", "diffusers",
+             "--unet-config", tmp_path / "unet.json", "--steps", 2, "--batch-size", 4],
+            ["export", "--checkpoint", tmp_path / "ens.pt", "--out", tmp_path / "members", "--members", "2"]]
+    for args in argv:
+        assert main([str(a) for a in args]) == 0
+    ensemble = Checkpoint.load(tmp_path / "ens.pt").build().eval()
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "members" / "member-02").eval()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 999])
+    with torch.no_grad():
+        assert torch.allclose(unet(x, t).sample, ensemble(x.expand(8, *x.shape), t)[2], atol=1e-4)

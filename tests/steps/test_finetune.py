@@ -233,3 +233,40 @@ def test_the_python_lifecycle_audits_a_fine_tune(finetune, tmp_path):
     assert attribution.agreement is not None
     found = audit.ablate([0, 1], samples=2, overwrite=True)
     assert tuple(found.images.shape[:2]) == (2, 2)
+    folders = audit.export(members="0,7")
+    assert [f.relative_to(tmp_path / "audit").as_posix() for f in folders] == ["members/member-00", "members/member-07"]
+    assert all((f / "adapter_config.json").exists() for f in folders)
+
+
+def test_export_writes_members_that_peft_runs_as_the_ensemble_does(finetune, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "members"
+    assert ensattr("export", "--checkpoint", finetune / "adapters.pt", "--out", out, "--members", "1,6") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["member-01", "member-06"]
+    ensemble = Checkpoint.load(finetune / "adapters.pt").build().eval()  # EMA weights, as sampling uses
+    x, t, labels = torch.randn(5, 1, 8, 8), torch.randint(0, 1000, (5,)), torch.tensor([5, 6, 9, -1, 7])
+    together = ensemble(x.expand(ensemble.n_members, *x.shape), t, labels)
+    for m in (1, 6):
+        member = peft.PeftModel.from_pretrained(ensemble.plain_base(), out / f"member-{m:02d}").eval()
+        assert torch.allclose(member(x, t, labels), together[m], atol=1e-5)
+    written = (out / "member-01" / "adapter_model.safetensors").stat().st_mtime_ns
+    _refused(capsys, ["export", "--checkpoint", finetune / "adapters.pt", "--out", out, "--members", "1"],
+             "member-01 exists")
+    _refused(capsys, ["export", "--checkpoint", finetune / "adapters.pt", "--out", out, "--members", "8"],
+             "member 8 is not one of the 8 members")
+    _refused(capsys, ["export", "--checkpoint", finetune / "base.pt", "--out", tmp_path / "base"],
+             "these are mlp members")
+    assert not (tmp_path / "base").exists()
+    assert (out / "member-01" / "adapter_model.safetensors").stat().st_mtime_ns == written
+    assert ensattr("export", "--checkpoint", finetune / "adapters.pt", "--out", out, "--members", "1",
+                   "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["member-01", "member-06"]  # nothing half-written left
+
+
+def test_export_never_replaces_the_checkpoint_it_reads(finetune, tmp_path, capsys):
+    folder = tmp_path / "member-00"
+    folder.mkdir()
+    shutil.copy(finetune / "adapters.pt", folder / "adapters.pt")
+    _refused(capsys, ["export", "--checkpoint", folder / "adapters.pt", "--out", tmp_path, "--members", "0",
+                      "--overwrite"], "holds the --checkpoint this step reads")
+    assert (folder / "adapters.pt").exists()
