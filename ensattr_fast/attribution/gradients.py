@@ -235,11 +235,12 @@ def per_example_gradients(ensemble: Ensemble, spec: FeatureSpec, labelled: bool 
 def dataset_features(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: FeatureSpec = FeatureSpec(),
                      progress: bool = False) -> Tensor:
     """:func:`gradient_features` [M, n, dim] of every image of a :class:`~ensattr_fast.data.Dataset`,
-    read block by block (data on disk is never loaded whole); class-conditional members take
-    each image's label."""
+    read block by block (data on disk is never loaded whole); conditional members take each
+    image's label (or its embedding: text-conditioned members)."""
     blocks, start = [], 0
+    conditions = ensemble.example_conditions(data)
     for block in data.blocks():
-        labels = data.labels[start:start + len(block)] if ensemble.classes else None
+        labels = None if conditions is None else conditions[start:start + len(block)]
         blocks.append(gradient_features(ensemble, schedule, block, spec, progress=progress, labels=labels))
         start += len(block)
     return torch.cat(blocks, 1) if blocks else torch.zeros(ensemble.n_members, 0, spec.dim)

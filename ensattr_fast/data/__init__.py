@@ -12,10 +12,11 @@ from ..errors import DataError
 from .canaries import plant_canaries
 from .dataset import Dataset, check_images
 from .disk import DiskImages
+from .conditions import load_conditions
 from .loaders import load_arrays, load_digits, load_hdf5, load_image_folder, read_unit_metadata
 from .spec import (DATASET_KINDS, DATASETS, UNIT_KINDS, data_spec, duplicates_in, load_data, load_dataset,
                    units_for)
 
-__all__ = ["Dataset", "DataError", "DiskImages", "check_images", "load_arrays", "load_dataset",
+__all__ = ["Dataset", "DataError", "DiskImages", "check_images", "load_arrays", "load_conditions", "load_dataset",
            "load_digits", "load_hdf5", "load_image_folder", "read_unit_metadata", "DATASET_KINDS",
            "DATASETS", "UNIT_KINDS", "data_spec", "load_data", "units_for", "duplicates_in", "plant_canaries"]

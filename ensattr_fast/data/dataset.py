@@ -20,20 +20,25 @@ from .layout import _as_index
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """Images float32 [n, C, H, W] in data scale [-1, 1] (a tensor, or :class:`DiskImages` read
-    on demand), optional integer labels [n], the group of each example (artist, person, folder)
-    and a name for each example (a path relative to the folder root, or its index)."""
+    on demand), optional integer labels [n], the group of each example (artist, person, folder),
+    a name for each example (a path relative to the folder root, or its index), and optional
+    embedding conditions float32 [n, L, D] (a text encoder's outputs) for text-conditioned members."""
 
     images: Union[Tensor, DiskImages]
     labels: Optional[Tensor] = None
     name: str = "images"
     groups: Optional[Tuple[str, ...]] = None
     example_names: Optional[Tuple[str, ...]] = None
+    conditions: Optional[Tensor] = None
 
     def __post_init__(self):
         check_images(self.images, self.name)
         n = len(self.images)
         if self.labels is not None and len(self.labels) != n:
             raise DataError(f"{self.name}: {len(self.labels)} labels for {n} images")
+        if self.conditions is not None and (self.conditions.dim() != 3 or len(self.conditions) != n):
+            raise DataError(f"{self.name}: conditions must be [{n}, L, D], one per image, got "
+                            f"{list(self.conditions.shape)}")
         for field in ("groups", "example_names"):
             value = getattr(self, field)
             if value is None:
@@ -61,6 +66,11 @@ class Dataset:
             raise DataError(f"{self.name} has labels {int(self.labels.min())}..{int(self.labels.max())}; "
                             f"the members know classes 0..{classes - 1}")
         return self.labels.long()
+
+    @property
+    def condition_shape(self) -> Optional[Tuple[int, int]]:
+        """(L, D) of each example's embedding condition, or None where the data has none."""
+        return None if self.conditions is None else tuple(self.conditions.shape[1:])
 
     @property
     def in_memory(self) -> bool:

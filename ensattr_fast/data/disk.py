@@ -167,7 +167,8 @@ class DiskImages:
             return self._dataset()[()]
 
     def read_labels(self, name: str) -> Optional[np.ndarray]:
-        """The dataset ``name`` of the same file (integer labels), or None when it has none."""
+        """The dataset ``name`` of the same file (integer labels, embedding conditions), or None
+        when it has none."""
         with self._lock:
             handle = self._dataset().file
             return handle[name][()] if name in handle else None
@@ -201,3 +202,11 @@ class DiskImages:
             self._summary = (first_bad, max_abs)
         return self._summary
 
+
+def read_hdf5_array(path: os.PathLike, name: str) -> Optional[np.ndarray]:
+    """The whole dataset ``name`` of the HDF5 file ``path``, or None where it has none."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f[name][()] if name in f else None
+    except OSError as error:
+        raise DataError(f"{path} is not a readable HDF5 file ({error})") from None

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from .dataset import Dataset
+from .conditions import conditions_from
 from .disk import DiskImages
 from .layout import RANGE_LIMIT, _check_dtype, _check_range, _default_names, _nchw_layout, _range_error, _to_float_nchw
 
@@ -128,8 +129,9 @@ def _images_from_array(array: np.ndarray, scale: bool, what: str) -> Tensor:
 
 
 def load_arrays(path: PathLike, key: str = "images", labels_key: str = "labels", scale: bool = True) -> Dataset:
-    """Images from a ``.npy`` file (the images) or a ``.npz`` archive (``key``, and the integer
-    labels ``labels_key`` when present).
+    """Images from a ``.npy`` file (the images) or a ``.npz`` archive (``key``, the integer
+    labels ``labels_key`` when present, and the embedding conditions ``conditions`` [n, L, D] of
+    text-conditioned members when present).
 
     Accepted layouts: [n, H, W] (grayscale), [n, C, H, W], and channels-last [n, H, W, C] with
     C in (1, 3, 4) when dim 1 is not 1, 3 or 4. With ``scale=True`` uint8 is mapped to
@@ -141,7 +143,7 @@ def load_arrays(path: PathLike, key: str = "images", labels_key: str = "labels",
     if not path.is_file():
         raise DataError(f"no array file at {path}")
     what = str(path)
-    labels = None
+    labels = conditions = None
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -158,16 +160,19 @@ def load_arrays(path: PathLike, key: str = "images", labels_key: str = "labels",
                 labels = loaded[labels_key]
             elif labels_key and labels_key != "labels":
                 raise DataError(f"{path} has no labels array '{labels_key}' (arrays: {', '.join(loaded.files)})")
+            if "conditions" in loaded.files:
+                conditions = loaded["conditions"]
     images = _images_from_array(array, scale, what)
     n = len(images)
     return Dataset(images, _labels_from(labels, n, f"{path}:{labels_key}"), name=path.stem,
-                   example_names=_default_names(n))
+                   example_names=_default_names(n), conditions=conditions_from(conditions, n, f"{path}:conditions"))
 
 
 def load_hdf5(path: PathLike, dataset: str = "images", labels: Optional[str] = "labels",
               memory_budget: int = 2 << 30, scale: bool = True) -> Dataset:
     """Images from the HDF5 dataset ``dataset`` (layouts and scaling as :func:`load_arrays`),
-    with the integer labels of dataset ``labels`` when present.
+    with the integer labels of dataset ``labels`` and the embedding conditions of dataset
+    ``conditions`` [n, L, D] when present (held in memory).
 
     Loaded into memory when the images take at most ``memory_budget`` bytes as float32;
     otherwise ``images`` is a :class:`DiskImages` read on demand, checked for NaN and Inf block
@@ -182,16 +187,17 @@ def load_hdf5(path: PathLike, dataset: str = "images", labels: Optional[str] = "
             raise DataError(f"{path} has no labels dataset '{labels}'")
     n = len(disk)
     label_tensor = _labels_from(label_array, n, f"{path}:{labels}")
+    conditions = conditions_from(disk.read_labels("conditions"), n, f"{path}:conditions")
     if disk.nbytes <= memory_budget:
         raw = disk.read_all()
         disk.close()
         images = _images_from_array(raw, scale, what)
-        return Dataset(images, label_tensor, name=path.stem, example_names=_default_names(n))
+        return Dataset(images, label_tensor, name=path.stem, example_names=_default_names(n), conditions=conditions)
     if n and scale and np.issubdtype(disk.stored_dtype, np.floating):
         first_bad, max_abs = disk.summary()
         if max_abs > RANGE_LIMIT:
             raise _range_error(what, max_abs)
-    return Dataset(disk, label_tensor, name=path.stem, example_names=_default_names(n))
+    return Dataset(disk, label_tensor, name=path.stem, example_names=_default_names(n), conditions=conditions)
 
 
 # ------------------------------------------------------------------------------------ metadata

@@ -24,14 +24,15 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import CodeError, DataError
+from ..errors import CodeError
 from ..members import Ensemble, PackedLayout
 from ..members.passes import MemberPasses, Passes, precision_scope
 from ..ops import ensemble_step
+from .conditions import check_conditions, check_labels, per_seed_labels
 from .schedules import NoiseSchedule, Sampler
 
 __all__ = ["ablation_weights", "seeded_normal", "run_trajectories", "sample", "ablate", "replay", "Trajectories",
-           "check_labels", "per_seed_labels"]
+           "check_labels", "per_seed_labels", "check_conditions"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -128,37 +129,6 @@ class _Packing:
         self.device = device
 
 
-def per_seed_labels(given: Optional[Sequence[int]], count: int) -> Optional[Tensor]:
-    """``--labels`` as int64 [count]: one label for every seed, or one each; None stays None."""
-    if given is None:
-        return None
-    if len(given) not in (1, count):
-        raise DataError(f"--labels gives {len(given)} labels for {count} seeds: give one for every seed, or one each")
-    return torch.tensor(list(given) * count if len(given) == 1 else list(given), dtype=torch.long)
-
-
-def check_labels(classes: int, labels, samples: int, guidance: float = 0.0) -> Optional[Tensor]:
-    """``labels`` as int64 [samples] (-1: no condition), or a :class:`DataError` naming what does
-    not fit members of ``classes`` classes (0: unconditional): labels for unconditional members,
-    a wrong count, a label outside 0..classes-1, guidance without labels."""
-    if labels is None:
-        if guidance:
-            raise DataError(f"guidance {guidance} needs a label per sample (--labels): it pushes each sample toward "
-                            "its label")
-        return None
-    if not classes:
-        raise DataError("labels were given, but these members are unconditional (trained without --conditional)")
-    labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape != (samples,):
-        raise DataError(f"labels must be {samples} integers, one per sample, got {labels.dtype} "
-                        f"{tuple(labels.shape)}")
-    bad = labels[(labels < -1) | (labels >= classes)]
-    if len(bad):
-        raise DataError(f"label {int(bad[0])} is not one the members were trained on (0..{classes - 1}, or -1 for "
-                        "none)")
-    return labels.long()
-
-
 @torch.no_grad()
 def run_trajectories(
     ensemble: Ensemble,
@@ -186,7 +156,7 @@ def run_trajectories(
     shape, M = ensemble.data_shape, ensemble.n_members
     if weights.shape[1:] != (M,):
         raise CodeError(f"weights must have shape [T, {M}], got {tuple(weights.shape)}")
-    labels = check_labels(ensemble.classes, labels, len(seeds), sampler.guidance)
+    labels = check_conditions(ensemble, labels, len(seeds), sampler.guidance)
     packing = _Packing(weights, device, None if labels is None else labels[sample_of], sampler.guidance)
     dtype = next(ensemble.parameters()).dtype
     entry_weights = packing.weights.to(device, torch.promote_types(dtype, torch.float32))  # the op's accumulation dtype

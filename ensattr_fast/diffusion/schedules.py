@@ -92,8 +92,8 @@ class Sampler:
     precision: Optional[str] = option(None, Maybe(Choice(*PRECISIONS)),
                                       "of the members (default: the precision they were trained in); recorded with "
                                       "the samples, whose every replay (ablate, attribute) uses it")
-    guidance: float = option(0.0, Float(0, 1000), "classifier-free guidance w of class-conditional members: eps = "
-                                                  "(1 + w) eps(x, label) - w eps(x), over the kept members")
+    guidance: float = option(0.0, Float(0, 1000), "classifier-free guidance w of conditional members: eps = "
+                                                  "(1 + w) eps(x, c) - w eps(x), over the kept members")
 
     def __post_init__(self):
         if self.kind not in ("ddpm", "ddim"):

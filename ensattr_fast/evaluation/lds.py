@@ -81,17 +81,26 @@ def _train_independent(path: os.PathLike, data: Dataset, unit_of: Tensor, code: 
 
 
 def dtrak_baseline(model: Checkpoint, data: Dataset, queries: Tensor, unit_of: Tensor, n_units: int,
-                   device: str = "cpu", labels: Optional[Tensor] = None) -> Tensor:
+                   device: str = "cpu", labels: Optional[Tensor] = None,
+                   conditions: Optional[Tensor] = None) -> Tensor:
     """D-TRAK scores [Q, N] of a model trained on all units (10 timesteps, 1,024 dims,
     lambda 1% of the mean diagonal); of several, their mean (the TRAK ensemble). ``labels``:
-    the queries' (class-conditional models)."""
+    the queries' (conditional models); ``conditions``: the embeddings their condition indices
+    point to (text-conditioned models)."""
     from ..attribution.gradients import FeatureSpec, dataset_features, gradient_features, member_scores
 
-    ensemble, schedule = model.build().to(device), model.schedule
+    ensemble, schedule = _with_conditions(model.build().to(device), conditions), model.schedule
     spec = FeatureSpec(kind="dtrak")
     train = dataset_features(ensemble, schedule, data, spec)
     query = gradient_features(ensemble, schedule, queries, spec, labels=labels)
     return member_scores(train, query, unit_of, n_units).mean(0)
+
+
+def _with_conditions(ensemble, conditions: Optional[Tensor]):
+    """``ensemble``, its sample table the queries' embeddings (text-conditioned members)."""
+    if conditions is not None and ensemble.condition_shape is not None:
+        ensemble.set_conditions(samples=conditions)
+    return ensemble
 
 
 def lds_table(results: os.PathLike, checkpoint: Checkpoint, data: Dataset,
@@ -112,6 +121,7 @@ def lds_table(results: os.PathLike, checkpoint: Checkpoint, data: Dataset,
         n = n if rows is None else min(rows, n)
         queries = torch.from_numpy(r.samples[:n])
         labels = torch.from_numpy(r.file["samples/label"][:n]) if "samples/label" in r.file else None
+        conditions = torch.from_numpy(r.file["samples/condition"][:n]) if "samples/condition" in r.file else None
         influence = {m: r.influence(m)[:n, :] for m in methods}
         unit_of = torch.from_numpy(r.unit_of[()])
     subsets = reference_subsets(n_units, halves, seed=checkpoint.config["train"]["seed"] + 1)
@@ -120,7 +130,7 @@ def lds_table(results: os.PathLike, checkpoint: Checkpoint, data: Dataset,
         config.steps = steps
     refs = train_references(references, data, unit_of, subsets, seeds, config, checkpoint.spec,
                             device, progress)
-    ensemble = refs.build().to(device)
+    ensemble = _with_conditions(refs.build().to(device), conditions)
     losses = member_losses(ensemble, refs.schedule, queries, draws=draws, seed=12345, labels=labels)
     losses = losses.view(n, halves, seeds).mean(-1).numpy()  # [Q, R]
     table = {m: lds(v, subsets.numpy(), losses) for m, v in influence.items()}
@@ -129,12 +139,12 @@ def lds_table(results: os.PathLike, checkpoint: Checkpoint, data: Dataset,
         table[name] = lds(baseline, subsets.numpy(), losses)
     full_model = full_model or Path(references).with_name(Path(references).stem + ".full.pt")
     model = train_full_model(full_model, data, unit_of, n_units, config, checkpoint.spec, device, progress)
-    table["dtrak_one_model"] = lds(dtrak_baseline(model, data, queries, unit_of, n_units, device, labels).numpy(),
-                                   subsets.numpy(), losses)
+    table["dtrak_one_model"] = lds(dtrak_baseline(model, data, queries, unit_of, n_units, device, labels,
+                                                  conditions).numpy(), subsets.numpy(), losses)
     # the equal-compute alternative to the encoded ensemble: M models, each trained on all units
     M = len(checkpoint.code[0])
     many = train_full_model(Path(full_model).with_name(Path(full_model).stem + f".x{M}.pt"), data, unit_of, n_units,
                             config, checkpoint.spec, device, progress, models=M)
-    table[f"dtrak_{M}_full_models"] = lds(dtrak_baseline(many, data, queries, unit_of, n_units, device, labels).numpy(),
-                                          subsets.numpy(), losses)
+    table[f"dtrak_{M}_full_models"] = lds(dtrak_baseline(many, data, queries, unit_of, n_units, device, labels,
+                                                         conditions).numpy(), subsets.numpy(), losses)
     return table

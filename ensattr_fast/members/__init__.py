@@ -15,6 +15,8 @@ noise predictions [M, B, *data_shape] with one call: member m sees only x[m]. Bu
 - diffusers' ``UNet2DModel`` (:func:`diffusers_ensemble`), folded; each member saved as a
   diffusers model folder (:func:`save_member`) and folders loaded back as an ensemble
   (:func:`load_members`);
+- diffusers' ``UNet2DConditionModel`` (:class:`TextEnsemble`), vmapped, cross-attending to an
+  embedding per example (text conditions, :mod:`.text`);
 - :class:`LoraEnsemble`: M low-rank adapters on one frozen base model (a fine-tune), the base run
   once over all members' rows; each member exports as a peft adapter (:func:`export_adapter`)
   onto the base as a plain module (:class:`PlainMLP`, :func:`plain_member`).
@@ -34,6 +36,7 @@ from .folded import FoldedEnsemble
 from .mlp import StackedMLP
 from .plain import PlainMLP, plain_member
 from .registry import ARCHITECTURES, Architecture, MemberOptions, build_ensemble, build_members
+from .text import TextEnsemble, TextMember, text_ensemble
 from .unet import StackedUNet, UNetMember
 from .vmap import VmapEnsemble
 
@@ -41,4 +44,4 @@ __all__ = ["Ensemble", "StackedMLP", "LoraEnsemble", "StackedUNet", "VmapEnsembl
            "DiffusersMember", "PackedLayout",
            "build_ensemble", "diffusers_ensemble", "save_member", "load_members", "member_unet", "SEED_CIFAR10",
            "build_members", "MemberOptions", "Architecture", "ARCHITECTURES", "timestep_embedding", "export_adapter",
-           "PlainMLP", "plain_member"]
+           "PlainMLP", "plain_member", "TextEnsemble", "TextMember", "text_ensemble"]

@@ -64,11 +64,14 @@ class PackedLayout:
 
 class Ensemble(nn.Module):
     """Base class: ``n_members`` denoisers over data of shape ``data_shape``; class-conditional
-    where ``classes`` > 0, whose ``forward(x, t, labels)`` takes a label per row (-1: none)."""
+    where ``classes`` > 0, whose ``forward(x, t, labels)`` takes a label per row (-1: none);
+    text-conditioned where ``condition_shape`` is set, whose ``labels`` are condition indices."""
 
     n_members: int
     data_shape: Tuple[int, ...]
     classes: int = 0
+    #: (L, D) of the embedding each row is conditioned on (text-conditioned members, :mod:`.text`)
+    condition_shape: Optional[Tuple[int, int]] = None
 
     def spec(self) -> dict:
         """JSON-able description from which :func:`build_ensemble` rebuilds the architecture."""
@@ -83,6 +86,12 @@ class Ensemble(nn.Module):
         if labels is None:
             return layout.unpad(self(padded, steps))
         return layout.unpad(self(padded, steps, layout.pad(labels)))
+
+    def example_conditions(self, data) -> Optional[Tensor]:
+        """What each training example of ``data`` is conditioned on, as ``forward`` takes it: its
+        label (class-conditional members), its condition index (text-conditioned members), or
+        None (unconditional members)."""
+        return data.class_labels(self.classes) if self.classes else None
 
     def parameters_per_member(self) -> int:
         return sum(p.numel() for p in self.parameters()) // self.n_members

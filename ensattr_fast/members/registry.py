@@ -15,6 +15,7 @@ from .adapters import LoraEnsemble
 from .base import Ensemble
 from .diffusers_unet import SEED_CIFAR10, diffusers_ensemble
 from .mlp import StackedMLP
+from .text import text_ensemble
 from .unet import StackedUNet
 
 __all__ = ["MemberOptions", "Architecture", "ARCHITECTURES", "build_members", "build_ensemble"]
@@ -46,6 +47,17 @@ def _diffusers(spec: dict) -> Ensemble:
     return diffusers_ensemble(spec["config"], spec["n_members"], spec.get("shared_init", False), spec.get("seed", 0))
 
 
+#: a small UNet2DConditionModel, the default of ``--arch diffusers-text`` (--unet-config entries override it)
+TEXT_UNET = dict(block_out_channels=[32, 64], layers_per_block=1, down_block_types=["CrossAttnDownBlock2D",
+                 "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8,
+                 attention_head_dim=8)
+
+
+def _text(spec: dict) -> Ensemble:
+    return text_ensemble(spec["config"], spec["n_members"], spec["data_shape"], spec["condition_shape"],
+                         spec.get("shared_init", False), spec.get("seed", 0))
+
+
 ARCHITECTURES: Dict[str, Architecture] = {
     "mlp": Architecture(
         "residual MLP, weights stacked over members (the demo's)",
@@ -68,6 +80,11 @@ ARCHITECTURES: Dict[str, Architecture] = {
         "UNet2DModel; --unet-config entries override it",
         lambda o, shape: _diffusers_spec(o, shape, SEED_CIFAR10),
         _diffusers),
+    "diffusers-text": Architecture(
+        "a diffusers UNet2DConditionModel (small by default; --unet-config entries override it) cross-attending "
+        "to each example's embedding, the data's 'conditions' [n, L, D]; sample with --condition-file",
+        lambda o, shape: _diffusers_spec(o, shape, TEXT_UNET),
+        _text),
 }
 
 
@@ -109,7 +126,8 @@ class MemberOptions:
     hidden: int = option(256, Int(1, 2**16), "width of the MLP members")
     blocks: int = option(3, Int(0, 256), "residual blocks of the MLP members")
     width: int = option(32, Width(), "channels of the built-in UNet members")
-    unet_config: Optional[dict] = option(None, FilePath(), "diffusers: JSON file of UNet2DModel arguments",
+    unet_config: Optional[dict] = option(None, FilePath(), "diffusers: JSON file of UNet2DModel arguments "
+                                         "(UNet2DConditionModel's for diffusers-text)",
                                          convert=_unet_config)  # the arguments (shape from the data)
     conditional: bool = option(False, Switch(), "class-conditional members (mlp, unet, diffusers) on the data's "
                                                 "labels, each also its unconditional model (--cond-dropout): sample "
@@ -132,12 +150,13 @@ def _architecture(name) -> Architecture:
 
 
 def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[int], shared_init: bool,
-                  seed: int, classes: int = 0, base: Optional[Ensemble] = None, base_ref: Optional[dict] = None
-                  ) -> Ensemble:
+                  seed: int, classes: int = 0, base: Optional[Ensemble] = None, base_ref: Optional[dict] = None,
+                  condition_shape: Optional[Sequence[int]] = None) -> Ensemble:
     """A new ensemble of ``n_members`` members of ``options.arch`` for data of ``data_shape``
     [C, H, W], sharing initial weights when ``shared_init`` (all drawn from ``seed``);
-    conditioned on ``classes`` labels where ``options.conditional``. With ``base`` (loaded from
-    ``options.base``, described by ``base_ref``): adapters of ``options.rank`` on it."""
+    conditioned on ``classes`` labels where ``options.conditional``, on embeddings of
+    ``condition_shape`` [L, D] (the data's conditions) for ``diffusers-text``. With ``base``
+    (loaded from ``options.base``, described by ``base_ref``): adapters of ``options.rank`` on it."""
     if base is not None:
         if options.arch != "mlp":
             raise ArchitectureError(f"--base: the members are adapters on the base's own architecture (an mlp); "
@@ -150,6 +169,14 @@ def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[i
         return LoraEnsemble(base, n_members, options.rank, seed=seed, shared_init=shared_init,
                             classes=classes if options.conditional or base.classes else 0, base_ref=base_ref)
     own = _architecture(options.arch).spec(options, data_shape)
+    if options.arch == "diffusers-text":
+        if condition_shape is None:
+            raise ArchitectureError("--arch diffusers-text cross-attends to a condition per example: the data needs "
+                                    "an array 'conditions' [n, L, D] beside its images")
+        if options.conditional:
+            raise ArchitectureError("--conditional is for class labels; --arch diffusers-text is conditioned on the "
+                                    "data's embeddings already")
+        own["condition_shape"] = list(condition_shape)
     if options.conditional:
         if options.arch not in CONDITIONAL:
             raise ArchitectureError(f"--conditional: class-conditional members are built for --arch "

@@ -35,6 +35,9 @@ class ShardedEnsemble(Ensemble):
             raise ValueError(f"a shard of {shard.n_members} members cannot hold members {members} of {n_members}")
         self.shard, self.members, self.n_members = shard, members, n_members
         self.data_shape, self.classes = shard.data_shape, shard.classes
+        self.condition_shape = shard.condition_shape
+        if shard.condition_shape is not None:  # text conditions: the shard's tables answer for the ensemble
+            self.check_indices = shard.check_indices
         self._passes = MemberPasses(shard, passes)
         self._layout: Optional[Tuple[PackedLayout, PackedLayout]] = None  # (whole, own) of this run
 

@@ -90,16 +90,21 @@ class VmapEnsemble(Ensemble):
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """Member outputs [M, B, ...] for x [M, B, ...], t [M, B] or [B] and, for members whose
         forward takes them, ``labels`` [M, B] or [B]."""
+        conditions = (t,) if labels is None else (t, labels)
+        return self._vmapped(x, conditions, [c.dim() == 2 for c in conditions])
+
+    def _vmapped(self, x: Tensor, conditions: Tuple[Tensor, ...], per_member: Sequence[bool]) -> Tensor:
+        """The members on x [M, B, ...] with the further arguments ``conditions``, each one a
+        row per member (``per_member``: [M, B, ...]) or one for all ([B, ...])."""
         base = self._base[0]
         if base.training != self.training:
             base.train(self.training)
-        conditions = (t,) if labels is None else (t, labels)
 
         def call(params, buffers, x_m, *conditions_m):
             return functional_call(base, (params, buffers), (x_m, *conditions_m))
 
         params, buffers = self._stacked()
-        dims = [0 if c.dim() == 2 else None for c in conditions]
+        dims = [0 if each else None for each in per_member]
         if self.vectorize:
             # randomness: each member draws its own dropout masks, as when called one by one
             return vmap(call, in_dims=(0, 0, 0, *dims), randomness="different")(params, buffers, x, *conditions)

@@ -44,7 +44,7 @@ def training_features(session: Session, device: str, progress: bool = False,
         opened[spec] = stored_features(
             session.checkpoint_path, checkpoint.file_hash, dict(dataclasses.asdict(spec), tag=spec.tag), shape,
             lambda images, start: gradient_features(ensemble, checkpoint.schedule, images, spec,
-                                                    labels=_labels(session, start, len(images))),
+                                                    labels=_labels(session, ensemble, start, len(images))),
             lambda rows: session.data().blocks(rows), rows or block_rows(shape[0], spec.dim), progress and world.main,
             world.rank, world.size, distributed.all_reduce_sum, distributed.barrier)
         return opened[spec]
@@ -52,12 +52,12 @@ def training_features(session: Session, device: str, progress: bool = False,
     return features
 
 
-def _labels(session: Session, start: int, count: int):
-    """The labels of training examples ``start`` to ``start + count`` (class-conditional members;
-    else None)."""
-    if not session.checkpoint.spec.get("classes"):
+def _labels(session: Session, ensemble, start: int, count: int):
+    """What training examples ``start`` to ``start + count`` are conditioned on, as ``ensemble``
+    takes it (their labels, or condition indices into the table set here; else None)."""
+    if not ensemble.classes and ensemble.condition_shape is None:
         return None
-    return session.data().labels[start:start + count]
+    return ensemble.example_conditions(session.data())[start:start + count]
 
 
 def keep_features(features: TrainFeatures, results, spec: FeatureSpec) -> None:

@@ -13,13 +13,13 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from ..diffusion.sampling import check_labels, per_seed_labels
 from ..errors import CheckpointError, DataError
 from ..evaluation.memorization import REASONS, CopyTest, Model, find_and_prove, parse_generator
 from ..runtime.files import atomic_output, check_output, check_space, writing
 from ..store import write_memorization
 from ..training.checkpoint import Checkpoint
 from .options import MemorizationOptions
+from .sample import seed_conditions
 from .session import Session
 
 __all__ = ["Copies", "memorization", "summary"]
@@ -72,13 +72,17 @@ def memorization(session: Session, out: os.PathLike, options: MemorizationOption
     if data.fingerprint() != checkpoint.data_fingerprint:
         raise DataError(f"the training data of {session.checkpoint_path} has changed since it was trained")
     device, floor, sampler = options.device, options.floor, options.sampler
-    labels = check_labels(other.spec.get("classes", 0), per_seed_labels(options.labels, S), S, sampler.guidance)
     ens = Model(session.ensemble(device), checkpoint.code)
     gen = ens if other is checkpoint else Model(other.build().to(device), other.code)
+    labels, conditions = seed_conditions(gen.ensemble, options.labels, options.condition_file, S, sampler.guidance)
+    if conditions is not None:  # the proofs replay each seed under its embedding on the ensemble
+        ens.ensemble.set_conditions(samples=conditions)
     test = CopyTest(data, checkpoint.unit_of, options.threshold, load_embedding(options.embed))
     arrays = find_and_prove(ens, gen, spec, test, checkpoint.schedule, sampler, list(options.seeds),
                             floor.phantoms, floor.alpha, floor.seed, max_trajectories, options.statistic,
                             options.null_check, options.null_target, labels)
+    if conditions is not None:
+        arrays["condition"] = conditions.numpy()
     described = dict(spec=spec.name, members=None if spec.members is None else list(spec.members),
                      checkpoint=str(options.generator_checkpoint or session.checkpoint_path))
     with writing(out, "memorization file"), atomic_output(out) as tmp:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
+from ..data import load_conditions
 from ..diffusion import sampling
 from ..diffusion.schedules import Sampler
 from ..errors import DataError, StoreError
+from ..members import Ensemble
 from ..members.sharded import ShardedEnsemble, place_members
+from ..members.text import sample_index
 from ..runtime import distributed
 from ..runtime.files import check_output, check_space
 from ..runtime.progress import Progress
@@ -22,7 +27,7 @@ from ._rules import on_writer, writer_lock
 from .options import SampleOptions
 from .session import Session
 
-__all__ = ["Samples", "sample"]
+__all__ = ["Samples", "sample", "seed_conditions"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +57,8 @@ def sample(session: Session, out: os.PathLike, options: SampleOptions = SampleOp
                                    resume=options.resume))
     checkpoint = session.checkpoint
     sampler.plan(checkpoint.schedule)  # a sampler the schedule cannot run is refused before any file
-    labels = sampling.per_seed_labels(options.labels, len(seeds))
-    labels = sampling.check_labels(checkpoint.spec.get("classes", 0), labels, len(seeds), sampler.guidance)
+    labels, conditions = seed_conditions(session.ensemble(options.device), options.labels, options.condition_file,
+                                         len(seeds), sampler.guidance)
     size = len(seeds) * math.prod(checkpoint.spec["data_shape"]) * 4 + (1 << 20)
     on_writer(lambda: check_space(Path(out).absolute().parent, size, f"--out {out}"))
     ensemble, passes = place_members(session.ensemble(options.device), options.passes, options.device)
@@ -64,24 +69,46 @@ def sample(session: Session, out: os.PathLike, options: SampleOptions = SampleOp
                 sampler=dataclasses.asdict(sampler))  # compared in canonical JSON by SampleStream
     if labels is not None:
         spec["labels"] = labels.tolist()
+    if conditions is not None:
+        spec["conditions"] = hashlib.sha256(conditions.numpy().tobytes()).hexdigest()
     with writer_lock(out, "results file"):
-        _sample_into(out, checkpoint, ensemble, seeds, labels, sampler, options.resume, options.chunk, spec, passes,
-                     progress, sharded)
+        _sample_into(out, checkpoint, ensemble, seeds, (labels, conditions), sampler, options.resume, options.chunk,
+                     spec, passes, progress, sharded)
     session.results_path = Path(out)
     session.forget_samples()
     return Samples(*session.samples(), sampler)
 
 
-def _sample_into(results, checkpoint, ensemble, seeds, labels, sampler, resume, chunk, spec, passes, progress,
+def seed_conditions(ensemble: Ensemble, labels: Optional[Sequence[int]], condition_file: Optional[os.PathLike],
+                    count: int, guidance: float) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """What ``count`` seeds are conditioned on: (each one's label, or condition index for
+    text-conditioned members, or None; the embeddings [count, L, D] of ``condition_file``, now
+    the ensemble's sample table, or None). A condition the members cannot take is refused here."""
+    if ensemble.condition_shape is None:
+        if condition_file is not None:
+            raise DataError(f"--condition-file {condition_file}: these members take no text conditions (those of "
+                            "train --arch diffusers-text do)")
+        return sampling.check_labels(ensemble.classes, sampling.per_seed_labels(labels, count), count, guidance), None
+    if labels is not None:
+        raise DataError("--labels: these members are text-conditioned; give each seed's embedding with "
+                        "--condition-file")
+    if condition_file is None:
+        return sampling.check_conditions(ensemble, None, count, guidance), None
+    conditions = load_conditions(condition_file, count)
+    ensemble.set_conditions(samples=conditions)
+    return sample_index(torch.arange(count)), conditions
+
+
+def _sample_into(results, checkpoint, ensemble, seeds, conditioned, sampler, resume, chunk, spec, passes, progress,
                  sharded) -> None:
-    stream, pending = None, None
+    (labels, conditions), stream, pending = conditioned, None, None
     if distributed.world().main:
         try:
             fresh = not (resume and Path(results).exists())
             if fresh:
                 with ResultsWriter(results, "w") as writer:
                     writer.write_code(checkpoint.code, checkpoint.unit_of, checkpoint.unit_names)
-                    writer.write_seeds(seeds, labels)
+                    writer.write_seeds(seeds, labels, conditions)
                     writer.set_attrs(config=checkpoint.config, sampler=dataclasses.asdict(sampler),
                                      versions=versions(), checkpoint_hash=spec["checkpoint_hash"],
                                      data_fingerprint=checkpoint.data_fingerprint,

@@ -18,7 +18,7 @@ from ..data import Dataset, load_data
 from ..diffusion.schedules import Sampler
 from ..errors import StoreError
 from ..members import Ensemble
-from ..store import check_results, read_hdf5, read_labels, read_plan, read_sampler, read_samples
+from ..store import check_results, read_conditions, read_hdf5, read_labels, read_plan, read_sampler, read_samples
 from ..training.checkpoint import Checkpoint
 
 __all__ = ["Session", "data_files"]
@@ -87,7 +87,12 @@ class Session:
         """The trained ensemble (EMA weights where there are some) on ``device``, built once.
         Steps that move or shard members (sampling, ablation) get their own copy."""
         if device not in self._ensembles:
-            self._ensembles[device] = self.checkpoint.build().to(device)
+            ensemble = self.checkpoint.build().to(device)
+            if ensemble.condition_shape is not None and self.results_path is not None and self.results_path.is_file():
+                conditions = read_conditions(self.results_path)  # text conditions: what the samples were drawn under
+                if conditions is not None:
+                    ensemble.set_conditions(samples=conditions)
+            self._ensembles[device] = ensemble
         return self._ensembles[device]
 
     def data(self) -> Dataset:

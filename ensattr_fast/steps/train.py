@@ -55,7 +55,7 @@ def train(plan: os.PathLike, out: os.PathLike, options: TrainOptions = TrainOpti
     classes = int(data.labels.max()) + 1 if data.labels is not None and len(data.labels) else 0
     base = load_base(options.architecture.base) if options.architecture.base else (None, None)
     ensemble = build_members(options.architecture, code.shape[1], data.data_shape, config.mode != "independent",
-                             config.seed, classes, *base)
+                             config.seed, classes, *base, condition_shape=data.condition_shape)
     if distributed.world().size > code.shape[1]:
         raise CodeError(f"{distributed.world().size} ranks for {code.shape[1]} members: "
                         "launch at most one rank per member")

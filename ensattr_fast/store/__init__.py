@@ -16,8 +16,8 @@ from .hdf5 import (check_code, check_results, code_hash, damaged, dump_json, fil
                    read_hdf5, versions)
 from .memorization import read_memorization, write_memorization
 from .parts import part_path, stitch_parts
-from .reads import (count_samples, counterfactuals_request, counterfactuals_written_by, read_dataset, read_labels,
-                    read_plan, read_sampler, read_samples, read_unit_of)
+from .reads import (count_samples, counterfactuals_request, counterfactuals_written_by, read_conditions, read_dataset,
+                    read_labels, read_plan, read_sampler, read_samples, read_unit_of)
 from .recovery import recover_after_kill, unreadable
 from .results import InfluenceView, Results, open_results
 from .streams import InfluenceStream, SampleStream, influence_streams, write_scores
@@ -26,7 +26,7 @@ from .writer import ResultsWriter, cached_statistic
 __all__ = ["StoreError", "ResultsWriter", "open_results", "Results", "InfluenceView", "InfluenceStream",
            "SampleStream", "influence_streams", "write_scores", "recover_after_kill", "stitch_parts", "part_path",
            "counterfactuals_written_by", "counterfactuals_request", "read_plan", "read_samples", "read_labels",
-           "read_unit_of",
+           "read_conditions", "read_unit_of",
            "count_samples", "read_sampler", "read_dataset", "unreadable", "cached_statistic", "check_code",
            "code_hash", "file_hash", "read_hdf5", "open_for_reading", "versions", "check_results", "parse_json",
            "dump_json", "damaged", "write_memorization", "read_memorization"]

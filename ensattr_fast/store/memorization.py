@@ -29,14 +29,16 @@ def write_memorization(path: os.PathLike, arrays: Dict[str, np.ndarray], generat
     ``pvalue_trend`` [S], ``qvalue`` [S], ``proven`` uint8 [S], ``reason`` uint8 [S] (an index into
     the group's ``reasons`` attribute), ``false_flag`` uint8 [S] (the null check's), ``null_units``
     int64 [S] (the unit each non-copy was tested against, -1 where none), and where the samples
-    were drawn under labels (class-conditional members) ``label`` int64 [S];
+    were drawn under labels (class-conditional members) ``label`` int64 [S], under embeddings
+    (text-conditioned members) their condition indices ``label`` and the embeddings
+    ``condition`` float32 [S, L, D];
     the group's attributes ``generator`` and ``attrs`` as JSON. Callers write it aside and move
     it in place (:func:`ensattr_fast.runtime.files.atomic_output`)."""
     missing = [name for name in MEMORIZATION_ARRAYS if name not in arrays]
     if missing:
         raise StoreError(f"memorization arrays missing: {missing}")
     with ResultsWriter(path, "w") as writer:
-        kept = [*MEMORIZATION_ARRAYS, *(["label"] if "label" in arrays else [])]
+        kept = [*MEMORIZATION_ARRAYS, *(name for name in ("label", "condition") if name in arrays)]
         writer.write_group("memorization", {k: np.asarray(arrays[k]) for k in kept},
                            dict(generator=generator, **attrs))
         writer.set_attrs(versions=versions())

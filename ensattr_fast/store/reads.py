@@ -15,8 +15,8 @@ from ..diffusion.schedules import Sampler
 from ..errors import StoreError
 from .hdf5 import check_code, check_results, open_for_reading, parse_json, read_hdf5
 
-__all__ = ["read_plan", "read_samples", "read_labels", "read_unit_of", "count_samples", "counterfactuals_written_by",
-           "read_sampler", "read_dataset"]
+__all__ = ["read_plan", "read_samples", "read_labels", "read_conditions", "read_unit_of", "count_samples",
+           "counterfactuals_written_by", "read_sampler", "read_dataset"]
 
 
 def read_plan(path: os.PathLike):
@@ -53,6 +53,13 @@ def read_labels(path: os.PathLike, stop: Optional[int] = None, start: int = 0) -
     members; -1: none), or None where its samples have none."""
     with read_hdf5(path) as f:
         return torch.from_numpy(f["samples/label"][start:stop]) if "samples/label" in f else None
+
+
+def read_conditions(path: os.PathLike) -> Optional[Tensor]:
+    """The embedding float32 [S, L, D] every sample of a results file was drawn under
+    (text-conditioned members), or None where its samples have none."""
+    with read_hdf5(path) as f:
+        return torch.from_numpy(f["samples/condition"][()]) if "samples/condition" in f else None
 
 
 def read_unit_of(path: os.PathLike) -> Tensor:

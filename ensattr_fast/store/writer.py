@@ -154,13 +154,18 @@ class ResultsWriter:
             _replace(units, "name", np.array(list(unit_names), dtype=object), dtype=h5py.string_dtype())
         self.set_attrs(code_hash=code_hash(code))
 
-    def write_seeds(self, seeds: Sequence[int], labels: Optional[Tensor] = None) -> None:
+    def write_seeds(self, seeds: Sequence[int], labels: Optional[Tensor] = None,
+                    conditions: Optional[Tensor] = None) -> None:
         """``/samples/seed`` int64 [S]: the seed that replays each sample; ``/samples/label``
-        int64 [S], class-conditional members: its label (-1: none), which every replay keeps."""
+        int64 [S], conditional members: its label (-1: none), or its condition index (text
+        conditions), which every replay keeps; ``/samples/condition`` float32 [S, L, D],
+        text-conditioned members: the embedding each sample was drawn under."""
         group = self.file.require_group("samples")
         group.create_dataset("seed", data=np.asarray(seeds, np.int64))
         if labels is not None:
             group.create_dataset("label", data=np.asarray(labels, np.int64))
+        if conditions is not None:
+            group.create_dataset("condition", data=conditions.numpy().astype(np.float32))
 
     def write_statistic(self, name: str, value: np.ndarray) -> None:
         """``/statistics/<name>``: what a method's scores were computed from, kept for resumes;

@@ -85,8 +85,9 @@ class Trainer:
         self.schedule, self.config = schedule, config
         # data on disk (a Dataset not in memory) is read a step ahead by one background thread
         self.images = data.images.to(self.device) if data.in_memory else None
-        # class-conditional members: each example's label
-        self.labels = data.class_labels(ensemble.classes).to(self.device) if ensemble.classes else None
+        # conditional members: each example's label, or its condition index (text-conditioned)
+        conditions = self.ensemble.example_conditions(data)
+        self.labels = None if conditions is None else conditions.to(self.device)
         self._reader = ThreadPoolExecutor(max_workers=1) if self.images is None else None
         self._pending: Optional[dict] = None
         self._state_before_pending: Optional[Tensor] = None

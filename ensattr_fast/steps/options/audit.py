@@ -99,6 +99,9 @@ class SampleOptions:
     seeds: Tuple[int, ...] = option(tuple(range(64)), Seeds(), "N, A:B or a,b,c")
     labels: Optional[Tuple[int, ...]] = option(None, Maybe(Labels()), "class-conditional members: the label of "
                                                "every seed, or one per seed (-1: none); replays keep them")
+    condition_file: Optional[Path] = option(None, Maybe(FilePath()), "text-conditioned members: an .npy, .npz or "
+                                            ".h5 array 'conditions' [S, L, D] (or [1, L, D]) of every seed's "
+                                            "embedding, e.g. a text encoder's outputs; replays keep them")
     sampler: Sampler = nested(Sampler)
     passes: Passes = nested(Passes, skip=("checkpoint_activations",))
     chunk: int = option(256, Int(1), "samples written (and flagged done) at a time")
@@ -192,6 +195,9 @@ class MemorizationOptions:
     seeds: Tuple[int, ...] = option(tuple(range(512)), Seeds(), "N, A:B or a,b,c")
     labels: Optional[Tuple[int, ...]] = option(None, Maybe(Labels()), "class-conditional members: the label of "
                                                "every seed, or one per seed (-1: none); proofs replay them")
+    condition_file: Optional[Path] = option(None, Maybe(FilePath()), "text-conditioned members: an array "
+                                            "'conditions' [S, L, D] (or [1, L, D]) of every seed's embedding "
+                                            "(sample's --condition-file); proofs replay them")
     threshold: float = option(1.0, Float(0, 1e6, low_open=True),
                               "distance under which a sample copies a training image: pixel L2 (data scale [-1, 1]), "
                               "or embedding L2 with --embed")
