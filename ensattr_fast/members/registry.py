@@ -132,9 +132,13 @@ class MemberOptions:
     conditional: bool = option(False, Switch(), "class-conditional members (mlp, unet, diffusers) on the data's "
                                                 "labels, each also its unconditional model (--cond-dropout): sample "
                                                 "with --labels and --guidance")
-    base: Optional[str] = option(None, FilePath(), "fine-tune: the members are LoRA adapters on this frozen base "
-                                                   "(a checkpoint of one mlp model: train --all-units --models 1)")
+    base: Optional[str] = option(None, FilePath(), "fine-tune this base model (a checkpoint of one model: train "
+                                                   "--all-units --models 1, or a diffusers UNet2DModel folder): "
+                                                   "see --tune")
     rank: int = option(8, Int(1, 4096), "with --base: the rank of each member's adapters")
+    tune: str = option("lora", Choice("lora", "full"), "with --base: LoRA adapters of --rank on the frozen base (mlp "
+                                                      "bases), or full: each member starts as the base and trains "
+                                                      "every weight (any architecture, the base's; a small base)")
 
     def __post_init__(self):
         _architecture(self.arch)  # an unknown one is an ArchitectureError, as when a checkpoint names it
@@ -156,8 +160,14 @@ def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[i
     [C, H, W], sharing initial weights when ``shared_init`` (all drawn from ``seed``);
     conditioned on ``classes`` labels where ``options.conditional``, on embeddings of
     ``condition_shape`` [L, D] (the data's conditions) for ``diffusers-text``. With ``base``
-    (loaded from ``options.base``, described by ``base_ref``): adapters of ``options.rank`` on it."""
+    (loaded from ``options.base``, described by ``base_ref``): adapters of ``options.rank`` on it,
+    or (``options.tune`` full) members of its architecture that start as it."""
+    if base is not None and options.tune == "full":
+        return _full_finetune(base, options, n_members, data_shape, classes)
     if base is not None:
+        if not isinstance(base, StackedMLP):
+            raise ArchitectureError(f"--base {options.base} is a {base.spec().get('kind')} model: adapters are built "
+                                    f"for mlp bases; fine-tune it in full (--tune full)")
         if options.arch != "mlp":
             raise ArchitectureError(f"--base: the members are adapters on the base's own architecture (an mlp); "
                                     f"--arch {options.arch} does not apply to them")
@@ -189,6 +199,22 @@ def build_members(options: MemberOptions, n_members: int, data_shape: Sequence[i
         own["classes"] = classes
     return build_ensemble(dict(kind=options.arch, n_members=n_members, data_shape=list(data_shape), **own,
                                shared_init=shared_init, seed=seed))
+
+
+def _full_finetune(base: Ensemble, options: MemberOptions, n_members: int, data_shape: Sequence[int],
+                   classes: int) -> Ensemble:
+    """``n_members`` members of the base's architecture, each starting as the base: every weight
+    trains (no adapter, so nothing of the base is shared or needed to run them afterwards)."""
+    if tuple(base.data_shape) != tuple(data_shape):
+        raise ArchitectureError(f"--base {options.base} models data of shape {tuple(base.data_shape)}, "
+                                f"not the data's {tuple(data_shape)}")
+    if (options.conditional or base.classes) and classes > base.classes:
+        raise ArchitectureError(f"--tune full keeps the base's {base.classes} classes, and the data has labels up to "
+                                f"{classes - 1}: a fine-tune that adds classes takes adapters (--tune lora)")
+    ensemble = build_ensemble(dict(base.spec(), n_members=n_members, shared_init=True))
+    state = {k: v.expand(n_members, *v.shape[1:]).clone() for k, v in base.state_dict().items()}
+    ensemble.load_state_dict(state)
+    return ensemble.requires_grad_(True).train()
 
 
 def build_ensemble(spec: dict, base: Optional[Ensemble] = None) -> Ensemble:

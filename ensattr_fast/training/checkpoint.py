@@ -223,14 +223,32 @@ def _identity(path: Path) -> tuple:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def _folder_hash(folder: Path) -> str:
+    """SHA-256 over a model folder's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def load_base(path: os.PathLike) -> Tuple[Ensemble, dict]:
-    """The base model a fine-tune's adapter members train on (``--base``): the one model of the
-    checkpoint ``path`` (its EMA weights where it has them), frozen, and where it came from
-    ({"path", "sha256"}: what the adapters' checkpoint keeps, to find and check it again)."""
+    """The base model a fine-tune's members train on (``--base``): the one model of the
+    checkpoint ``path`` (its EMA weights where it has them), or a diffusers ``UNet2DModel``
+    folder (``save_pretrained``), frozen, and where it came from ({"path", "sha256"}: what an
+    adapter checkpoint keeps, to find and check it again)."""
     path = Path(path)
+    if path.is_dir():  # a diffusers model folder (save_pretrained)
+        from ..members import load_members
+
+        try:
+            base = load_members([path])
+        except (OSError, ValueError, ImportError) as error:
+            raise CheckpointError(f"--base {path}: not a diffusers UNet2DModel folder ({error})") from None
+        return base.requires_grad_(False), dict(path=str(path.resolve()), sha256=_folder_hash(path))
     if not path.is_file():
         raise CheckpointError(f"--base {path}: no such file (a base is a checkpoint of one model: "
-                              "train --all-units --models 1)")
+                              "train --all-units --models 1, or a diffusers model folder)")
     checkpoint = Checkpoint.load(path)
     if checkpoint.spec.get("base"):
         raise CheckpointError(f"--base {path} holds adapter members; a base is one model of its own")

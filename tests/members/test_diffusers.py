@@ -237,3 +237,28 @@ def test_export_writes_diffusers_members_that_from_pretrained_runs(tmp_path):
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 999])
     with torch.no_grad():
         assert torch.allclose(unet(x, t).sample, ensemble(x.expand(8, *x.shape), t)[2], atol=1e-4)
+
+
+def test_a_diffusers_folder_is_a_base_that_members_fine_tune_in_full(tmp_path, capsys):
+    import numpy as np
+
+    from ensattr_fast.cli.main import main
+    from ensattr_fast.members.diffusers_unet import DiffusersMember
+
+    unet = diffusers.UNet2DModel(**UNET).eval()
+    unet.save_pretrained(tmp_path / "base")
+    np.save(tmp_path / "toy.npy", (torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1).numpy())
+    run = lambda *args: main([str(a) for a in args])  # noqa: E731
+    assert run("plan", "--data", tmp_path / "toy.npy", "--members", 8, "--out", tmp_path / "plan.h5") == 0
+    assert run("train", "--plan", tmp_path / "plan.h5", "--out", tmp_path / "tuned.pt", "--base", tmp_path / "base",
+               "--tune", "full", "--steps", 1, "--batch-size", 4, "--lr", "1e-30") == 0
+    tuned = Checkpoint.load(tmp_path / "tuned.pt").build()
+    alone = DiffusersMember(dict(unet.config)).eval()  # the base with plain-matmul attention, as members run it
+    alone.unet.load_state_dict(unet.state_dict())
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 999])
+    with torch.no_grad():
+        assert torch.allclose(tuned(x.expand(8, *x.shape), t), alone(x, t).expand(8, -1, -1, -1, -1), atol=1e-4)
+    capsys.readouterr()
+    assert run("train", "--plan", tmp_path / "plan.h5", "--out", tmp_path / "lora.pt", "--base", tmp_path / "base",
+               "--steps", 1) == 2
+    assert "adapters are built for mlp bases; fine-tune it in full" in capsys.readouterr().err

@@ -270,3 +270,38 @@ def test_export_never_replaces_the_checkpoint_it_reads(finetune, tmp_path, capsy
     _refused(capsys, ["export", "--checkpoint", folder / "adapters.pt", "--out", tmp_path, "--members", "0",
                       "--overwrite"], "holds the --checkpoint this step reads")
     assert (folder / "adapters.pt").exists()
+
+
+def test_a_full_finetune_starts_every_member_as_the_base_on_any_architecture(tmp_path, capsys):
+    """``--tune full``: members of the base's own architecture (here the built-in UNet), each
+    starting as the base and training every weight; the checkpoint runs without the base."""
+    from ensattr_fast.members import MemberOptions, build_members
+    from ensattr_fast.training.checkpoint import load_base
+
+    digits = ef.load_digits()
+    images, labels = digits.images.numpy(), digits.labels.numpy()
+    np.savez(tmp_path / "old.npz", images=images[:60], labels=labels[:60])
+    np.savez(tmp_path / "new.npz", images=images[60:100], labels=labels[60:100])
+    assert ensattr("plan", "--data", tmp_path / "old.npz", "--out", tmp_path / "base_plan.h5") == 0
+    assert ensattr("train", "--plan", tmp_path / "base_plan.h5", "--out", tmp_path / "base.pt", "--all-units",
+                   "--arch", "unet", "--width", 8, "--conditional", "--steps", 3, "--batch-size", 4) == 0
+    base, ref = load_base(tmp_path / "base.pt")
+    members = build_members(MemberOptions(base=str(tmp_path / "base.pt"), tune="full", conditional=True), 4,
+                            (1, 8, 8), True, 0, 10, base, ref)
+    assert type(members) is type(base) and all(p.requires_grad for p in members.parameters())
+    x, t, labels = torch.randn(3, 1, 8, 8), torch.tensor([3, 400, 900]), torch.tensor([1, -1, 9])
+    with torch.no_grad():
+        assert torch.allclose(members.eval()(x.expand(4, *x.shape), t, labels), base(x[None], t, labels), atol=1e-5)
+    assert ensattr("plan", "--data", tmp_path / "new.npz", "--members", 8, "--out", tmp_path / "plan.h5") == 0
+    assert ensattr("train", "--plan", tmp_path / "plan.h5", "--out", tmp_path / "tuned.pt", "--base",
+                   tmp_path / "base.pt", "--tune", "full", "--conditional", "--steps", 2, "--batch-size", 4) == 0
+    (tmp_path / "base.pt").unlink()  # full members hold every weight: the base is not needed to run them
+    assert ensattr("sample", "--checkpoint", tmp_path / "tuned.pt", "--out", tmp_path / "r.h5", "--seeds", 2,
+                   "--labels", "3,8", "--guidance", 1, "--sampling-steps", 3) == 0
+
+
+def test_a_full_finetune_that_adds_classes_is_refused(finetune, tmp_path, capsys):
+    _refused(capsys, ["train", "--plan", finetune / "plan.h5", "--out", tmp_path / "x.pt", "--base",
+                      finetune / "base.pt", "--tune", "full", "--conditional", "--steps", 1],
+             "--tune full keeps the base's 5 classes")
+    assert not (tmp_path / "x.pt").exists()
