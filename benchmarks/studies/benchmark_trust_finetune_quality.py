@@ -51,7 +51,7 @@ def _bar(judge: DigitJudge, images: torch.Tensor, asked: torch.Tensor) -> Dict[s
 
 def _until_bar(kind: str, ensemble, plan, data, config: TrainConfig, judge: DigitJudge, device: str) -> dict:
     """Train ``ensemble`` on the plan, judging it every CHECK steps; stop at the bar (or at the end)."""
-    code, units, _ = plan
+    _, code, units = plan
     trainer = Trainer(ensemble, data, code, units.unit_of, units.names, NoiseSchedule.linear(), config, device)
     labels = torch.tensor([NEW_CLASSES[i % len(NEW_CLASSES)] for i in range(SAMPLES)])
     sampler = Sampler("ddim", 50, 0.0, guidance=GUIDANCE)
@@ -79,10 +79,10 @@ def run(quick: bool, device: str, seeds: Optional[int] = None) -> Suite:
         demo(work, DemoOptions(finetune=True, train=TrainConfig(steps=steps, lr=3e-3), samples=20, attribute=2,
                                per_sample=2, overwrite=True, device=device))
     plan = read_plan(work / "plan.h5")
-    data = load_data(str(work / "new.npz"))
+    data = load_data(plan[0])  # the data the plan was made for
     judge = train_judge(load_data("digits"))
     config = TrainConfig(steps=steps, batch_size=128, lr=3e-3, seed=0)
-    M = plan[0].shape[1]
+    M = plan[1].shape[1]
     members, classes = MemberOptions(conditional=True), int(data.labels.max()) + 1
     shared = config.mode != "independent"  # as `train` builds them
     kinds = {"adapters": build_members(dataclasses.replace(members, rank=RANK, base=str(work / "base.pt")), M,
