@@ -115,11 +115,10 @@ class GradientScorer(Scorer):
         spec = dataclasses.replace(rows.features, kind=method.feature_kind)
         if spec.exact:  # no features to keep: the Grams of the full gradients, then the kernel
             data, queries = rows.data(), rows.labels
-            conditional = rows.ensemble.classes or rows.ensemble.condition_shape is not None
-            if conditional and queries is None:  # samples drawn without a condition: the empty one
+            train = rows.ensemble.example_conditions(data)  # each example under its own condition
+            if train is not None and queries is None:  # samples drawn without a condition: the empty one
                 queries = torch.full((len(rows.images),), -1, dtype=torch.long)
-            # each example under its own condition
-            labels = (rows.ensemble.example_conditions(data), queries) if conditional else None
+            labels = None if train is None else (train, queries)
             per_member = rows.once(("exact", spec.kind), lambda: exact_member_scores(
                 rows.ensemble, rows.schedule, data, rows.images, spec, rows.unit_of, len(rows.code), labels=labels))
             return combine(per_member, rows.code, method.combination)

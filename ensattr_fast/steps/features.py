@@ -31,7 +31,14 @@ def training_features(session: Session, device: str, progress: bool = False,
     for them. Every rank must call the result for the same specs in the same order (each
     computes its share); each spec's features are opened once. ``rows``: examples per block
     (0: :func:`block_rows`)."""
-    opened = {}
+    opened, every = {}, []  # every: each training example's condition, found at the first block that needs it
+
+    def conditions(ensemble, start: int, count: int):
+        """What training examples ``start`` to ``start + count`` are conditioned on, as
+        ``ensemble`` takes it (labels, or condition indices into its table; else None)."""
+        if not every:
+            every.append(ensemble.example_conditions(session.data()))
+        return None if every[0] is None else every[0][start:start + count]
 
     def features(spec: FeatureSpec) -> TrainFeatures:
         if spec in opened:
@@ -44,20 +51,12 @@ def training_features(session: Session, device: str, progress: bool = False,
         opened[spec] = stored_features(
             session.checkpoint_path, checkpoint.file_hash, dict(dataclasses.asdict(spec), tag=spec.tag), shape,
             lambda images, start: gradient_features(ensemble, checkpoint.schedule, images, spec,
-                                                    labels=_labels(session, ensemble, start, len(images))),
+                                                    labels=conditions(ensemble, start, len(images))),
             lambda rows: session.data().blocks(rows), rows or block_rows(shape[0], spec.dim), progress and world.main,
             world.rank, world.size, distributed.all_reduce_sum, distributed.barrier)
         return opened[spec]
 
     return features
-
-
-def _labels(session: Session, ensemble, start: int, count: int):
-    """What training examples ``start`` to ``start + count`` are conditioned on, as ``ensemble``
-    takes it (their labels, or condition indices into the table set here; else None)."""
-    if not ensemble.classes and ensemble.condition_shape is None:
-        return None
-    return ensemble.example_conditions(session.data())[start:start + count]
 
 
 def keep_features(features: TrainFeatures, results, spec: FeatureSpec) -> None:
