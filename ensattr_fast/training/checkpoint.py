@@ -228,7 +228,9 @@ def _folder_hash(folder: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(file.relative_to(folder).as_posix().encode())
-        digest.update(file.read_bytes())
+        with open(file, "rb") as f:  # in blocks: a model's weights need not fit in memory twice
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
