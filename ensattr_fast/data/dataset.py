@@ -105,17 +105,22 @@ class Dataset:
         return torch.cat([torch.cdist(q, block.flatten(1)) for block in self.blocks()], 1)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the images: ties checkpoints and results to the data they came from.
-        Data on disk is hashed block by block and gives the same digest as the same values in
-        memory."""
+        """SHA-256 of the images (and of the embedding conditions, where there are some): ties
+        checkpoints and results to the data they came from. Data on disk is hashed block by
+        block and gives the same digest as the same values in memory."""
         if self.in_memory:
             array = np.ascontiguousarray(self.images.numpy())
-            return hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
-        digest = hashlib.sha256()
-        for block in self.images.chunks(self.images.chunk_rows()):
-            digest.update(np.ascontiguousarray(block.numpy()).tobytes())
-        digest.update(str(tuple(int(s) for s in self.images.shape)).encode())
-        return digest.hexdigest()
+            images = hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
+        else:
+            digest = hashlib.sha256()
+            for block in self.images.chunks(self.images.chunk_rows()):
+                digest.update(np.ascontiguousarray(block.numpy()).tobytes())
+            digest.update(str(tuple(int(s) for s in self.images.shape)).encode())
+            images = digest.hexdigest()
+        if self.conditions is None:
+            return images
+        conditions = np.ascontiguousarray(self.conditions.numpy())
+        return hashlib.sha256(images.encode() + conditions.tobytes() + str(conditions.shape).encode()).hexdigest()
 
 
 def check_images(images: Union[Tensor, DiskImages], what: str = "images", shape: Optional[Sequence[int]] = None,

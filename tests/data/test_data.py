@@ -457,3 +457,16 @@ def test_disk_rows_equal_memory_for_every_storage_layout(tmp_path, layout):
     assert torch.equal(disk.read(index), images[index])
     mapped = disk._byte_map() is not None
     assert mapped == ("compression" not in layout and layout.get("chunks", (0, 1, 4, 4))[1:] == (1, 4, 4))
+
+
+def test_the_fingerprint_covers_the_embedding_conditions():
+    """Text-conditioned members train on the embeddings too: other embeddings are other data,
+    while data without any keeps the fingerprint of its images alone."""
+    g = torch.Generator().manual_seed(0)
+    images, conditions = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1, torch.randn(6, 2, 3, generator=g)
+    bare = Dataset(images)
+    with_conditions = Dataset(images, conditions=conditions)
+    assert bare.fingerprint() == Dataset(images.clone()).fingerprint()
+    assert with_conditions.fingerprint() == Dataset(images, conditions=conditions.clone()).fingerprint()
+    assert with_conditions.fingerprint() != bare.fingerprint()
+    assert with_conditions.fingerprint() != Dataset(images, conditions=conditions.flip(0)).fingerprint()
