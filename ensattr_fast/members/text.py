@@ -7,8 +7,8 @@ over the stacked parameters (:class:`VmapEnsemble`), its attention in plain matm
 Conditions travel through the package as indices, as class labels do: index i >= 0 is training
 example i's embedding (the data's ``conditions``), -1 the empty condition (zeros: the
 unconditional model that ``--cond-dropout`` trains and guidance pushes away from), and -2 - s
-the embedding of sample s (the seeds' ``--condition-file``). The ensemble holds both tables,
-shared by every member and never saved, and looks each row's embedding up as it runs. Sampling,
+the embedding of sample s (the seeds' ``--condition-file``). The ensemble holds them in one
+table, shared by every member and never saved, and looks each row's embedding up as it runs. Sampling,
 guided and ablated, member passes and shards, training, first-order Jacobians and gradient
 features then carry a text condition exactly as they carry a label, with no path of their own.
 """
@@ -57,19 +57,33 @@ class TextEnsemble(VmapEnsemble):
                  shared_init: bool = False, seed: int = 0, spec: Optional[dict] = None):
         super().__init__(lambda: TextMember(config), n_members, data_shape, shared_init, seed, spec)
         self.condition_shape = tuple(int(v) for v in condition_shape)
-        for name in ("train_conditions", "sample_conditions"):  # shared by the members, not saved
-            self.register_buffer(name, torch.zeros(0, *self.condition_shape), persistent=False)
+        # the embeddings condition indices point to, shared by the members and never saved: the
+        # training examples' rows, the empty condition's (zeros), the samples' rows
+        self.register_buffer("conditions_table", torch.zeros(1, *self.condition_shape), persistent=False)
+        self._n_train = 0
+
+    @property
+    def train_conditions(self) -> Tensor:
+        """The training examples' embeddings [n, L, D] (condition indices 0..n-1)."""
+        return self.conditions_table[:self._n_train]
+
+    @property
+    def sample_conditions(self) -> Tensor:
+        """The samples' embeddings [S, L, D] (condition indices -2..-1-S)."""
+        return self.conditions_table[self._n_train + 1:]
 
     def set_conditions(self, train: Optional[Tensor] = None, samples: Optional[Tensor] = None) -> None:
         """The embeddings that condition indices point to: the training examples' [n, L, D]
         and the samples' [S, L, D] (each left as it is where not given)."""
-        for name, table in (("train_conditions", train), ("sample_conditions", samples)):
-            if table is None:
-                continue
-            if tuple(table.shape[1:]) != self.condition_shape or table.dim() != 3:
+        like = self.conditions_table
+        for table in (train, samples):
+            if table is not None and (tuple(table.shape[1:]) != self.condition_shape or table.dim() != 3):
                 raise DataError(f"these members take conditions [L, D] = {list(self.condition_shape)}, got "
                                 f"{list(table.shape[1:])}")
-            setattr(self, name, table.to(self.train_conditions.device, self.train_conditions.dtype))
+        train = self.train_conditions if train is None else train.to(like.device, like.dtype)
+        samples = self.sample_conditions if samples is None else samples.to(like.device, like.dtype)
+        self.conditions_table = torch.cat([train, like.new_zeros(1, *self.condition_shape), samples])
+        self._n_train = len(train)
 
     def example_conditions(self, data) -> Tensor:
         """The condition index of every training example of ``data`` (their own rows), with
@@ -94,10 +108,8 @@ class TextEnsemble(VmapEnsemble):
 
     def embed(self, index: Tensor) -> Tensor:
         """The embedding [*index.shape, L, D] of each condition index (vmap-safe: one gather)."""
-        table = torch.cat([self.train_conditions, self.train_conditions.new_zeros(1, *self.condition_shape),
-                           self.sample_conditions])
-        index = index.to(table.device)
-        return table[torch.where(index >= 0, index, len(self.train_conditions) - 1 - index)]
+        index = index.to(self.conditions_table.device)
+        return self.conditions_table[torch.where(index >= 0, index, self._n_train - 1 - index)]
 
     def forward(self, x: Tensor, t: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if labels is None:  # no condition: the unconditional model
