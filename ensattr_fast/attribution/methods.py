@@ -10,6 +10,7 @@ into a score per unit; the scorer also owns how its statistics are computed (fro
 | ``first_order`` | G [M, M], Gram of the sampler's Jacobian in the member weights | sqrt(dw_u^T G dw_u) |
 | ``loss`` | L [M], each member's diffusion loss on the row | excluders' mean loss minus includers' |
 | ``gradient`` | projected gradient features of the row under each member | TRAK kernel scores, combined over members |
+| ``curvature`` | (none kept) | each member's EK-FAC or K-FAC influence (kronfluence), combined over members |
 
 ``first_order``'s score is the predicted counterfactual distance.
 
@@ -31,13 +32,14 @@ from ..diffusion.schedules import NoiseSchedule, Sampler
 from ..errors import MethodError
 from ..members import Ensemble
 from .first_order import first_order_grams
+from .curvature import STRATEGIES, CurvatureSpec, member_influence
 from .full_kernel import exact_member_scores
 from .gradients import COMBINATIONS, FeatureSpec, combine, dataset_features, gradient_features
 from .kernels import TrainFeatures, combined, unit_sums
 from .loss import member_losses
 
-__all__ = ["Rows", "Scorer", "CodeScorer", "GradientScorer", "SCORERS", "Method", "METHODS", "DEFAULT_METHODS",
-           "get_method", "parse_methods", "describe_methods"]
+__all__ = ["Rows", "Scorer", "CodeScorer", "GradientScorer", "CurvatureScorer", "SCORERS", "Method", "METHODS",
+           "DEFAULT_METHODS", "get_method", "parse_methods", "describe_methods"]
 
 
 @dataclasses.dataclass
@@ -137,6 +139,24 @@ class GradientScorer(Scorer):
         return unit_sums(train, queries, rows.unit_of, rows.code)
 
 
+class CurvatureScorer(Scorer):
+    """Influence-function scores [S, N] of each member under its own curvature (EK-FAC or
+    K-FAC, :mod:`.curvature`), combined over members; the draws are the gradient features'."""
+
+    name = "curvature"
+
+    @staticmethod
+    def spec(method: "Method", rows: Rows) -> CurvatureSpec:
+        return CurvatureSpec(strategy=method.statistic, timesteps=rows.features.timesteps, seed=rows.features.seed)
+
+    def scores(self, method: "Method", rows: Rows) -> Tensor:
+        spec = self.spec(method, rows)
+        per_member = rows.once(("curvature", spec), lambda: member_influence(
+            rows.ensemble, rows.schedule, rows.data(), rows.images, spec, rows.unit_of, rows.code,
+            labels=rows.labels, progress=rows.progress))
+        return combine(per_member, rows.code, method.combination)
+
+
 def _grams(rows: Rows):
     # both Grams come from one pass through the sampler
     return rows.once("grams", lambda: first_order_grams(rows.ensemble, rows.schedule, rows.sampler, rows.seeds,
@@ -149,13 +169,15 @@ FIRST_ORDER = CodeScorer("first_order", "gram", {"gram_exact": lambda rows: _gra
 LOSS = CodeScorer("loss", "losses", {"losses": lambda rows: member_losses(rows.ensemble, rows.schedule, rows.images,
                                                                           rows.draws, labels=rows.labels)})
 GRADIENT = GradientScorer()
-SCORERS: Dict[str, Scorer] = {s.name: s for s in (FIRST_ORDER, LOSS, GRADIENT)}
+CURVATURE = CurvatureScorer()
+SCORERS: Dict[str, Scorer] = {s.name: s for s in (FIRST_ORDER, LOSS, GRADIENT, CURVATURE)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    statistic: str  # what each row needs: gram_exact, gram_direct, losses, features_dtrak, features_trak
+    statistic: str  # what each row needs: gram_exact, gram_direct, losses, features_dtrak, features_trak;
+    # curvature methods: the strategy (ekfac, kfac)
     scorer: Scorer
     combination: Optional[str] = None  # gradient methods: mean, includers or contrast
     description: str = ""
@@ -170,13 +192,18 @@ class Method:
         return self.statistic[len("features_"):] if self.scorer is GRADIENT else None
 
 
-def _gradient_methods() -> List[Method]:
+def _member_methods() -> List[Method]:
     out = []
     for kind, output in (("dtrak", "squared output norm"), ("trak", "diffusion loss")):
         for how in COMBINATIONS:
             name = kind if how == "mean" else f"{kind}_{how}"
             out.append(Method(name, f"features_{kind}", GRADIENT, how,
                               f"{kind.upper().replace('DTRAK', 'D-TRAK')} ({output} gradients), {how} over members"))
+    for strategy in STRATEGIES:
+        for how in ("mean", "includers"):
+            name = strategy if how == "mean" else f"{strategy}_{how}"
+            out.append(Method(name, strategy, CURVATURE, how, f"{strategy.upper().replace('FAC', '-FAC')} influence "
+                                                                 f"(kronfluence, diffusion loss), {how} over members"))
     return out
 
 
@@ -185,7 +212,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in [
     Method("direct", "gram_direct", FIRST_ORDER,
            description="first order, direct: member outputs along the trajectory only"),
     Method("loss", "losses", LOSS, description="excluders' minus includers' diffusion loss"),
-    *_gradient_methods(),
+    *_member_methods(),
 ]}
 
 #: what ``ensattr attribute`` computes unless told otherwise; dtrak first: it predicts

@@ -18,8 +18,10 @@ __all__ = ["PlainMLP", "plain_member"]
 
 
 class PlainMLP(nn.Module):
-    """:class:`StackedMLP`'s denoiser for one model: forward(x [B, *data_shape], t [B], labels
-    [B] or None) -> eps [B, *data_shape]; its layers carry the stacked ensemble's names."""
+    """:class:`StackedMLP`'s denoiser for one model: forward(x [*B, *data_shape], t [*B], labels
+    [*B] or None) -> eps [*B, *data_shape], any leading batch dimensions (kronfluence reads an
+    example's K noised copies [n, K, ...] as one example's tokens); its layers carry the stacked
+    ensemble's names."""
 
     def __init__(self, data_shape: Sequence[int], hidden: int = 256, blocks: int = 3, time_dim: int = 128,
                  classes: int = 0):
@@ -40,7 +42,7 @@ class PlainMLP(nn.Module):
         if self.label is not None:
             e = e + self.label(label_rows(labels, t.shape, self.classes, x))
         e = F.silu(e)
-        h = self.inp(x.flatten(1))
+        h = self.inp(x.flatten(x.dim() - len(self.data_shape)))
         for norm, lin1, temb, lin2 in zip(self.norms, self.lin1, self.temb, self.lin2):
             h = h + lin2(F.silu(lin1(F.silu(norm(h))) + temb(e)))
         return self.out(F.silu(self.out_norm(h))).view(x.shape)

@@ -13,8 +13,9 @@ import torch
 
 from .. import codes
 from ..attribution import FeatureSpec
+from ..attribution.curvature import check_members
 from ..attribution.full_kernel import gradient_size
-from ..attribution.methods import Method, Rows, get_method, parse_methods
+from ..attribution.methods import CURVATURE, Method, Rows, get_method, parse_methods
 from ..data import check_images
 from ..errors import ConfigError
 from ..evaluation.counterfactuals import Counterfactuals, exact_counterfactuals
@@ -93,7 +94,10 @@ def fit_to_data(session: Session, options: AttributeOptions) -> AttributeOptions
     if options.check and options.checked_by not in options.methods:
         raise ConfigError(f"--check-by {options.checked_by} is not among the methods computed "
                           f"({','.join(options.methods)}): add it to --method")
-    gradient = [m for m in parse_methods(options.methods) if not m.scorer.by_code]
+    chosen = parse_methods(options.methods)
+    if any(m.scorer is CURVATURE for m in chosen):
+        check_members(session.ensemble(options.device))
+    gradient = [m for m in chosen if m.feature_kind]
     if gradient and not options.exact_kernel:
         size = gradient_size(session.ensemble(options.device))
         if options.projection_dim > size:
@@ -127,7 +131,7 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
         with ResultsWriter(results, "a") as writer:
             writer.write_groups(list(groups), list(groups.values()))
     train = training_features(session, options.device, progress, options.feature_rows)
-    for kind in dict.fromkeys(m.feature_kind for m in chosen if not m.scorer.by_code and not options.exact_kernel):
+    for kind in dict.fromkeys(m.feature_kind for m in chosen if m.feature_kind and not options.exact_kernel):
         spec = FeatureSpec(kind=kind, dim=options.projection_dim)
         found = train(spec)  # every rank: the main one fills the features file, the others wait
         if options.keep_features and world.main:
@@ -158,7 +162,7 @@ def _expected_bytes(session: Session, options: AttributeOptions, methods: List[M
     N, M = code.shape
     matrices = len(methods) + (sum(m.scorer.by_code for m in methods) if groups else 0)
     size = matrices * rows * (N + 3 * options.topk) * 4 + rows * M * (2 * M + 1) * 4
-    kinds = {m.feature_kind for m in methods if not m.scorer.by_code}
+    kinds = {m.feature_kind for m in methods if m.feature_kind}
     if kinds and not options.exact_kernel:
         examples = len(session.checkpoint.unit_of) if options.keep_features else 0
         size += len(kinds) * M * (examples + rows) * options.projection_dim * 4
@@ -183,10 +187,12 @@ def _score_rows(session: Session, options: AttributeOptions, methods: List[Metho
     stream_influence(target, checkpoint.code, by_code, k=options.topk, block_rows=options.block_rows,
                      block_units=options.block_units, spec=spec, progress=progress, device=options.device)
     for method in (m for m in methods if not m.scorer.by_code):
-        features = dataclasses.replace(rows.features, kind=method.feature_kind)
+        if method.feature_kind:
+            how = dict(features=dataclasses.asdict(dataclasses.replace(rows.features, kind=method.feature_kind)))
+        else:
+            how = dict(curvature=dataclasses.asdict(method.scorer.spec(method, rows)))
         write_scores(target, method.name, method.scorer.scores(method, rows), options.topk, options.block_rows,
-                     options.block_units,
-                     dict(spec, features=dataclasses.asdict(features), combination=method.combination))
+                     options.block_units, dict(spec, **how, combination=method.combination))
     if groups:
         group_rows = codes.group_code(checkpoint.code, list(groups.values()))
         stream_influence(target, group_rows, {f"{name}_groups": v for name, v in by_code.items()},
