@@ -207,9 +207,13 @@ def _metrics(audit: Audit, options, out) -> None:
 
 def _lds(audit: Audit, options, out) -> None:
     table = audit.lds(options)
-    print(f"{'method':<26} {'LDS':>7} {'95% interval':>18} {'queries':>8}")
-    for method, row in sorted(table.items(), key=lambda kv: -np.nan_to_num(kv[1]["mean"], nan=-9)):
-        print(f"{method:<26} {row['mean']:7.3f} {row['low']:8.3f} .. {row['high']:6.3f} {row['n']:8d}")
+    if "protocol" in table:
+        print("protocol: " + ", ".join(f"{k} {v}" for k, v in table["protocol"].items()))
+    sets = {k: v for k, v in table.items() if k != "protocol"} if "protocol" in table else {"generated": table}
+    print(f"{'method':<26} {'queries':<10} {'LDS':>7} {'95% interval':>18} {'n':>6}")
+    for name, rows in sets.items():
+        for method, row in sorted(rows.items(), key=lambda kv: -np.nan_to_num(kv[1]["mean"], nan=-9)):
+            print(f"{method:<26} {name:<10} {row['mean']:7.3f} {row['low']:8.3f} .. {row['high']:6.3f} {row['n']:6d}")
 
 
 def _memorization(audit: Audit, options, out) -> None:

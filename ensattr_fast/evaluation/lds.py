@@ -12,10 +12,12 @@ nearest units, 0 elsewhere (``pixel_nearest_10``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,12 +27,33 @@ from ..errors import CheckpointError, CodeError, DataError, StoreError
 from ..data import Dataset
 from ..diffusion.schedules import NoiseSchedule
 from ..members import build_ensemble
-from ..store import open_results
 from ..training import TrainConfig, Trainer
 from ..training.checkpoint import Checkpoint, base_of
 from .metrics import lds
 
-__all__ = ["reference_subsets", "train_references", "train_full_model", "dtrak_baseline", "lds_table"]
+__all__ = ["PROTOCOLS", "Queries", "reference_subsets", "train_references", "train_full_model", "dtrak_baseline",
+           "reference_losses", "lds_table"]
+
+#: the protocols of ``ensattr lds``: R random halves x training seeds per half, the noise seeds of
+#: each reference loss, and whether held-out (validation) queries are scored beside the generated
+#: ones. ``dtrak`` is D-TRAK's (Zheng et al. 2024, ICLR, section 4.1): 64 half subsets x 3 training
+#: seeds x 3 noise seeds, validation and generated queries.
+PROTOCOLS = {
+    "quick": dict(halves=32, seeds=2, noise_seeds=1, validation=False),
+    "dtrak": dict(halves=64, seeds=3, noise_seeds=3, validation=True),
+}
+
+
+@dataclasses.dataclass
+class Queries:
+    """One set of queries of the LDS: their images [Q, *shape] (with the labels [Q] or condition
+    embeddings they were drawn with) and every method's scores of them [Q, N]."""
+
+    name: str  # "generated" or "validation"
+    images: Tensor
+    scores: Dict[str, np.ndarray]
+    labels: Optional[Tensor] = None
+    conditions: Optional[Tensor] = None
 
 
 def reference_subsets(n_units: int, halves: int, seed: int = 0) -> Tensor:
@@ -87,13 +110,22 @@ def dtrak_baseline(model: Checkpoint, data: Dataset, queries: Tensor, unit_of: T
     lambda 1% of the mean diagonal); of several, their mean (the TRAK ensemble). ``labels``:
     the queries' (conditional models); ``conditions``: the embeddings their condition indices
     point to (text-conditioned models)."""
+    return _dtrak_baselines(model, data, [Queries("", queries, {}, labels, conditions)], unit_of, n_units, device)[0]
+
+
+def _dtrak_baselines(model: Checkpoint, data: Dataset, query_sets: List[Queries], unit_of: Tensor, n_units: int,
+                     device: str = "cpu") -> List[Tensor]:
+    """:func:`dtrak_baseline` of each query set, the training features computed once."""
     from ..attribution.gradients import FeatureSpec, dataset_features, gradient_features, member_scores
 
-    ensemble, schedule = _with_conditions(model.build().to(device), conditions), model.schedule
-    spec = FeatureSpec(kind="dtrak")
+    ensemble, schedule, spec = model.build().to(device), model.schedule, FeatureSpec(kind="dtrak")
     train = dataset_features(ensemble, schedule, data, spec)
-    query = gradient_features(ensemble, schedule, queries, spec, labels=labels)
-    return member_scores(train, query, unit_of, n_units).mean(0)
+    found = []
+    for queries in query_sets:
+        query = gradient_features(_with_conditions(ensemble, queries.conditions), schedule, queries.images, spec,
+                                  labels=queries.labels)
+        found.append(member_scores(train, query, unit_of, n_units).mean(0))
+    return found
 
 
 def _with_conditions(ensemble, conditions: Optional[Tensor]):
@@ -103,48 +135,51 @@ def _with_conditions(ensemble, conditions: Optional[Tensor]):
     return ensemble
 
 
-def lds_table(results: os.PathLike, checkpoint: Checkpoint, data: Dataset,
-              references: os.PathLike, halves: int = 32, seeds: int = 2,
-              steps: Optional[int] = None, draws: int = 256, rows: Optional[int] = None,
-              device: str = "cpu", progress: bool = True, full_model: Optional[os.PathLike] = None) -> Dict[str, dict]:
-    """LDS of each influence matrix in ``results`` and of the baselines, per method: mean
-    over queries, its 95% interval, and the number of queries. Baselines: pixel similarity,
-    the pixel 10 nearest, D-TRAK on one model trained on all units (``full_model``, by default
-    beside ``references``; trained there when missing), and D-TRAK averaged over M models each
-    trained on all units (``dtrak_<M>_full_models``: the TRAK ensemble of the encoded ensemble's
-    compute, beside ``full_model`` as ``<stem>.x<M>.pt``)."""
+def reference_losses(refs: Checkpoint, queries: Queries, halves: int, seeds: int, draws: int = 256,
+                     noise_seeds: int = 1, device: str = "cpu") -> np.ndarray:
+    """Each query's diffusion loss under each half's models [Q, R]: over ``draws`` fixed (t, eps)
+    draws from each of ``noise_seeds`` seeds (the first, 12345, the quick form's), and over
+    the half's ``seeds`` models."""
+    ensemble = _with_conditions(refs.build().to(device), queries.conditions)
+    total = 0
+    for noise in range(noise_seeds):
+        total = total + member_losses(ensemble, refs.schedule, queries.images, draws=draws, seed=12345 + noise,
+                                      labels=queries.labels)
+    return (total / noise_seeds).view(len(queries.images), halves, seeds).mean(-1).numpy()
+
+
+def lds_table(checkpoint: Checkpoint, data: Dataset, references: os.PathLike, query_sets: List[Queries],
+              unit_of: Tensor, halves: int = 32, seeds: int = 2, noise_seeds: int = 1, steps: Optional[int] = None,
+              draws: int = 256, device: str = "cpu", progress: bool = True,
+              full_model: Optional[os.PathLike] = None) -> Dict[str, Dict[str, dict]]:
+    """LDS of every method's scores of each query set, and of the baselines: query set -> method
+    -> mean over queries, its 95% interval, the number of queries and the per-query values.
+    Reference models: ``seeds`` per random half, ``halves`` halves, trained in ``references``
+    (or loaded from it). Baselines: pixel similarity, the pixel 10 nearest, D-TRAK on one model
+    trained on all units (``full_model``, by default beside ``references``; trained there when
+    missing), and D-TRAK averaged over M models each trained on all units
+    (``dtrak_<M>_full_models``: the TRAK ensemble of the encoded ensemble's compute, beside
+    ``full_model`` as ``<stem>.x<M>.pt``)."""
     n_units = len(checkpoint.code)
-    with open_results(results) as r:
-        # matrices over units only: unit-set (``_groups``) matrices have other columns
-        methods = [m for m in r.methods if r.influence(m).shape[1] == n_units]
-        n = r.influence(methods[0]).shape[0] if methods else 0
-        n = n if rows is None else min(rows, n)
-        queries = torch.from_numpy(r.samples[:n])
-        labels = torch.from_numpy(r.file["samples/label"][:n]) if "samples/label" in r.file else None
-        conditions = torch.from_numpy(r.file["samples/condition"][:n]) if "samples/condition" in r.file else None
-        influence = {m: r.influence(m)[:n, :] for m in methods}
-        unit_of = torch.from_numpy(r.unit_of[()])
     subsets = reference_subsets(n_units, halves, seed=checkpoint.config["train"]["seed"] + 1)
     config = TrainConfig(**checkpoint.config["train"])
     if steps is not None:
         config.steps = steps
-    refs = train_references(references, data, unit_of, subsets, seeds, config, checkpoint.spec,
-                            device, progress)
-    ensemble = _with_conditions(refs.build().to(device), conditions)
-    losses = member_losses(ensemble, refs.schedule, queries, draws=draws, seed=12345, labels=labels)
-    losses = losses.view(n, halves, seeds).mean(-1).numpy()  # [Q, R]
-    table = {m: lds(v, subsets.numpy(), losses) for m, v in influence.items()}
-    for name, nearest in (("pixel_similarity", None), ("pixel_nearest_10", 10)):
-        baseline = pixel_similarity(queries, data, unit_of, n_units, nearest).numpy()
-        table[name] = lds(baseline, subsets.numpy(), losses)
+    refs = train_references(references, data, unit_of, subsets, seeds, config, checkpoint.spec, device, progress)
+    table = {}
+    for queries in query_sets:
+        losses = reference_losses(refs, queries, halves, seeds, draws, noise_seeds, device)
+        rows = {m: lds(v, subsets.numpy(), losses) for m, v in queries.scores.items()}
+        for name, nearest in (("pixel_similarity", None), ("pixel_nearest_10", 10)):
+            baseline = pixel_similarity(queries.images, data, unit_of, n_units, nearest).numpy()
+            rows[name] = lds(baseline, subsets.numpy(), losses)
+        table[queries.name] = (losses, rows)
     full_model = full_model or Path(references).with_name(Path(references).stem + ".full.pt")
-    model = train_full_model(full_model, data, unit_of, n_units, config, checkpoint.spec, device, progress)
-    table["dtrak_one_model"] = lds(dtrak_baseline(model, data, queries, unit_of, n_units, device, labels,
-                                                  conditions).numpy(), subsets.numpy(), losses)
-    # the equal-compute alternative to the encoded ensemble: M models, each trained on all units
-    M = len(checkpoint.code[0])
-    many = train_full_model(Path(full_model).with_name(Path(full_model).stem + f".x{M}.pt"), data, unit_of, n_units,
-                            config, checkpoint.spec, device, progress, models=M)
-    table[f"dtrak_{M}_full_models"] = lds(dtrak_baseline(many, data, queries, unit_of, n_units, device, labels,
-                                                         conditions).numpy(), subsets.numpy(), losses)
-    return table
+    M = len(checkpoint.code[0])  # the equal-compute alternative to the encoded ensemble: M models on all units
+    many = Path(full_model).with_name(Path(full_model).stem + f".x{M}.pt")
+    for name, path, models in (("dtrak_one_model", full_model, 1), (f"dtrak_{M}_full_models", many, M)):
+        model = train_full_model(path, data, unit_of, n_units, config, checkpoint.spec, device, progress, models)
+        for queries, scores in zip(query_sets, _dtrak_baselines(model, data, query_sets, unit_of, n_units, device)):
+            losses, rows = table[queries.name]
+            rows[name] = lds(scores.numpy(), subsets.numpy(), losses)
+    return {name: rows for name, (_, rows) in table.items()}

@@ -35,16 +35,28 @@ class MetricsOptions:
 @dataclasses.dataclass(frozen=True)
 class LdsOptions:
     """``lds``: the linear datamodeling score of every influence matrix, against models of the
-    ensemble's architecture retrained on random halves of the units."""
+    ensemble's architecture retrained on random halves of the units. ``--protocol dtrak`` is
+    D-TRAK's: 64 halves x 3 training seeds x 3 noise seeds, and held-out ``--validation``
+    images scored beside the generated samples."""
 
     step = "lds"
     references: Optional[Path] = option(None, Maybe(FilePath()), "checkpoint of the reference models (trained "
                                                                  "here if missing)", required=True)
-    halves: int = option(32, Int(1, 4096), "random halves of the units (R)")
-    models_per_half: int = option(2, Int(1, 64), "models per half, averaged", flag="--seeds")
+    protocol: str = option("quick", Choice("quick", "dtrak"), "quick: 32 halves x 2 seeds, generated queries; "
+                                                              "dtrak: D-TRAK's, 64 halves x 3 seeds x 3 noise "
+                                                              "seeds, validation and generated queries")
+    halves: Optional[int] = option(None, Maybe(Int(1, 4096)), "random halves of the units (R) (default: the "
+                                                             "protocol's)")
+    models_per_half: Optional[int] = option(None, Maybe(Int(1, 64)), "models per half, averaged (default: the "
+                                                                    "protocol's)", flag="--seeds")
+    noise_seeds: Optional[int] = option(None, Maybe(Int(1, 64)), "seeds of each reference loss's (t, eps) draws, "
+                                                                "averaged (default: the protocol's)")
     steps: Optional[int] = option(None, Maybe(Int(1)), "training steps (default: the ensemble's)")
-    draws: int = option(256, Int(1, 2**20), "fixed (t, eps) draws per loss")
-    samples: Optional[int] = option(None, Maybe(Int(1)), "first S rows (default: all)")
+    draws: int = option(256, Int(1, 2**20), "fixed (t, eps) draws per loss and noise seed")
+    samples: Optional[int] = option(None, Maybe(Int(1)), "first S generated rows (default: all)")
+    validation: Optional[str] = option(None, Maybe(Text()), "held-out images (an .npy/.npz/.h5 file or a folder), "
+                                                           "scored as queries too (required by --protocol dtrak)")
+    validation_count: Optional[int] = option(None, Maybe(Int(1)), "first V validation images (default: all)")
     json: Optional[Path] = option(None, Maybe(FilePath()), "also write the table here")
     overwrite: bool = option(False, Switch(), "replace an existing --json")
     device: str = option("cpu", Device(), _DEVICE)
