@@ -36,14 +36,17 @@ from ensattr_fast.store import open_results
 from ensattr_fast.training import Checkpoint
 
 
-def per_model_scores(model: Checkpoint, code: torch.Tensor, data, queries, unit_of, kind: str) -> torch.Tensor:
-    """Each model's scores [M, Q, N] by ``kind`` (dtrak, trak, ekfac, kfac)."""
+def per_model_scores(model: Checkpoint, code: torch.Tensor, data, queries, unit_of, kind: str,
+                     function: str = "loss") -> torch.Tensor:
+    """Each model's scores [M, Q, N] by ``kind`` (dtrak, trak, ekfac, kfac; the curvature methods
+    scoring the gradients of ``function``)."""
     ensemble, schedule = model.build(), model.schedule
     if kind in ("dtrak", "trak"):
         spec = FeatureSpec(kind=kind)
         train = dataset_features(ensemble, schedule, data, spec)
         return member_scores(train, gradient_features(ensemble, schedule, queries, spec), unit_of, len(code))
-    return member_influence(ensemble, schedule, data, queries, CurvatureSpec(strategy=kind), unit_of, code)
+    spec = CurvatureSpec(strategy=kind, function=function)
+    return member_influence(ensemble, schedule, data, queries, spec, unit_of, code)
 
 
 def main() -> None:
@@ -54,6 +57,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--kinds", default="dtrak,trak,ekfac,kfac")
+    parser.add_argument("--function", choices=("loss", "dtrak"), default="loss",
+                        help="the function whose gradients ekfac/kfac score (dtrak: D-TRAK's output norm)")
+    parser.add_argument("--models", default="members,one,many", help="which of the three to score")
     parser.add_argument("--json", type=Path, default=Path("out/lds_methods.json"))
     args = parser.parse_args()
 
@@ -67,15 +73,19 @@ def main() -> None:
     losses = reference_losses(refs, Queries("generated", queries, {}), args.halves, args.seeds)
     stem = args.references.with_name(args.references.stem)
     models = {
-        f"over the {M} members": (checkpoint, code),
-        "one full-data model": (Checkpoint.load(f"{stem}.full.pt"), torch.ones(N, 1, dtype=torch.uint8)),
-        f"{M} full-data models": (Checkpoint.load(f"{stem}.full.x{M}.pt"), torch.ones(N, M, dtype=torch.uint8)),
+        "members": (f"over the {M} members", lambda: checkpoint, code),
+        "one": ("one full-data model", lambda: Checkpoint.load(f"{stem}.full.pt"), torch.ones(N, 1, dtype=torch.uint8)),
+        "many": (f"{M} full-data models", lambda: Checkpoint.load(f"{stem}.full.x{M}.pt"),
+                 torch.ones(N, M, dtype=torch.uint8)),
     }
     table, seconds = {}, {}
-    for kind in args.kinds.split(","):
-        for where, (model, model_code) in models.items():
+    for method in args.kinds.split(","):
+        kind = method if method in ("dtrak", "trak") or args.function == "loss" else f"{method}[{args.function}]"
+        for which in args.models.split(","):
+            where, load, model_code = models[which]
+            model = load()
             start = time.perf_counter()
-            scores = per_model_scores(model, model_code, data, queries, unit_of, kind)
+            scores = per_model_scores(model, model_code, data, queries, unit_of, method, args.function)
             seconds[f"{kind} {where}"] = round(time.perf_counter() - start, 1)
             table[f"{kind} {where}"] = lds(scores.mean(0).numpy(), subsets, losses)
             if model is checkpoint:

@@ -56,6 +56,9 @@ class CurvatureSpec:
     timesteps: int = 10  # the K fixed draws, as the D-TRAK features'
     seed: int = 0  # the draws' noises, and the targets sampled for the curvature
     damping: Optional[float] = None  # None: kronfluence's heuristic, 0.1 x the mean eigenvalue
+    #: the function whose gradients are scored: "loss", the diffusion loss (the influence function);
+    #: "dtrak", D-TRAK's mean_k ||eps(x_tk, t_k)||^2. The curvature is the diffusion loss's either way.
+    function: str = "loss"
     batch: int = 64  # examples per kronfluence batch
     query_batch: int = 64  # queries preconditioned together (each batch is one pass over the data)
 
@@ -64,6 +67,8 @@ class CurvatureSpec:
             raise ConfigError(f"curvature strategy must be one of {_KRONFLUENCE}, got {self.strategy!r}")
         if self.timesteps < 1:
             raise ConfigError(f"timesteps must be >= 1, got {self.timesteps}")
+        if self.function not in ("loss", "dtrak"):
+            raise ConfigError(f"curvature function must be 'loss' or 'dtrak', got {self.function!r}")
         if self.damping is not None and not self.damping > 0:
             raise ConfigError(f"damping must be positive (or None: kronfluence's heuristic), got {self.damping}")
 
@@ -91,11 +96,12 @@ def check_members(ensemble: Ensemble) -> None:
                           f"{kind} members are not: use dtrak or trak for them")
 
 
-def DiffusionTask(schedule: NoiseSchedule, t: Tensor, eps: Tensor, conditional: bool):
+def DiffusionTask(schedule: NoiseSchedule, t: Tensor, eps: Tensor, conditional: bool, function: str = "loss"):
     """kronfluence's task for a member: the diffusion loss of each image (with its label,
     ``conditional``) at the fixed draws ``t`` [K], ``eps`` [K, *shape], both as the training
-    loss and as the queries' measurement; a function returning an instance, so that
-    kronfluence is imported only when these methods run."""
+    loss and as the queries' measurement (``function`` "dtrak": the gradients scored are those
+    of mean_k ||eps(x_tk, t_k)||^2 instead, the curvature still the loss's); a function returning
+    an instance, so that kronfluence is imported only when these methods run."""
 
     class _DiffusionTask(_task_base()):
         def loss(self, batch, model, sample: bool = False) -> Tensor:
@@ -106,6 +112,8 @@ def DiffusionTask(schedule: NoiseSchedule, t: Tensor, eps: Tensor, conditional: 
             x_t = abar.sqrt() * images[:, None] + (1 - abar).sqrt() * noise  # [n, K, *shape]
             steps = t.to(images.device).expand(n, K)
             out = model(x_t, steps, labels[:, None].expand(n, K) if conditional else None)
+            if function == "dtrak" and not sample:
+                return out.pow(2).flatten(2).sum(-1).mean(-1).sum()
             target = noise.expand_as(out)
             if sample:  # the Gauss-Newton: targets from the Gaussian whose log-likelihood is the loss
                 variance = shape.numel() * K / 2
@@ -155,7 +163,7 @@ def member_influence(ensemble: Ensemble, schedule: NoiseSchedule, data, queries:
     device = next(ensemble.parameters()).device
     conditions = ensemble.example_conditions(data)
     t, eps = spec.draws(schedule, ensemble.data_shape)
-    task = DiffusionTask(schedule, t, eps, conditional=conditions is not None)
+    task = DiffusionTask(schedule, t, eps, conditional=conditions is not None, function=spec.function)
     train, query = _Images(data, conditions), _Images(queries, labels)
     seen = code[unit_of].bool()  # [n, M]: the examples each member trained on
     out = torch.zeros(M, Q, N)

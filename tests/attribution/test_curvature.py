@@ -94,10 +94,11 @@ def test_each_member_scores_as_kronfluence_on_the_member_alone(strategy, tmp_pat
     assert got.abs().sum() > 0
 
 
-@pytest.mark.parametrize("classes", [0, 3])
-def test_without_curvature_the_scores_are_gradient_dot_products(classes):
+@pytest.mark.parametrize("classes,function", [(0, "loss"), (3, "loss"), (0, "dtrak")])
+def test_without_curvature_the_scores_are_gradient_dot_products(classes, function):
     """kronfluence's identity strategy: each member's score is g_q . g_i, the gradients of the
-    diffusion loss of the stacked member in its linear layers (layer-norm gains are not tracked)."""
+    diffusion loss (or of D-TRAK's squared output norm) of the stacked member in its linear
+    layers (layer-norm gains are not tracked)."""
     ensemble, images, queries, unit_of, code = _setup(classes)
     labels = torch.arange(len(images)) % 3 if classes else None
     query_labels = torch.tensor([0, 2, 1, 0]) if classes else None
@@ -115,7 +116,7 @@ def test_without_curvature_the_scores_are_gradient_dot_products(classes):
         def class_labels(self, n):
             return labels
 
-    spec = CurvatureSpec(strategy="identity", timesteps=K, seed=3)
+    spec = CurvatureSpec(strategy="identity", timesteps=K, seed=3, function=function)
     got = member_influence(ensemble, SCHEDULE, Data(), queries, spec, unit_of, code, labels=query_labels)
     t, eps = spec.draws(SCHEDULE, (1, 4, 4))
     abar = SCHEDULE.alphas_cumprod[t].float().view(K, 1, 1, 1)
@@ -125,6 +126,8 @@ def test_without_curvature_the_scores_are_gradient_dot_products(classes):
         x_t = abar.sqrt() * x + (1 - abar).sqrt() * eps
         conditions = (t, label.expand(K)) if classes else (t,)
         out = functional_call(ensemble, params, (x_t.expand(3, *x_t.shape), *conditions))
+        if function == "dtrak":
+            return (out ** 2).sum(dim=(2, 3, 4)).mean(-1).sum()
         return ((out - eps) ** 2).mean(dim=(2, 3, 4)).mean(-1).sum()
 
     def gradients(x, label):
