@@ -119,6 +119,8 @@ def _dtrak_baselines(model: Checkpoint, data: Dataset, query_sets: List[Queries]
     from ..attribution.gradients import FeatureSpec, dataset_features, gradient_features, member_scores
 
     ensemble, schedule, spec = model.build().to(device), model.schedule, FeatureSpec(kind="dtrak")
+    if query_sets:  # text-conditioned members: the condition table is built when the first queries' is set
+        _with_conditions(ensemble, query_sets[0].conditions)
     train = dataset_features(ensemble, schedule, data, spec)
     found = []
     for queries in query_sets:
