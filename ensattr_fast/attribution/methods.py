@@ -113,6 +113,11 @@ class GradientScorer(Scorer):
 
     name = "gradient"
 
+    @staticmethod
+    def record(method: "Method", rows: Rows) -> dict:
+        """How ``method``'s matrix was computed, for its attributes in the results file."""
+        return dict(features=dataclasses.asdict(dataclasses.replace(rows.features, kind=method.feature_kind)))
+
     def scores(self, method: "Method", rows: Rows) -> Tensor:
         spec = dataclasses.replace(rows.features, kind=method.feature_kind)
         if spec.exact:  # no features to keep: the Grams of the full gradients, then the kernel
@@ -148,6 +153,10 @@ class CurvatureScorer(Scorer):
     @staticmethod
     def spec(method: "Method", rows: Rows) -> CurvatureSpec:
         return CurvatureSpec(strategy=method.statistic, timesteps=rows.features.timesteps, seed=rows.features.seed)
+
+    def record(self, method: "Method", rows: Rows) -> dict:
+        """How ``method``'s matrix was computed, for its attributes in the results file."""
+        return dict(curvature=dataclasses.asdict(self.spec(method, rows)))
 
     def scores(self, method: "Method", rows: Rows) -> Tensor:
         spec = self.spec(method, rows)

@@ -187,12 +187,9 @@ def _score_rows(session: Session, options: AttributeOptions, methods: List[Metho
     stream_influence(target, checkpoint.code, by_code, k=options.topk, block_rows=options.block_rows,
                      block_units=options.block_units, spec=spec, progress=progress, device=options.device)
     for method in (m for m in methods if not m.scorer.by_code):
-        if method.feature_kind:
-            how = dict(features=dataclasses.asdict(dataclasses.replace(rows.features, kind=method.feature_kind)))
-        else:
-            how = dict(curvature=dataclasses.asdict(method.scorer.spec(method, rows)))
         write_scores(target, method.name, method.scorer.scores(method, rows), options.topk, options.block_rows,
-                     options.block_units, dict(spec, **how, combination=method.combination))
+                     options.block_units, dict(spec, **method.scorer.record(method, rows),
+                                               combination=method.combination))
     if groups:
         group_rows = codes.group_code(checkpoint.code, list(groups.values()))
         stream_influence(target, group_rows, {f"{name}_groups": v for name, v in by_code.items()},
