@@ -51,8 +51,6 @@ def lds(session: Session, options: LdsOptions, progress: bool = True) -> Dict[st
         check_output(references, "--references", inputs=inputs)
     write = json_output(options.json, options.overwrite, dict(inputs, **{"--references": references}))
     checkpoint = session.checkpoint
-    with open_results(session.check_results()) as r:
-        r.check_code(checkpoint.code, str(session.checkpoint_path))
     generated = _generated(session, options.samples)
     query_sets = [generated]
     if options.validation is not None:
@@ -74,9 +72,11 @@ def lds(session: Session, options: LdsOptions, progress: bool = True) -> Dict[st
 
 
 def _generated(session: Session, samples) -> Queries:
-    """The results file's samples (the first ``samples``) with every influence matrix over units."""
+    """The results file's samples (the first ``samples``) with every influence matrix over units;
+    the file must be of the checkpoint's code."""
     n_units = len(session.checkpoint.code)
-    with open_results(session.results) as r:
+    with open_results(session.check_results()) as r:
+        r.check_code(session.checkpoint.code, str(session.checkpoint_path))
         # matrices over units only: unit-set (``_groups``) matrices have other columns
         methods = [m for m in r.methods if r.influence(m).shape[1] == n_units]
         n = r.influence(methods[0]).shape[0] if methods else 0
@@ -116,8 +116,9 @@ def _validation(session: Session, options: LdsOptions, methods: List[str]) -> Qu
         dims = {m: json.loads(r.file[f"influence/{m}"].attrs["spec"]).get("features", {}).get("dim", FeatureSpec.dim)
                 for m in scored}
     train, scores = training_features(session, options.device), {}
-    for m in scored:
+    for dim in dict.fromkeys(dims.values()):  # one Rows per projection: combinations share its features
         rows = Rows(ensemble, checkpoint.schedule, session.sampler(), [], images, checkpoint.code, checkpoint.unit_of,
-                    session.data, features=FeatureSpec(dim=dims[m]), train_features=train, labels=labels)
-        scores[m] = METHODS[m].scorer.scores(METHODS[m], rows).numpy()
+                    session.data, features=FeatureSpec(dim=dim), train_features=train, labels=labels)
+        for m in (m for m in scored if dims[m] == dim):
+            scores[m] = METHODS[m].scorer.scores(METHODS[m], rows).numpy()
     return Queries("validation", images, scores, labels)
