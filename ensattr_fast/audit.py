@@ -239,7 +239,11 @@ class Audit:
         return record
 
     def _record(self, path: Path, options: Any, out: Optional[Path] = None) -> None:
-        """Keep the step's options in the file it wrote (``options_<step>``, JSON)."""
+        """Keep the step's options in the file it wrote (``options_<step>``, JSON). Under
+        torchrun, rank 0 writes once no rank still reads the file: an HDF5 writer's lock would
+        refuse a reader's open (and a reader's, the writer's)."""
+        distributed.barrier()
         if distributed.world().main:
             with ResultsWriter(path, "a") as writer:
                 writer.set_attrs(**{f"options_{options.step}": self._provenance(options, out)})
+        distributed.barrier()

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..audit import Audit
-from ..errors import DiskError, EnsattrError
+from ..errors import ConfigError, DiskError, EnsattrError
 from ..evaluation.floors import summary as significance_summary
 from ..runtime import distributed, memory
 from ..runtime.files import fault_line, quiet_hdf5_teardown, system_fault
@@ -122,7 +122,15 @@ def _stop(command: str, error, own: bool) -> int:
     os._exit(code)
 
 
+#: the steps that split their work over torchrun's ranks; the others run in one process
+DISTRIBUTED_STEPS = ("train", "sample", "ablate", "attribute")
+
+
 def _run(command: Command) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and command.step not in DISTRIBUTED_STEPS:  # each rank would write the same files at once
+        raise ConfigError(f"{command.step} does not run under torchrun (WORLD_SIZE {world}): only "
+                          f"{', '.join(DISTRIBUTED_STEPS)} split their work over ranks; run it as one process")
     memory.set_budget(command.memory)
     options = command.options
     if hasattr(options, "device"):

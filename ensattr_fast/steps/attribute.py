@@ -117,6 +117,8 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
     on_writer(lambda: check_space(Path(results).absolute().parent, size, f"--results {results}"))
     mine = distributed.shard(rows, align=options.block_rows)
     seeds, samples = session.samples(mine.stop, mine.start)
+    labels = session.labels(mine.stop, mine.start)
+    session.sampler()  # read now with the samples and labels, kept: rank 0 writes the results file from here on
     check_images(samples, f"samples in {results}", shape=checkpoint.spec["data_shape"], allow_empty=True)
     for name, units in (groups or {}).items():  # before anything is written
         codes.check_unit_ids(units, len(checkpoint.code), f"group {name!r}")
@@ -127,6 +129,7 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
         with ResultsWriter(target, "a") as writer:  # resumes the part of an interrupted run
             writer.check_code(checkpoint.code)
             writer.set_attrs(code_hash=code_hash(checkpoint.code), rows=[mine.start, mine.stop])
+    distributed.barrier()  # no rank still reads the results file: an HDF5 writer's lock would refuse its open
     if groups and world.main:
         with ResultsWriter(results, "a") as writer:
             writer.write_groups(list(groups), list(groups.values()))
@@ -137,8 +140,7 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
         if options.keep_features and world.main:
             keep_features(found, results, spec)  # the results file itself, not a rank's part
     if len(mine):
-        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main, train,
-                    session.labels(mine.stop, mine.start))
+        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main, train, labels)
     if world.distributed:
         distributed.barrier()  # every part is complete
         if world.main:

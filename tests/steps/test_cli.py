@@ -88,3 +88,20 @@ def test_bad_input_gives_one_clear_error_and_keeps_files(run_dir, tmp_path, caps
     assert (run_dir / "results.h5").read_bytes() == before
     assert main(["train", "--plan", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "e.pt")]) == 2
     assert "not a readable plan file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step", ["metrics", "audit", "lds", "plan"])
+def test_steps_that_do_not_split_their_work_refuse_torchrun(run_dir, step, monkeypatch, capsys):
+    """Under torchrun every rank of a one-process step would write the same files at once:
+    refused in one line before any file is touched."""
+    before = (run_dir / "results.h5").read_bytes()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    files = ["--out", str(run_dir / "plan2.h5")] if step == "plan" else [
+        "--checkpoint", str(run_dir / "ensemble.pt"), "--results", str(run_dir / "results.h5")]
+    files += ["--references", str(run_dir / "refs2.pt")] if step == "lds" else []
+    assert main([step, *files]) == 2
+    err = capsys.readouterr().err
+    assert f"ensattr {step}: error: {step} does not run under torchrun (WORLD_SIZE 2)" in err
+    assert "train, sample, ablate, attribute" in err and err.count("\n") == 1
+    assert (run_dir / "results.h5").read_bytes() == before
+    assert not (run_dir / "plan2.h5").exists() and not (run_dir / "refs2.pt").exists()

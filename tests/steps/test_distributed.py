@@ -90,6 +90,41 @@ def test_select_and_gather_members_round_trip():
         assert torch.equal(torch.cat([s[key] for s in shards]), value)
 
 
+def _read_then_record(rank: int, world: int, init: str, results: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from ensattr_fast import Audit
+    from ensattr_fast.steps.options import AttributeOptions
+    from ensattr_fast.store import open_results
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        with open_results(results):  # as a step ends: rank 1 still reads when rank 0 is done
+            time.sleep(5.0 * rank)  # longer than a writer waits for a lock (about 3 s)
+        Audit(results=results)._record(results, AttributeOptions(samples=3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_options_are_recorded_once_no_rank_reads(tmp_path):
+    """Rank 0 keeps a step's options in the results file only when no rank still reads it: a
+    reader's lock would refuse the writer's open (the race that failed a 3-rank attribute)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from ensattr_fast.store import ResultsWriter
+
+    results = str(tmp_path / "results.h5")
+    with ResultsWriter(results, "w") as writer:
+        writer.set_attrs(code_hash="none")
+    mp.spawn(_read_then_record, args=(2, f"file://{tmp_path / 'init'}", results), nprocs=2)
+    with h5py.File(results, "r") as f:
+        assert json.loads(f.attrs["options_attribute"])["samples"] == 3
+
+
 @pytest.mark.parametrize("n,align,size", [(10, 1, 3), (10, 4, 2), (3, 4, 2), (0, 1, 2), (17, 2, 4)])
 def test_shards_cover_the_rows_once_in_whole_blocks(n, align, size):
     shards = [distributed.shard(n, align, distributed.World(rank, size)) for rank in range(size)]
