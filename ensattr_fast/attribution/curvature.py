@@ -17,6 +17,10 @@ An image's K noised copies go to the member as one example's tokens [n, K, ...],
 kronfluence's per-example gradient of a linear layer is the sum over them, and the
 scores are those of whole examples (a K^2 smaller score matrix than one row per copy).
 
+A member's fitted curvature is kept in a :class:`FactorStore` (``<checkpoint>.curvature``
+beside the checkpoint, under the attribute step): it is fitted once per checkpoint and spec,
+shared by the ranks of a torchrun (rank r fits members r, r + W, ...) and by later runs.
+
 Why kronfluence: it is the maintained implementation of EK-FAC (factors, eigendecompositions,
 the eigenvalue correction, batched query preconditioning) that the field's published numbers
 come from; what is written here is only the task (the diffusion loss) and the bridge from
@@ -27,9 +31,13 @@ plain linear modules are the MLP members (:func:`~ensattr_fast.members.plain_mem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -42,9 +50,11 @@ from ..errors import ConfigError, MethodError
 from ..members import Ensemble, LoraEnsemble, plain_member
 from ..members.mlp import StackedMLP
 from ..runtime.progress import Progress
+from .factors import FactorStore
 from .gradients import FeatureSpec
 
-__all__ = ["STRATEGIES", "CurvatureSpec", "DiffusionTask", "member_influence", "check_members"]
+__all__ = ["STRATEGIES", "CurvatureSpec", "FactorStore", "DiffusionTask", "fit_factors", "member_influence",
+           "check_members"]
 
 STRATEGIES = ("ekfac", "kfac")  # the methods'; a spec also takes kronfluence's "diagonal" and "identity"
 _KRONFLUENCE = STRATEGIES + ("diagonal", "identity")
@@ -75,6 +85,12 @@ class CurvatureSpec:
     def draws(self, schedule: NoiseSchedule, shape) -> tuple:
         """The fixed timesteps [K] and noises [K, *shape]: the D-TRAK features' own."""
         return FeatureSpec(timesteps=self.timesteps, seed=self.seed).draws(schedule, shape)
+
+    @property
+    def fit_name(self) -> str:
+        """What the fitted curvature depends on (not the damping, the function scored or the
+        query batch): the name of its folder in a :class:`FactorStore`."""
+        return f"{self.strategy}-k{self.timesteps}-seed{self.seed}-batch{self.batch}"
 
 
 def _task_base():
@@ -149,43 +165,112 @@ class _Images(TorchDataset):
         return self.__getitems__([i])[0]
 
 
-def member_influence(ensemble: Ensemble, schedule: NoiseSchedule, data, queries: Tensor, spec: CurvatureSpec,
-                     unit_of: Tensor, code: Tensor, labels: Optional[Tensor] = None,
-                     progress: bool = False) -> Tensor:
-    """Each member's influence scores [M, Q, N] of ``queries`` [Q, *shape] (with their ``labels``,
-    class-conditional members) on the units of ``code`` [N, M] (examples to units by
-    ``unit_of``); member m's curvature is fitted on the examples of its own units."""
+@contextlib.contextmanager
+def _kronfluence(device: torch.device):
+    """kronfluence's one process on each rank, with its warnings kept in. kronfluence joins
+    torchrun's process group when LOCAL_RANK is set and CUDA is there, and then splits its
+    datasets over the ranks and gathers the scores; here every rank scores its own rows, so its
+    shared state is made before that, as one process's (on ``device``)."""
+    from kronfluence.utils.state import State
+
+    saved = os.environ.pop("LOCAL_RANK", None)
+    try:
+        State(cpu=device.type == "cpu")  # made once per process: later calls find it made
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_RANK"] = saved
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # its GradScaler call
+        yield
+
+
+def _task(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: CurvatureSpec):
+    """(the task, the training examples with their conditions as a torch dataset)."""
+    t, eps = spec.draws(schedule, ensemble.data_shape)
+    conditions = ensemble.example_conditions(data)
+    return DiffusionTask(schedule, t, eps, conditions is not None, spec.function), _Images(data, conditions)
+
+
+def _analyzer(name: str, ensemble: Ensemble, m: int, task, folder: Path):
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    device = next(ensemble.parameters()).device
+    model = prepare_model(plain_member(ensemble, m), task)
+    return Analyzer(name, model, task, cpu=device.type == "cpu", disable_tqdm=True, output_dir=str(folder))
+
+
+def fit_factors(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: CurvatureSpec, unit_of: Tensor,
+                code: Tensor, store: FactorStore, progress: bool = False) -> None:
+    """Each member's curvature under ``spec`` fitted on the examples of its own units (``code``
+    [N, M], examples to units by ``unit_of``) into ``store``; members already there are kept.
+    Rank r of the store's ranks fits members r, r + W, ...: a collective, every rank calls it
+    (the store prepared by rank 0 first) and returns once every member is there. Member m's
+    targets are drawn after ``torch.manual_seed(spec.seed + m)``: a member's fit is the same
+    whichever rank or run makes it."""
+    from kronfluence.arguments import FactorArguments
 
     check_members(ensemble)
+    if store.ranks == 1:
+        store.prepare()
+    device = next(ensemble.parameters()).device
+    todo = [m for m in range(store.rank, ensemble.n_members, store.ranks) if not store.member(spec, m).is_dir()]
+    task, train = _task(ensemble, schedule, data, spec)
+    seen = code[unit_of].bool()  # [n, M]: the examples each member trained on
+    partial = store.root / spec.fit_name / f".fitting-rank{store.rank}"  # what a killed fit leaves is redone
+    rng_devices = [device] if device.type == "cuda" else []
+    with _kronfluence(device), torch.random.fork_rng(devices=rng_devices), \
+            Progress(len(todo), f"{spec.strategy} curvature", "members", enabled=progress) as bar:
+        for m in todo:
+            shutil.rmtree(partial, ignore_errors=True)
+            torch.manual_seed(spec.seed + m)  # the targets sampled for member m's Gauss-Newton
+            mine = Subset(train, torch.nonzero(seen[:, m]).flatten().tolist())
+            _analyzer(f"member-{m}", ensemble, m, task, partial).fit_all_factors(
+                "factors", mine, per_device_batch_size=spec.batch, factor_args=FactorArguments(strategy=spec.strategy),
+                overwrite_output_dir=True)
+            os.replace(partial / f"member-{m}", store.member(spec, m))
+            bar.update(1)
+    shutil.rmtree(partial, ignore_errors=True)
+    store.barrier()
+
+
+def member_influence(ensemble: Ensemble, schedule: NoiseSchedule, data, queries: Tensor, spec: CurvatureSpec,
+                     unit_of: Tensor, code: Tensor, labels: Optional[Tensor] = None, progress: bool = False,
+                     store: Optional[FactorStore] = None) -> Tensor:
+    """Each member's influence scores [M, Q, N] of ``queries`` [Q, *shape] (with their ``labels``,
+    class-conditional members) on the units of ``code`` [N, M] (examples to units by
+    ``unit_of``); member m's curvature is fitted on the examples of its own units.
+
+    ``store``: where the fitted curvature is kept (None: fitted here, in a temporary folder).
+    A store of one process is filled here as needed; one shared by ranks must have been filled
+    by :func:`fit_factors` on every rank first."""
+    from kronfluence.arguments import ScoreArguments
+
     M, N, Q = ensemble.n_members, len(code), len(queries)
     device = next(ensemble.parameters()).device
-    conditions = ensemble.example_conditions(data)
-    t, eps = spec.draws(schedule, ensemble.data_shape)
-    task = DiffusionTask(schedule, t, eps, conditional=conditions is not None, function=spec.function)
-    train, query = _Images(data, conditions), _Images(queries, labels)
-    seen = code[unit_of].bool()  # [n, M]: the examples each member trained on
-    out = torch.zeros(M, Q, N)
-    factor_args = FactorArguments(strategy=spec.strategy)
-    score_args = ScoreArguments(damping_factor=spec.damping)
-    rng_devices = [device] if device.type == "cuda" else []
-    with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=rng_devices), \
-            warnings.catch_warnings(), Progress(M, f"{spec.strategy} influence", "members", enabled=progress) as bar:
-        warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # its GradScaler call
-        torch.manual_seed(spec.seed)  # the targets sampled for the curvature
-        for m in range(M):
-            model = prepare_model(plain_member(ensemble, m), task)
-            analyzer = Analyzer(f"member-{m}", model, task, cpu=device.type == "cpu", disable_tqdm=True,
-                                output_dir=folder)
-            mine = Subset(train, torch.nonzero(seen[:, m]).flatten().tolist())
-            analyzer.fit_all_factors("factors", mine, per_device_batch_size=spec.batch, factor_args=factor_args,
-                                     overwrite_output_dir=True)
-            analyzer.compute_pairwise_scores("scores", "factors", query, train,
-                                             per_device_query_batch_size=min(Q, spec.query_batch),
-                                             per_device_train_batch_size=spec.batch, score_args=score_args,
-                                             overwrite_output_dir=True)
-            scores = analyzer.load_pairwise_scores("scores")["all_modules"]  # [Q, n]
-            out[m].index_add_(1, unit_of.cpu(), scores.float().cpu())
-            bar.update(1)
+    with tempfile.TemporaryDirectory() as folder:
+        store = store or FactorStore(Path(folder) / "factors")
+        if store.ranks == 1:
+            fit_factors(ensemble, schedule, data, spec, unit_of, code, store, progress)
+        missing = [m for m in range(M) if not store.member(spec, m).is_dir()]
+        if missing:
+            raise MethodError(f"the {spec.strategy} curvature of members {missing} is not in {store.root}: under "
+                              "torchrun every rank runs fit_factors before scoring")
+        task, train = _task(ensemble, schedule, data, spec)
+        query = _Images(queries, labels)
+        out = torch.zeros(M, Q, N)
+        score_args = ScoreArguments(damping_factor=spec.damping)
+        with _kronfluence(device), Progress(M, f"{spec.strategy} influence", "members", enabled=progress) as bar:
+            for m in range(M):
+                # the scores go to this call's folder, the factors are read where the store keeps them
+                (Path(folder) / f"member-{m}").mkdir()
+                os.symlink(store.member(spec, m).absolute() / "factors_factors",
+                           Path(folder) / f"member-{m}" / "factors_factors")
+                analyzer = _analyzer(f"member-{m}", ensemble, m, task, Path(folder))
+                analyzer.compute_pairwise_scores("scores", "factors", query, train,
+                                                 per_device_query_batch_size=min(Q, spec.query_batch),
+                                                 per_device_train_batch_size=spec.batch, score_args=score_args,
+                                                 overwrite_output_dir=True)
+                scores = analyzer.load_pairwise_scores("scores")["all_modules"]  # [Q, n]
+                out[m].index_add_(1, unit_of.cpu(), scores.float().cpu())
+                bar.update(1)
     return out

@@ -33,6 +33,7 @@ from ..errors import MethodError
 from ..members import Ensemble
 from .first_order import first_order_grams
 from .curvature import STRATEGIES, CurvatureSpec, member_influence
+from .factors import FactorStore
 from .full_kernel import exact_member_scores
 from .gradients import COMBINATIONS, FeatureSpec, combine, dataset_features, gradient_features
 from .kernels import TrainFeatures, combined, unit_sums
@@ -65,6 +66,8 @@ class Rows:
     train_features: Optional[Callable[[FeatureSpec], TrainFeatures]] = None
     progress: bool = False
     labels: Optional[Tensor] = None  # [S], class-conditional members: the label each row was drawn with
+    #: where the members' fitted curvature is kept (None: fitted for this call, then dropped)
+    factors: Optional[FactorStore] = None
     _memo: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def features_of_training(self, spec: FeatureSpec) -> TrainFeatures:
@@ -151,18 +154,19 @@ class CurvatureScorer(Scorer):
     name = "curvature"
 
     @staticmethod
-    def spec(method: "Method", rows: Rows) -> CurvatureSpec:
-        return CurvatureSpec(strategy=method.statistic, timesteps=rows.features.timesteps, seed=rows.features.seed)
+    def spec(method: "Method", features: FeatureSpec) -> CurvatureSpec:
+        """The curvature ``method`` scores with, its draws those of the gradient ``features``."""
+        return CurvatureSpec(strategy=method.statistic, timesteps=features.timesteps, seed=features.seed)
 
     def record(self, method: "Method", rows: Rows) -> dict:
         """How ``method``'s matrix was computed, for its attributes in the results file."""
-        return dict(curvature=dataclasses.asdict(self.spec(method, rows)))
+        return dict(curvature=dataclasses.asdict(self.spec(method, rows.features)))
 
     def scores(self, method: "Method", rows: Rows) -> Tensor:
-        spec = self.spec(method, rows)
+        spec = self.spec(method, rows.features)
         per_member = rows.once(("curvature", spec), lambda: member_influence(
             rows.ensemble, rows.schedule, rows.data(), rows.images, spec, rows.unit_of, rows.code,
-            labels=rows.labels, progress=rows.progress))
+            labels=rows.labels, progress=rows.progress, store=rows.factors))
         return combine(per_member, rows.code, method.combination)
 
 

@@ -32,7 +32,7 @@ from ._rules import existing, on_writer, recovered, writer_lock
 from .ablate import ablate
 from .kinds import read_groups
 from .options import AblateOptions, AttributeOptions
-from .features import keep_features, training_features
+from .features import curvature, keep_features, training_features
 from .scoring import stream_influence
 from .session import Session
 
@@ -139,8 +139,12 @@ def _attribute(session: Session, options: AttributeOptions, progress: bool) -> A
         found = train(spec)  # every rank: the main one fills the features file, the others wait
         if options.keep_features and world.main:
             keep_features(found, results, spec)  # the results file itself, not a rank's part
+    features = FeatureSpec(dim=options.projection_dim, exact=options.exact_kernel)
+    fits = dict.fromkeys(CURVATURE.spec(m, features) for m in chosen if m.scorer is CURVATURE)
+    factors = curvature(session, fits, options.device, progress) if fits else None  # every rank: its members
     if len(mine):
-        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main, train, labels)
+        _score_rows(session, options, chosen, seeds, samples, target, groups, progress and world.main, train, labels,
+                    factors)
     if world.distributed:
         distributed.barrier()  # every part is complete
         if world.main:
@@ -173,7 +177,7 @@ def _expected_bytes(session: Session, options: AttributeOptions, methods: List[M
 
 def _score_rows(session: Session, options: AttributeOptions, methods: List[Method], seeds: List[int],
                 samples: torch.Tensor, target: Path, groups: Optional[dict], progress: bool, train,
-                labels: Optional[torch.Tensor] = None) -> None:
+                labels: Optional[torch.Tensor] = None, factors=None) -> None:
     """The statistics of the rows (kept in ``target`` for resumes) and every method's matrix."""
     checkpoint = session.checkpoint
     rows = Rows(session.ensemble(options.device), checkpoint.schedule, session.sampler(), seeds, samples,
@@ -182,7 +186,7 @@ def _score_rows(session: Session, options: AttributeOptions, methods: List[Metho
                 chunk=math.gcd(options.block_rows, 16),
                 features=FeatureSpec(dim=options.projection_dim, exact=options.exact_kernel),
                 keep=lambda name, compute: cached_statistic(target, name, compute), train_features=train,
-                progress=progress, labels=labels)
+                progress=progress, labels=labels, factors=factors)
     by_code = {m.name: (m.scorer.name, m.scorer.statistic(m, rows)) for m in methods if m.scorer.by_code}
     spec = dict(rows="samples", sampler=dataclasses.asdict(rows.sampler), draws=options.draws,
                 checkpoint_hash=checkpoint.file_hash)

@@ -1,19 +1,25 @@
 """The training features of gradient methods, from the features file beside the checkpoint
 (:mod:`ensattr_fast.store.features`): computed once per ensemble and spec, block by block; in a
-distributed run each rank computes its share of the examples and the Grams are summed."""
+distributed run each rank computes its share of the examples and the Grams are summed. The
+curvature of curvature methods, from the factor store beside it
+(:mod:`ensattr_fast.attribution.factors`): fitted once per ensemble and spec, each rank its
+share of the members."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..attribution import FeatureSpec, gradient_features
+from ..attribution.curvature import CurvatureSpec, fit_factors
+from ..attribution.factors import FactorStore
 from ..attribution.kernels import TrainFeatures
 from ..runtime import distributed, memory
 from ..store.features import copy_features, stored_features
+from ._rules import on_writer
 from .session import Session
 
-__all__ = ["training_features", "block_rows", "FEATURE_SHARE"]
+__all__ = ["training_features", "curvature", "factor_store", "block_rows", "FEATURE_SHARE"]
 
 #: the share of the memory budget one block of features ([M, b, d] float32) holds
 FEATURE_SHARE = 1 / 8
@@ -62,3 +68,25 @@ def training_features(session: Session, device: str, progress: bool = False,
 def keep_features(features: TrainFeatures, results, spec: FeatureSpec) -> None:
     """``--keep-features``: the training features inside the results file too."""
     copy_features(features, results, f"features_{spec.kind}{spec.tag}_train")
+
+
+def curvature(session: Session, specs: Iterable[CurvatureSpec], device: str, progress: bool = False) -> FactorStore:
+    """The factor store beside the checkpoint (``<checkpoint>.curvature``), every member's
+    curvature under each of ``specs`` (:class:`~ensattr_fast.attribution.curvature.CurvatureSpec`)
+    fitted into it first: every rank calls this, and each fits its share of the members."""
+    store = factor_store(session)
+    on_writer(store.prepare)
+    world = distributed.world()
+    checkpoint = session.checkpoint
+    for spec in specs:
+        fit_factors(session.ensemble(device), checkpoint.schedule, session.data(), spec, checkpoint.unit_of,
+                    checkpoint.code, store, progress and world.main)
+    return store
+
+
+def factor_store(session: Session) -> FactorStore:
+    """The store of the members' fitted curvature beside the checkpoint, shared by the ranks."""
+    world, path = distributed.world(), session.checkpoint_path
+    return FactorStore(path.parent / f"{path.name}.curvature", session.checkpoint.file_hash, world.rank, world.size,
+                       distributed.barrier)
+

@@ -19,7 +19,7 @@ from ..errors import ConfigError, DataError, StoreError
 from ..evaluation.lds import PROTOCOLS, Queries, lds_table
 from ..runtime.files import check_output, same_file
 from ..store import open_results
-from .features import training_features
+from .features import factor_store, training_features
 from .metrics import json_output
 from .options import LdsOptions
 from .session import Session
@@ -118,7 +118,8 @@ def _validation(session: Session, options: LdsOptions, methods: List[str]) -> Qu
     train, scores = training_features(session, options.device), {}
     for dim in dict.fromkeys(dims.values()):  # one Rows per projection: combinations share its features
         rows = Rows(ensemble, checkpoint.schedule, session.sampler(), [], images, checkpoint.code, checkpoint.unit_of,
-                    session.data, features=FeatureSpec(dim=dim), train_features=train, labels=labels)
+                    session.data, features=FeatureSpec(dim=dim), train_features=train, labels=labels,
+                    factors=factor_store(session))  # the curvature the attribute step fitted
         for m in (m for m in scored if dims[m] == dim):
             scores[m] = METHODS[m].scorer.scores(METHODS[m], rows).numpy()
     return Queries("validation", images, scores, labels)

@@ -2,6 +2,9 @@
 member as a plain module, and (with no curvature) against the gradient dot products of the
 stacked members computed by torch.func; the methods run through ``ensattr attribute``."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,9 @@ from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
 from kronfluence.task import Task  # noqa: E402
 
 import ensattr_fast as ef  # noqa: E402
-from ensattr_fast.attribution.curvature import CurvatureSpec, member_influence  # noqa: E402
+from ensattr_fast.attribution import curvature  # noqa: E402
+from ensattr_fast.attribution.curvature import CurvatureSpec, fit_factors, member_influence  # noqa: E402
+from ensattr_fast.attribution.factors import FactorStore  # noqa: E402
 from ensattr_fast.attribution.gradients import combine  # noqa: E402
 from ensattr_fast.attribution.methods import get_method  # noqa: E402
 from ensattr_fast.data import load_digits  # noqa: E402
@@ -78,8 +83,8 @@ def test_each_member_scores_as_kronfluence_on_the_member_alone(strategy, tmp_pat
     got = member_influence(ensemble, SCHEDULE, images, queries, spec, unit_of, code)
     t, eps = spec.draws(SCHEDULE, (1, 4, 4))
     task = _Loss(t, eps)
-    torch.manual_seed(spec.seed)
     for m in range(3):
+        torch.manual_seed(spec.seed + m)  # member m's targets, whichever rank or run fits it
         analyzer = Analyzer(f"m{m}", prepare_model(plain_member(ensemble, m), task), task, cpu=True,
                             disable_tqdm=True, output_dir=str(tmp_path))
         seen = [i for i in range(len(images)) if code[unit_of[i], m]]  # the member's own examples
@@ -142,6 +147,109 @@ def test_without_curvature_the_scores_are_gradient_dot_products(classes, functio
         torch.testing.assert_close(got[m], want, rtol=1e-4, atol=1e-4)
 
 
+def _counting_fits(monkeypatch) -> list:
+    fitted = []
+    fit = Analyzer.fit_all_factors
+
+    def counted(self, *args, **kwargs):
+        fitted.append(self.output_dir.name)  # the analysis name: member-<m>
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Analyzer, "fit_all_factors", counted)
+    return fitted
+
+
+def test_the_fitted_curvature_is_kept_and_fitted_again_only_where_it_must(tmp_path, monkeypatch):
+    """A store keeps each member's factors: scoring again (other queries, another damping)
+    fits nothing; a member whose fit was killed (no folder, a partial one left) is fitted
+    again alone; another checkpoint's store is emptied and fitted afresh."""
+    ensemble, images, queries, unit_of, code = _setup()
+    spec = CurvatureSpec(timesteps=K, batch=4)
+    fresh = member_influence(ensemble, SCHEDULE, images, queries, spec, unit_of, code)
+    fitted = _counting_fits(monkeypatch)
+    store = FactorStore(tmp_path / "e.pt.curvature", "hash-a")
+    got = member_influence(ensemble, SCHEDULE, images, queries, spec, unit_of, code, store=store)
+    torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-7)  # the same fit, kept or not
+    assert sorted(fitted) == ["member-0", "member-1", "member-2"]
+    damped = CurvatureSpec(timesteps=K, batch=4, damping=1e-2)
+    member_influence(ensemble, SCHEDULE, images, queries[:2], damped, unit_of, code, store=store)
+    assert len(fitted) == 3  # the damping and the queries are not the fit's
+
+    import shutil
+    shutil.rmtree(store.member(spec, 1))
+    (store.root / spec.fit_name / ".fitting-rank0" / "member-1").mkdir(parents=True)  # a killed fit's
+    again = member_influence(ensemble, SCHEDULE, images, queries, spec, unit_of, code, store=store)
+    assert fitted[3:] == ["member-1"] and not (store.root / spec.fit_name / ".fitting-rank0").exists()
+    torch.testing.assert_close(again, got, rtol=1e-5, atol=1e-7)
+
+    other = FactorStore(store.root, "hash-b")  # the checkpoint was trained again
+    member_influence(ensemble, SCHEDULE, images, queries, spec, unit_of, code, store=other)
+    assert sorted(fitted[4:]) == ["member-0", "member-1", "member-2"]
+    assert (store.root / "checkpoint_hash").read_text() == "hash-b"
+
+
+def test_a_folder_that_is_no_store_is_refused_and_kept(tmp_path):
+    ensemble, images, queries, unit_of, code = _setup()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ef.StoreError, match="is not a store of fitted curvature"):
+        member_influence(ensemble, SCHEDULE, images, queries, CurvatureSpec(timesteps=K), unit_of, code,
+                         store=FactorStore(tmp_path / "mine", "h"))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def _fit_and_score_on_two_ranks(rank: int, world: int, init: str, root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ensemble, images, queries, unit_of, code = _setup()
+        spec = CurvatureSpec(timesteps=K, batch=4)
+        store = FactorStore(Path(root), "h", rank, world, dist.barrier)
+        if rank == 0:
+            store.prepare()
+        dist.barrier()
+        fitted = []
+        fit = curvature._analyzer
+        curvature._analyzer = lambda name, *rest: fitted.append(name) or fit(name, *rest)
+        fit_factors(ensemble, SCHEDULE, images, spec, unit_of, code, store)
+        curvature._analyzer = fit
+        mine = queries[rank::world]  # each rank its rows
+        got = member_influence(ensemble, SCHEDULE, images, mine, spec, unit_of, code, store=store)
+        torch.save(dict(fitted=fitted, scores=got), f"{root}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_fit_their_share_of_the_members_and_score_like_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    root = str(tmp_path / "e.pt.curvature")
+    mp.spawn(_fit_and_score_on_two_ranks, args=(2, f"file://{tmp_path / 'init'}", root), nprocs=2)
+    parts = [torch.load(f"{root}.{rank}") for rank in range(2)]
+    assert [p["fitted"] for p in parts] == [["member-0", "member-2"], ["member-1"]]
+    ensemble, images, queries, unit_of, code = _setup()
+    whole = member_influence(ensemble, SCHEDULE, images, queries, CurvatureSpec(timesteps=K, batch=4), unit_of, code)
+    for rank, part in enumerate(parts):
+        torch.testing.assert_close(part["scores"], whole[:, rank::2], rtol=1e-5, atol=1e-7)
+
+
+def test_kronfluence_runs_as_one_process_on_each_rank(monkeypatch):
+    """Under torchrun on GPUs (LOCAL_RANK set, CUDA there) kronfluence would join the process
+    group and split its data over the ranks, whose rows differ: it is made one process's."""
+    from kronfluence.utils.state import State
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    State._reset_state()
+    try:
+        with curvature._kronfluence(torch.device("cuda", 1)):  # nothing runs on it: the state is only made
+            assert State().num_processes == 1 and State().device.type == "cuda"
+        assert os.environ["LOCAL_RANK"] == "1"
+    finally:
+        State._reset_state()
+
+
 def test_members_that_are_not_linear_modules_are_refused_in_one_line():
     unet = VmapEnsemble(lambda: UNetMember(1, width=8, time_dim=8), 2, (1, 8, 8), seed=0)
     _, images, queries, unit_of, code = _setup()
@@ -157,6 +265,10 @@ def test_the_attribute_step_scores_ekfac_and_kfac_over_members(tmp_path, monkeyp
     audit.sample(seeds=3, sampling_steps=4)
     audit.attribute(methods=["ekfac", "kfac_includers"], samples=3)
     ensemble, checkpoint = audit.session.ensemble("cpu"), audit.session.checkpoint
+    kept = audit.session.checkpoint_path.parent / f"{audit.session.checkpoint_path.name}.curvature"
+    for strategy in ("ekfac", "kfac"):  # fitted once beside the checkpoint, for later runs
+        fit = kept / CurvatureSpec(strategy=strategy).fit_name
+        assert sorted(p.name for p in fit.iterdir()) == [f"member-{m}" for m in range(6)]
     with open_results("results.h5") as r:
         queries = torch.from_numpy(r.samples[:3])
         written = {m: torch.from_numpy(r.influence(m)[:3]) for m in ("ekfac", "kfac_includers")}
