@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.func import jvp
 
+from conftest import assert_close_to_scale
+
 from ensattr_fast.attribution import first_order_grams
 from ensattr_fast.attribution.gradients import FeatureSpec, _noised, _value, gradient_features, per_example_gradients
 from ensattr_fast.diffusion.schedules import NoiseSchedule, Sampler
@@ -38,12 +40,6 @@ def inputs(shared_t=False):
     x = torch.randn(M, B, 2, 8, 8, generator=g)
     t = torch.randint(0, 1000, (B,) if shared_t else (M, B), generator=g)
     return x, t
-
-
-def assert_close_to_scale(got, want, rel=1e-5, scale=None):
-    """float32 sums in another order: equal to rel times the size of the values (or scale)."""
-    scale = want.abs().max().item() if scale is None else scale
-    torch.testing.assert_close(got, want, rtol=0, atol=rel * max(scale, 1e-6))
 
 
 def one_by_one(ensemble, x, t):
