@@ -207,13 +207,20 @@ def fit_factors(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: Curvatu
     (the store prepared by rank 0 first) and returns once every member is there. Member m's
     targets are drawn after ``torch.manual_seed(spec.seed + m)``: a member's fit is the same
     whichever rank or run makes it."""
-    from kronfluence.arguments import FactorArguments
-
     check_members(ensemble)
     if store.ranks == 1:
         store.prepare()
-    device = next(ensemble.parameters()).device
     todo = [m for m in range(store.rank, ensemble.n_members, store.ranks) if not store.member(spec, m).is_dir()]
+    if todo:  # a kept fit costs no task, no data read
+        _fit(ensemble, schedule, data, spec, unit_of, code, store, todo, progress)
+    store.barrier()
+
+
+def _fit(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: CurvatureSpec, unit_of: Tensor, code: Tensor,
+         store: FactorStore, todo: Sequence[int], progress: bool) -> None:
+    from kronfluence.arguments import FactorArguments
+
+    device = next(ensemble.parameters()).device
     task, train = _task(ensemble, schedule, data, spec)
     seen = code[unit_of].bool()  # [n, M]: the examples each member trained on
     partial = store.root / spec.fit_name / f".fitting-rank{store.rank}"  # what a killed fit leaves is redone
@@ -230,7 +237,6 @@ def fit_factors(ensemble: Ensemble, schedule: NoiseSchedule, data, spec: Curvatu
             os.replace(partial / f"member-{m}", store.member(spec, m))
             bar.update(1)
     shutil.rmtree(partial, ignore_errors=True)
-    store.barrier()
 
 
 def member_influence(ensemble: Ensemble, schedule: NoiseSchedule, data, queries: Tensor, spec: CurvatureSpec,

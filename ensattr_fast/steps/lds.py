@@ -116,10 +116,11 @@ def _validation(session: Session, options: LdsOptions, methods: List[str]) -> Qu
         dims = {m: json.loads(r.file[f"influence/{m}"].attrs["spec"]).get("features", {}).get("dim", FeatureSpec.dim)
                 for m in scored}
     train, scores = training_features(session, options.device), {}
+    factors = factor_store(session)  # the curvature the attribute step fitted
     for dim in dict.fromkeys(dims.values()):  # one Rows per projection: combinations share its features
         rows = Rows(ensemble, checkpoint.schedule, session.sampler(), [], images, checkpoint.code, checkpoint.unit_of,
                     session.data, features=FeatureSpec(dim=dim), train_features=train, labels=labels,
-                    factors=factor_store(session))  # the curvature the attribute step fitted
+                    factors=factors)
         for m in (m for m in scored if dims[m] == dim):
             scores[m] = METHODS[m].scorer.scores(METHODS[m], rows).numpy()
     return Queries("validation", images, scores, labels)
